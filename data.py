@@ -1,0 +1,661 @@
+"""
+data.py -- long-video QA data: decoding, frame sampling, records, prompts, collation, and a
+synthetic long-video QA generator. Self-contained (numpy + PyAV/decord; torch only for collation),
+so it can be copied into another project alone.
+
+Generate the synthetic set (real H.264 mp4s + train/val/test JSONL with chain-of-thought):
+    python data.py --out=data/synth                      # defaults: 256 frames @ 8 fps, 112x112
+    python data.py --out=data/synth --n_train=2000 --num_frames=512 --seed=1
+
+Use it as a library:
+    from data import load_records, load_video, encode_sample, collate_sft
+    recs = load_records("data/synth/train.jsonl")        # LongVideo-Reason / ours / Video-MME rows
+    frames, info = load_video(recs[0]["video"], num_frames=32)   # (T, H, W, 3) uint8
+
+Formats (DESIGN.md §5), all normalised to one dict:
+    {id, video (absolute path), question, options ["A. ...", ...], answer "B", reasoning, category,
+     duration, domain, task_type, source}
+"""
+import ast
+import json
+import math
+import os
+import re
+import sys
+
+import numpy as np
+
+# -----------------------------------------------------------------------------
+# constants (qwen-vl-utils conventions, DESIGN.md §4)
+FRAME_FACTOR = 2          # Qwen2.5-VL's temporal patch: frame counts are multiples of 2
+FPS = 2.0                 # default sampling rate when no frame count is given
+FPS_MIN_FRAMES = 4
+FPS_MAX_FRAMES = 768
+LETTERS = "ABCDEFGHIJ"
+CATEGORIES = ("temporal", "goal", "spatial", "plot")  # LongVideo-Reason-eval categories
+INSTRUCTION = ("Think step by step inside <think> </think> tags, then give only the letter of the "
+               "correct option inside <answer> </answer> tags.")
+
+
+class VideoError(ValueError):
+    """A video could not be read: names the path and the cause."""
+
+
+class RecordError(ValueError):
+    """A dataset record is malformed: names the file, line and field."""
+
+
+class SampleTooLongError(ValueError):
+    """A tokenised sample exceeds max_length (and truncation was not asked for)."""
+
+
+# -----------------------------------------------------------------------------
+# CLI overrides shared by every stage script: `--key=value` for any module-level config global
+def apply_overrides(config, argv):
+    """Apply `--key=value` args to `config` (a dict, usually globals()). Values are parsed as Python
+    literals when possible and must keep the default's type. Unknown keys are an error."""
+    for arg in argv:
+        if not arg.startswith("--") or "=" not in arg:
+            raise SystemExit(f"bad argument {arg!r}: expected --key=value")
+        key, val = arg[2:].split("=", 1)
+        known = config_of(config)
+        if key not in known:
+            raise SystemExit(f"unknown config key {key!r}; known keys: {', '.join(sorted(known))}")
+        default = config[key]
+        if isinstance(default, bool):
+            if val.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                raise SystemExit(f"--{key}: expected a boolean (1/0/true/false), got {val!r}")
+            val = val.lower() in ("1", "true", "yes")
+        elif isinstance(default, str) or default is None:
+            pass  # strings and optional paths stay strings
+        else:
+            try:
+                val = ast.literal_eval(val)
+            except (ValueError, SyntaxError):
+                raise SystemExit(f"--{key}: expected a {type(default).__name__}, got {val!r}") from None
+            if isinstance(default, float) and isinstance(val, int):
+                val = float(val)
+            if type(val) is not type(default):
+                raise SystemExit(f"--{key}: expected a {type(default).__name__}, got {val!r}")
+        config[key] = val
+    return config
+
+
+def config_of(config):
+    """The printable/saveable part of a module's globals: plain values with public names."""
+    return {k: v for k, v in config.items() if not k.startswith("_") and k.islower()
+            and isinstance(v, (int, float, str, bool, type(None)))}
+
+
+# -----------------------------------------------------------------------------
+# frame sampling (qwen-vl-utils rules)
+def _round_by(x, f): return round(x / f) * f
+def _floor_by(x, f): return math.floor(x / f) * f
+def _ceil_by(x, f): return math.ceil(x / f) * f
+
+
+def sample_frame_indices(total_frames, video_fps, num_frames=None, fps=FPS,
+                         min_frames=FPS_MIN_FRAMES, max_frames=FPS_MAX_FRAMES):
+    """Indices of the frames to decode, uniform over the whole video.
+
+    num_frames given: rounded to a multiple of 2 (LongVILA-R1 style fixed frame count).
+    Otherwise: n = floor2(clamp(total / video_fps * fps, ceil2(min_frames), floor2(min(max_frames, total)))).
+    """
+    if total_frames < FRAME_FACTOR:
+        raise VideoError(f"video has {total_frames} frame(s); at least {FRAME_FACTOR} are needed")
+    if num_frames is not None:
+        n = _round_by(num_frames, FRAME_FACTOR)
+        if not FRAME_FACTOR <= n <= total_frames:
+            raise VideoError(f"num_frames={num_frames} (rounded to {n}) must lie in "
+                             f"[{FRAME_FACTOR}, total_frames={total_frames}]")
+    else:
+        if video_fps is None or video_fps <= 0:
+            raise VideoError(f"cannot sample at fps={fps}: the video's fps is unknown ({video_fps})")
+        lo = _ceil_by(min_frames, FRAME_FACTOR)
+        hi = _floor_by(min(max_frames, total_frames), FRAME_FACTOR)
+        n = total_frames / video_fps * fps
+        n = _floor_by(min(max(n, lo), hi), FRAME_FACTOR)
+        if n < FRAME_FACTOR:
+            raise VideoError(f"cannot sample {n} frames from a {total_frames}-frame video")
+    return np.linspace(0, total_frames - 1, n).round().astype(int).tolist()
+
+
+# -----------------------------------------------------------------------------
+# decoding: decord first (fast seeks), PyAV fallback
+def _check_file(path):
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise VideoError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise VideoError(f"{path}: is a directory, expected a video file")
+    if os.path.getsize(path) == 0:
+        raise VideoError(f"{path}: empty file (0 bytes)")
+    return path
+
+
+def _decord_read(path, num_frames, fps, min_frames, max_frames):
+    import decord  # optional dependency
+    vr = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
+    total, video_fps = len(vr), float(vr.get_avg_fps())
+    idx = sample_frame_indices(total, video_fps, num_frames, fps, min_frames, max_frames)
+    frames = vr.get_batch(idx).asnumpy()
+    return frames, total, video_fps, idx
+
+
+def _pyav_count(container, stream):
+    """Frame count without decoding: the header's count, else count the video packets."""
+    if stream.frames and stream.frames > 0:
+        return stream.frames
+    n = sum(1 for p in container.demux(stream) if p.size > 0)
+    container.seek(0)
+    return n
+
+
+def _pyav_read(path, num_frames, fps, min_frames, max_frames):
+    import av
+    with av.open(path) as container:
+        if not container.streams.video:
+            raise VideoError(f"{path}: no video stream")
+        stream = container.streams.video[0]
+        rate = stream.average_rate or stream.guessed_rate
+        video_fps = float(rate) if rate else None
+        total = _pyav_count(container, stream)
+        idx = sample_frame_indices(total, video_fps, num_frames, fps, min_frames, max_frames)
+        want, frames, i = {}, [], -1
+        for j, k in enumerate(idx):
+            want.setdefault(k, []).append(j)
+        out = [None] * len(idx)
+        last = idx[-1]
+        for i, frame in enumerate(container.decode(stream)):
+            if i in want:
+                arr = frame.to_ndarray(format="rgb24")
+                for j in want[i]:
+                    out[j] = arr
+            if i >= last:
+                break
+        if i < last:
+            raise VideoError(f"{path}: truncated: header/packets say {total} frames but only "
+                             f"{i + 1} decoded (needed frame {last})")
+    return np.stack(out), total, video_fps, idx
+
+
+def load_video(path, num_frames=None, fps=FPS, min_frames=FPS_MIN_FRAMES, max_frames=FPS_MAX_FRAMES,
+               backend=None):
+    """Decode the sampled frames of a video.
+
+    Returns frames (T, H, W, 3) uint8 and info {video_fps, total_frames, indices, duration,
+    sampled_fps, backend}. backend: None (decord, then PyAV), "decord" or "pyav".
+    Raises VideoError (a ValueError) naming the path for missing/empty/corrupt/truncated files.
+    """
+    path = _check_file(path)
+    errors = []
+    for name in ([backend] if backend else ["decord", "pyav"]):
+        reader = {"decord": _decord_read, "pyav": _pyav_read}.get(name)
+        if reader is None:
+            raise ValueError(f"backend={name!r}: expected 'decord' or 'pyav'")
+        try:
+            frames, total, video_fps, idx = reader(path, num_frames, fps, min_frames, max_frames)
+        except ImportError as e:
+            errors.append(f"{name}: not installed ({e})")
+            continue
+        except VideoError as e:
+            if name == "decord" and "truncated" not in str(e) and "frame(s)" not in str(e):
+                errors.append(f"{name}: {e}")
+                continue
+            raise
+        except Exception as e:  # noqa: BLE001 - decoders raise many types; we name the file
+            errors.append(f"{name}: {type(e).__name__}: {e}")
+            continue
+        if frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] != len(idx):
+            raise VideoError(f"{path}: decoder returned frames of shape {frames.shape}, expected "
+                             f"({len(idx)}, H, W, 3)")
+        duration = total / video_fps if video_fps else None
+        info = dict(video_fps=video_fps, total_frames=total, indices=idx, duration=duration,
+                    sampled_fps=(len(idx) / duration if duration else None), backend=name)
+        return frames, info
+    raise VideoError(f"{path}: cannot decode video ({'; '.join(errors)})")
+
+
+# -----------------------------------------------------------------------------
+# records: LongVideo-Reason (released), our normalised JSONL, Video-MME rows
+_OPTION_RE = re.compile(r"^\s*\(?([A-J])[\.\):]\s*(.*\S)\s*$")
+_ANSWER_TAG_RE = re.compile(r"<answer>\s*(.*?)\s*</answer>", re.S)
+_CATEGORY_ALIASES = {"temporal": "temporal", "goal": "goal", "purpose": "goal", "spatial": "spatial",
+                     "plot": "plot", "narrative": "plot"}
+
+
+def _norm_category(c):
+    if c is None:
+        return None
+    c = str(c).strip().lower()
+    for key, cat in _CATEGORY_ALIASES.items():
+        if key in c:
+            return cat
+    return c or None
+
+
+def _split_problem(problem):
+    """LongVideo-Reason embeds options in the problem text as lines 'A. ...'."""
+    q, opts = [], []
+    for line in problem.splitlines():
+        m = _OPTION_RE.match(line)
+        if m and m.group(1) == LETTERS[len(opts)]:
+            opts.append(f"{m.group(1)}. {m.group(2)}")
+        elif opts:
+            opts[-1] += " " + line.strip()  # an option spilling over lines
+        else:
+            q.append(line)
+    return "\n".join(q).strip(), opts
+
+
+def _norm_options(opts):
+    """Options as ["A. text", ...]; accepts bare texts, "A. text", "(A) text"."""
+    out = []
+    for i, o in enumerate(opts):
+        o = str(o).strip()
+        m = _OPTION_RE.match(o)
+        text = m.group(2) if (m and m.group(1) == LETTERS[i]) else o
+        out.append(f"{LETTERS[i]}. {text}")
+    return out
+
+
+def normalize_record(row, root=None, where="record"):
+    """One raw row (any supported format) -> the normalised dict. `where` names it in errors."""
+    def need(field):
+        if field not in row or row[field] in (None, ""):
+            raise RecordError(f"{where}: missing field {field!r}")
+        return row[field]
+
+    if not isinstance(row, dict):
+        raise RecordError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    extra = {}
+    if "problem" in row:  # LongVideo-Reason as released
+        source = "longvideo-reason"
+        rid = row.get("problem_id", row.get("id"))
+        video = need("videos")
+        if isinstance(video, list):
+            if len(video) != 1:
+                raise RecordError(f"{where}: field 'videos': expected one video, got {len(video)}")
+            video = video[0]
+        problem = need("problem")
+        if not isinstance(problem, str):
+            raise RecordError(f"{where}: field 'problem': expected a string")
+        question, options = _split_problem(problem)
+        if "options" in row and row["options"]:
+            options = _norm_options(row["options"])
+        answer = need("answer")
+        reasoning = row.get("reasoning") or ""
+        category = row.get("category", row.get("question_type"))
+    elif "videoID" in row or "question_id" in row:  # Video-MME
+        source = "videomme"
+        rid = row.get("question_id", row.get("id"))
+        vid = row.get("videoID") or row.get("video_id")
+        if not vid:
+            raise RecordError(f"{where}: missing field 'videoID'")
+        video = row.get("video") or (vid if str(vid).lower().endswith((".mp4", ".mkv", ".webm", ".avi")) else f"{vid}.mp4")
+        question, options = need("question"), need("options")
+        answer, reasoning = need("answer"), ""
+        category = row.get("task_type")
+        extra = {k: row.get(k) for k in ("duration", "domain", "sub_category", "task_type")}
+    else:  # ours
+        source = "normalized"
+        rid = row.get("id")
+        video, question, options, answer = need("video"), need("question"), need("options"), need("answer")
+        reasoning = row.get("reasoning") or ""
+        category = row.get("category")
+        extra = {k: row.get(k) for k in ("duration", "domain", "task_type") if k in row}
+
+    if rid is None:
+        raise RecordError(f"{where}: missing field 'id' (or problem_id/question_id)")
+    if not isinstance(options, list) or len(options) < 2:
+        raise RecordError(f"{where}: field 'options': expected a list of at least 2 options, got {options!r}")
+    if len(options) > len(LETTERS):
+        raise RecordError(f"{where}: field 'options': at most {len(LETTERS)} options, got {len(options)}")
+    options = _norm_options(options)
+    ans = str(answer).strip()
+    m = _ANSWER_TAG_RE.search(ans)
+    ans = (m.group(1) if m else ans).strip().rstrip(".").strip("()").upper()
+    if len(ans) != 1 or ans not in LETTERS[:len(options)]:
+        raise RecordError(f"{where}: field 'answer': expected a letter in {LETTERS[:len(options)]!r} "
+                          f"(or <answer>X</answer>), got {answer!r}")
+    if not isinstance(question, str) or not question.strip():
+        raise RecordError(f"{where}: field 'question': expected non-empty text")
+    video = os.fspath(video)
+    if root is not None and not os.path.isabs(video):
+        video = os.path.normpath(os.path.join(root, video))
+    rec = dict(id=str(rid), video=video, question=question.strip(), options=options, answer=ans,
+               reasoning=str(reasoning).strip(), category=_norm_category(category), source=source)
+    rec.update({k: v for k, v in extra.items() if k not in rec})
+    return rec
+
+
+def load_records(path, video_root=None):
+    """Read a .jsonl / .json dataset file into normalised records.
+
+    Video paths resolve relative to `video_root` (default: the data file's folder).
+    Errors name the file, the line (JSONL) or item index (JSON), and the field."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise RecordError(f"{path}: no such data file")
+    root = video_root or os.path.dirname(os.path.abspath(path))
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        if path.endswith(".json"):
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as e:
+                raise RecordError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+            if isinstance(data, dict):
+                data = data.get("data") or data.get("records")
+            if not isinstance(data, list):
+                raise RecordError(f"{path}: expected a JSON list of records (or {{'data': [...]}})")
+            rows = [(f"{path}: item {i}", r) for i, r in enumerate(data)]
+        else:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rows.append((f"{path}:{lineno}", json.loads(line)))
+                except json.JSONDecodeError as e:
+                    raise RecordError(f"{path}:{lineno}: invalid JSON: {e.msg}") from None
+    recs = [normalize_record(r, root, where) for where, r in rows]
+    if not recs:
+        raise RecordError(f"{path}: no records")
+    seen = set()
+    for (where, _), r in zip(rows, recs):
+        if r["id"] in seen:
+            raise RecordError(f"{where}: field 'id': duplicate id {r['id']!r}")
+        seen.add(r["id"])
+    return recs
+
+
+# -----------------------------------------------------------------------------
+# prompts and targets
+def build_messages(record):
+    """Chat messages for one QA record: a video, then question + lettered options + instruction."""
+    text = record["question"] + "\n" + "\n".join(record["options"]) + "\n" + INSTRUCTION
+    return [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": text}]}]
+
+
+def build_prompt(processor, record):
+    """The chat-template text up to and including the assistant header."""
+    return processor.apply_chat_template(build_messages(record), tokenize=False, add_generation_prompt=True)
+
+
+def format_target(record):
+    """SFT target and the format rewarded in RL: <think>reasoning</think><answer>X</answer>."""
+    return f"<think>{record['reasoning']}</think><answer>{record['answer']}</answer>"
+
+
+def video_metadata(info):
+    """transformers' VideoMetadata for already-sampled frames; sets the mrope time scale right
+    (without it the processor assumes 24 fps and second_per_grid_ts is wrong)."""
+    from transformers.video_utils import VideoMetadata
+    return VideoMetadata(total_num_frames=info["total_frames"], fps=info["video_fps"],
+                         frames_indices=list(info["indices"]), duration=info["duration"])
+
+
+def encode_sample(processor, record, frames, info, with_target=True, max_length=None, truncate=False):
+    """Tokenise one sample: chat prompt with the video expanded to its <|video_pad|> tokens, then
+    (optionally) the target + <|im_end|>. Returns a dict of tensors for one sequence:
+    input_ids (S,), labels (S,) (-100 outside the target), mm_token_type_ids (S,),
+    pixel_values_videos (N, C), video_grid_thw (1, 3), second_per_grid_ts (1,), prompt_len.
+
+    Over-long samples: SampleTooLongError unless truncate=True, which cuts the *target* only
+    (the prompt holds the video tokens, which cannot be cut without breaking the model input)."""
+    import torch
+    out = processor(text=[build_prompt(processor, record)], videos=[frames],
+                    video_metadata=[video_metadata(info)], return_tensors="pt")
+    ids = out["input_ids"][0]
+    prompt_len = ids.numel()
+    labels = torch.full_like(ids, -100)
+    truncated = False
+    if with_target:
+        tok = processor.tokenizer
+        tgt = tok(format_target(record) + "<|im_end|>", add_special_tokens=False,
+                  return_tensors="pt")["input_ids"][0]
+        total = prompt_len + tgt.numel()
+        if max_length is not None and total > max_length:
+            if not truncate or prompt_len >= max_length:
+                why = ("the prompt alone (video tokens) is longer; use fewer frames or a smaller frame size"
+                       if prompt_len >= max_length else "pass truncate=True (--truncate=1) to cut the target")
+                raise SampleTooLongError(f"sample {record['id']!r}: {total} tokens ({prompt_len} prompt + "
+                                         f"{tgt.numel()} target) > max_length={max_length}: {why}")
+            tgt, truncated = tgt[:max_length - prompt_len], True
+        ids = torch.cat([ids, tgt])
+        labels = torch.cat([labels, tgt])
+    elif max_length is not None and prompt_len > max_length:
+        raise SampleTooLongError(f"sample {record['id']!r}: prompt of {prompt_len} tokens > "
+                                 f"max_length={max_length}; use fewer frames or a smaller frame size")
+    mm = out["mm_token_type_ids"][0]
+    mm = torch.cat([mm, mm.new_zeros(ids.numel() - mm.numel())])
+    return dict(input_ids=ids, labels=labels, mm_token_type_ids=mm,
+                pixel_values_videos=out["pixel_values_videos"], video_grid_thw=out["video_grid_thw"],
+                second_per_grid_ts=torch.as_tensor(out["second_per_grid_ts"], dtype=torch.float32).reshape(1),
+                prompt_len=prompt_len, truncated=truncated, id=record["id"], answer=record["answer"])
+
+
+def _pad(seqs, value, left=False):
+    import torch
+    n = max(s.numel() for s in seqs)
+    out = seqs[0].new_full((len(seqs), n), value)
+    for i, s in enumerate(seqs):
+        if left:
+            out[i, n - s.numel():] = s
+        else:
+            out[i, :s.numel()] = s
+    return out
+
+
+def _collate(samples, pad_id, left):
+    import torch
+    ids = [s["input_ids"] for s in samples]
+    batch = dict(
+        input_ids=_pad(ids, pad_id, left),                                  # (B, S)
+        attention_mask=_pad([torch.ones_like(i) for i in ids], 0, left),   # (B, S)
+        mm_token_type_ids=_pad([s["mm_token_type_ids"] for s in samples], 0, left),
+        pixel_values_videos=torch.cat([s["pixel_values_videos"] for s in samples]),  # (sum N, C)
+        video_grid_thw=torch.cat([s["video_grid_thw"] for s in samples]),            # (B, 3)
+        second_per_grid_ts=torch.cat([s["second_per_grid_ts"] for s in samples]),    # (B,)
+        ids=[s["id"] for s in samples], answers=[s["answer"] for s in samples],
+    )
+    return batch
+
+
+def collate_sft(samples, pad_id):
+    """Right-padded SFT batch; labels are -100 everywhere but the assistant target."""
+    batch = _collate(samples, pad_id, left=False)
+    batch["labels"] = _pad([s["labels"] for s in samples], -100)
+    return batch
+
+
+def collate_rl(samples, pad_id):
+    """Left-padded prompt batch for generation (no targets); prompt_lens are the unpadded lengths."""
+    import torch
+    batch = _collate(samples, pad_id, left=True)
+    batch["prompt_lens"] = torch.tensor([s["input_ids"].numel() for s in samples])
+    return batch
+
+
+# -----------------------------------------------------------------------------
+# synthetic long-video QA: coloured squares and a moving ball; answers need the whole video
+COLOURS = {"red": (230, 30, 30), "green": (30, 200, 30), "blue": (40, 70, 240), "yellow": (240, 220, 30),
+           "magenta": (220, 40, 220), "cyan": (30, 220, 220), "white": (240, 240, 240), "orange": (250, 140, 20)}
+QUADRANTS = ("top-left", "top-right", "bottom-left", "bottom-right")
+ORDINALS = ("first", "last")
+
+
+def _a(word):
+    return ("an " if word[0] in "aeiou" else "a ") + word
+
+
+def _event_times(rng, n_events, T, ev_len):
+    """Start frames of n events, one per equal segment of the video: spread over its whole length."""
+    seg = T / n_events
+    assert seg >= ev_len, f"{n_events} events of {ev_len} frames do not fit in {T} frames"
+    return [int(i * seg + rng.integers(0, int(seg - ev_len) + 1)) for i in range(n_events)]
+
+
+def _quad_box(q, S, margin):
+    h = S // 2
+    y0 = 0 if q in (0, 1) else h
+    x0 = 0 if q in (0, 2) else h
+    return y0 + margin, x0 + margin, y0 + h - margin, x0 + h - margin
+
+
+def make_synthetic_sample(rng, category, answer_idx, T=256, S=112, fps=8.0):
+    """Build one video (T, S, S, 3) uint8 and its QA record (without id/video) for a category.
+    The correct option is placed at answer_idx (balanced letters are the caller's job)."""
+    frames = np.zeros((T, S, S, 3), np.uint8)
+    ev_len = max(T // 12, 4)
+    margin = S // 16
+    names = list(COLOURS)
+    t2s = lambda t: f"{t / fps:.1f}s"  # noqa: E731
+    lines = []
+
+    def draw_square(t0, colour, quad):
+        y0, x0, y1, x1 = _quad_box(quad, S, margin)
+        frames[t0:t0 + ev_len, y0:y1, x0:x1] = COLOURS[colour]
+
+    if category in ("temporal", "spatial"):
+        cols = list(rng.choice(names, 4, replace=False))
+        quads = list(rng.permutation(4)) if category == "spatial" else list(rng.integers(0, 4, 4))
+        times = _event_times(rng, 4, T, ev_len)
+        for t0, c, q in zip(times, cols, quads):
+            draw_square(t0, c, q)
+            lines.append(f"At {t2s(t0)} {_a(c)} square appears in the {QUADRANTS[q]}.")
+        if category == "temporal":
+            which = ORDINALS[rng.integers(0, 2)]
+            answer = cols[0] if which == "first" else cols[-1]
+            question = f"Which colour of square appeared {which} in the video?"
+            lines.append(f"The {which} square to appear is {answer}.")
+            distract = [c for c in cols if c != answer]
+        else:
+            k = int(rng.integers(0, 4))
+            colour, answer = cols[k], QUADRANTS[quads[k]]
+            question = f"Where did the {colour} square appear?"
+            lines.append(f"So the {colour} square was in the {answer}.")
+            distract = [q for q in QUADRANTS if q != answer]
+    elif category == "goal":
+        # four coloured boxes in the corners; a white ball travels from the centre to one of them
+        cols = list(rng.choice([n for n in names if n != "white"], 4, replace=False))
+        box = S // 6
+        corners = [(0, 0), (0, S - box), (S - box, 0), (S - box, S - box)]
+        for (y, x), c in zip(corners, cols):
+            frames[:, y:y + box, x:x + box] = COLOURS[c]
+        goal = int(rng.integers(0, 4))
+        r = S // 14
+        c0 = np.array([S / 2, S / 2])
+        c1 = np.array(corners[goal]) + box / 2
+        wobble = rng.normal(0, S / 40, size=2)
+        for t in range(T):
+            a = t / (T - 1)
+            y, x = c0 + a * (c1 - c0) + math.sin(a * math.pi) * wobble
+            yy, xx = np.ogrid[:S, :S]
+            frames[t][(yy - y) ** 2 + (xx - x) ** 2 <= r * r] = COLOURS["white"]
+        answer = cols[goal]
+        question = "A white ball moves through the video. Which coloured box is it heading for?"
+        lines.append(f"Boxes: {', '.join(f'{c} {q}' for c, q in zip(cols, QUADRANTS))}. "
+                     f"The ball starts in the centre and moves towards the {QUADRANTS[goal]}, "
+                     f"reaching it at {t2s(T - 1)}.")
+        lines.append(f"Its goal is the {answer} box.")
+        distract = [c for c in cols if c != answer]
+    elif category == "plot":
+        # the story: which colour keeps coming back? one colour shows 3 times, the others once each
+        cols = list(rng.choice(names, 4, replace=False))
+        answer = cols[0]
+        seq = [answer] * 3 + cols[1:]
+        seq = [seq[i] for i in rng.permutation(len(seq))]
+        times = _event_times(rng, len(seq), T, ev_len)
+        quads = rng.integers(0, 4, len(seq))
+        for t0, c, q in zip(times, seq, quads):
+            draw_square(t0, c, q)
+            lines.append(f"At {t2s(t0)} {_a(c)} square appears in the {QUADRANTS[q]}.")
+        question = "Which colour of square appeared most often over the whole video?"
+        lines.append(f"{answer.capitalize()} appears 3 times, every other colour once.")
+        distract = cols[1:]
+    else:
+        raise ValueError(f"category={category!r}: expected one of {CATEGORIES}")
+    opts = list(rng.permutation(distract)[:3])
+    opts.insert(answer_idx, answer)
+    letter = LETTERS[answer_idx]
+    lines.append(f"This matches option {letter}.")
+    return frames, dict(question=question, options=[f"{LETTERS[i]}. {o}" for i, o in enumerate(opts)],
+                        answer=letter, reasoning=" ".join(lines), category=category,
+                        duration=round(T / fps, 2))
+
+
+def write_mp4(path, frames, fps):
+    """Write frames (T, H, W, 3) uint8 as H.264 mp4 (yuv420p, near-lossless, single-threaded for
+    byte-identical output per seed). Written to a temp name and renamed: no half-written videos."""
+    import av
+    from fractions import Fraction
+    tmp = path + ".tmp.mp4"
+    with av.open(tmp, "w") as out:
+        st = out.add_stream("libx264", rate=Fraction(fps).limit_denominator(1000))
+        st.width, st.height, st.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        st.options = {"crf": "8", "preset": "fast", "threads": "1"}
+        st.codec_context.thread_count = 1
+        for f in frames:
+            for pkt in st.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                out.mux(pkt)
+        for pkt in st.encode():
+            out.mux(pkt)
+    os.replace(tmp, path)
+
+
+def generate_synthetic(out, n_train=640, n_val=64, n_test=128, num_frames=256, fps=8.0, size=112, seed=0,
+                       progress=True):
+    """Write {out}/videos/*.mp4 and {out}/{train,val,test}.jsonl. Deterministic given the arguments.
+    Categories and answer letters are balanced exactly within each block of 16 samples."""
+    from tqdm import tqdm
+    os.makedirs(os.path.join(out, "videos"), exist_ok=True)
+    if num_frames < 64:
+        raise ValueError(f"num_frames={num_frames}: synthetic videos need >= 64 frames for spread-out events")
+    if size % 28 or size < 56:
+        raise ValueError(f"size={size}: expected a multiple of 28 >= 56 (Qwen-VL patch 14 x merge 2)")
+    for s_i, (split, n) in enumerate((("train", n_train), ("val", n_val), ("test", n_test))):
+        rng = np.random.default_rng([seed, s_i])
+        recs = []
+        for i in tqdm(range(n), desc=f"synth {split}", disable=not progress, leave=False):
+            cat = CATEGORIES[(i // 4) % 4]
+            frames, rec = make_synthetic_sample(rng, cat, answer_idx=i % 4, T=num_frames, S=size, fps=fps)
+            vid = f"videos/{split}_{i:05d}.mp4"
+            write_mp4(os.path.join(out, vid), frames, fps)
+            recs.append(dict(id=f"synth-{split}-{i:05d}", video=vid, **rec))
+        order = rng.permutation(len(recs))
+        tmp = os.path.join(out, f"{split}.jsonl.tmp")
+        with open(tmp, "w") as f:
+            for j in order:
+                f.write(json.dumps(recs[j]) + "\n")
+        os.replace(tmp, os.path.join(out, f"{split}.jsonl"))
+    meta = dict(n_train=n_train, n_val=n_val, n_test=n_test, num_frames=num_frames, fps=fps, size=size,
+                seed=seed, categories=list(CATEGORIES))
+    with open(os.path.join(out, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+    return meta
+
+
+# -----------------------------------------------------------------------------
+# CLI: python data.py --out=data/synth [--key=value ...]
+out = "data/synth"    # output folder
+n_train = 640         # training questions (one video each)
+n_val = 64            # held-out questions for validation during training
+n_test = 128          # test questions for eval
+num_frames = 256      # frames per video (long: events spread over all of them)
+fps = 8.0             # video frame rate (256 frames -> 32 s)
+size = 112            # frame height = width (multiple of 28)
+seed = 0              # everything is deterministic given the seed
+
+if __name__ == "__main__":
+    apply_overrides(globals(), sys.argv[1:])
+    cfg = config_of(globals())
+    print("config:", json.dumps(cfg))
+    if os.path.exists(os.path.join(out, "meta.json")):
+        with open(os.path.join(out, "meta.json")) as f:
+            have = json.load(f)
+        if {k: have.get(k) for k in cfg if k != "out"} == {k: v for k, v in cfg.items() if k != "out"}:
+            print(f"{out}: already generated with this config, skipping")
+            sys.exit(0)
+    meta = generate_synthetic(out, n_train, n_val, n_test, num_frames, fps, size, seed)
+    print(f"wrote {n_train}/{n_val}/{n_test} train/val/test questions to {out}")
