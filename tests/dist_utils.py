@@ -41,6 +41,8 @@ def _child(rank, world_size, port, fn, args, kwargs, q, threads):
     except BaseException:  # noqa: BLE001 - report everything, including KeyboardInterrupt/SystemExit
         q.put((rank, False, traceback.format_exc()))
         code = 1
+    q.close()
+    q.join_thread()  # os._exit skips the queue's feeder thread: flush the result first or it is lost
     sys.stdout.flush(); sys.stderr.flush()
     os._exit(code)
 
@@ -64,7 +66,17 @@ def run_distributed(fn, world_size, args=(), kwargs=None, timeout=300, threads=1
                 raise TimeoutError(f"run_distributed({fn.__name__}, world_size={world_size}) "
                                    f"got no result within {timeout}s ({', '.join(dead)})") from None
             if not ok:
-                raise RuntimeError(f"rank {rank} of {world_size} failed in {fn.__name__}:\n{out}")
+                # the first failure is the cause; peers then fail in communication: report them after it
+                errors = [(rank, out)]
+                for _ in range(world_size - 1):
+                    try:
+                        r2, ok2, out2 = q.get(timeout=10)
+                    except queue.Empty:
+                        break
+                    if not ok2:
+                        errors.append((r2, out2))
+                msg = "\n".join(f"--- rank {r} ---\n{tb}" for r, tb in errors)
+                raise RuntimeError(f"rank {rank} of {world_size} failed in {fn.__name__}:\n{msg}")
             results[rank] = out
     finally:
         for p in procs:
