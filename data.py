@@ -395,25 +395,36 @@ def video_metadata(info):
                          frames_indices=list(info["indices"]), duration=info["duration"])
 
 
-def encode_sample(processor, record, frames, info, with_target=True, max_length=None, truncate=False):
-    """Tokenise one sample: chat prompt with the video expanded to its <|video_pad|> tokens, then
-    (optionally) the target + <|im_end|>. Returns a dict of tensors for one sequence:
-    input_ids (S,), labels (S,) (-100 outside the target), mm_token_type_ids (S,),
-    pixel_values_videos (N, C), video_grid_thw (1, 3), second_per_grid_ts (1,), prompt_len.
+def process_video(processor, frames, info):
+    """Pixels for the vision tower: pixel_values_videos (N_patches, C*2*14*14), video_grid_thw (1, 3)
+    and second_per_grid_ts (1,) (mrope time scale = temporal_patch / sampled fps)."""
+    import torch
+    vp = processor.video_processor
+    out = vp(videos=[frames], video_metadata=[video_metadata(info)], return_tensors="pt")
+    sampled_fps = len(info["indices"]) / info["duration"] if info.get("duration") else 2.0
+    return dict(pixel_values_videos=out["pixel_values_videos"], video_grid_thw=out["video_grid_thw"],
+                second_per_grid_ts=torch.tensor([vp.temporal_patch_size / sampled_fps], dtype=torch.float32))
+
+
+def encode_text(processor, record, video_grid_thw, with_target=True, max_length=None, truncate=False):
+    """Token ids for one sample given only its video grid (no pixels: this is how cached video
+    embeddings are reused): the chat prompt with <|video_pad|> expanded to t*h*w/merge^2 tokens,
+    then (optionally) the target + <|im_end|>. Returns input_ids (S,), labels (S,) (-100 outside the
+    target), mm_token_type_ids (S,) (0 text, 2 video), prompt_len, truncated.
 
     Over-long samples: SampleTooLongError unless truncate=True, which cuts the *target* only
     (the prompt holds the video tokens, which cannot be cut without breaking the model input)."""
     import torch
-    out = processor(text=[build_prompt(processor, record)], videos=[frames],
-                    video_metadata=[video_metadata(info)], return_tensors="pt")
-    ids = out["input_ids"][0]
+    tok = processor.tokenizer
+    merge = processor.video_processor.merge_size
+    n_video = int(torch.as_tensor(video_grid_thw).reshape(-1, 3)[0].prod()) // merge ** 2
+    prompt = build_prompt(processor, record).replace("<|video_pad|>", "<|video_pad|>" * n_video, 1)
+    ids = torch.tensor(tok(prompt, add_special_tokens=False)["input_ids"])
     prompt_len = ids.numel()
     labels = torch.full_like(ids, -100)
     truncated = False
     if with_target:
-        tok = processor.tokenizer
-        tgt = tok(format_target(record) + "<|im_end|>", add_special_tokens=False,
-                  return_tensors="pt")["input_ids"][0]
+        tgt = torch.tensor(tok(format_target(record) + "<|im_end|>", add_special_tokens=False)["input_ids"])
         total = prompt_len + tgt.numel()
         if max_length is not None and total > max_length:
             if not truncate or prompt_len >= max_length:
@@ -427,12 +438,17 @@ def encode_sample(processor, record, frames, info, with_target=True, max_length=
     elif max_length is not None and prompt_len > max_length:
         raise SampleTooLongError(f"sample {record['id']!r}: prompt of {prompt_len} tokens > "
                                  f"max_length={max_length}; use fewer frames or a smaller frame size")
-    mm = out["mm_token_type_ids"][0]
-    mm = torch.cat([mm, mm.new_zeros(ids.numel() - mm.numel())])
-    return dict(input_ids=ids, labels=labels, mm_token_type_ids=mm,
-                pixel_values_videos=out["pixel_values_videos"], video_grid_thw=out["video_grid_thw"],
-                second_per_grid_ts=torch.as_tensor(out["second_per_grid_ts"], dtype=torch.float32).reshape(1),
-                prompt_len=prompt_len, truncated=truncated, id=record["id"], answer=record["answer"])
+    video_id = tok.convert_tokens_to_ids("<|video_pad|>")
+    assert int((ids == video_id).sum()) == n_video, "the prompt text must hold exactly one video"
+    mm = (ids == video_id).long() * 2
+    return dict(input_ids=ids, labels=labels, mm_token_type_ids=mm, prompt_len=prompt_len, truncated=truncated,
+                id=record["id"], answer=record["answer"])
+
+
+def encode_sample(processor, record, frames, info, with_target=True, max_length=None, truncate=False):
+    """One training/eval sample from decoded frames: process_video + encode_text in one dict."""
+    vid = process_video(processor, frames, info)
+    return dict(encode_text(processor, record, vid["video_grid_thw"], with_target, max_length, truncate), **vid)
 
 
 def _pad(seqs, value, left=False):

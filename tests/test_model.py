@@ -216,3 +216,18 @@ def test_cli_errors_are_clear(tmp_path, tiny_ckpt):
     bad.write_text('{"id": "a", "video": "missing.mp4", "question": "Q", "options": ["a", "b"], "answer": "A"}\n')
     r = _run([sys.executable, "mrsp.py", f"--model={tiny_ckpt}", f"--data={bad}"])
     assert r.returncode != 0 and f"{tmp_path}/missing.mp4: no such file" in r.stderr
+
+
+def test_encode_sample_matches_the_processor(samples, loaded):
+    """Our split (pixels via the video processor, tokens from the grid alone) equals one processor call."""
+    from data import build_prompt, video_metadata
+    _, processor = loaded
+    for rec, frames, info in samples:
+        ref = processor(text=[build_prompt(processor, rec)], videos=[frames], video_metadata=[video_metadata(info)],
+                        return_tensors="pt")
+        s = encode_sample(processor, rec, frames, info, with_target=False)
+        assert torch.equal(s["input_ids"], ref["input_ids"][0])
+        assert torch.equal(s["mm_token_type_ids"], ref["mm_token_type_ids"][0].long())
+        assert torch.equal(s["pixel_values_videos"], ref["pixel_values_videos"])
+        assert torch.equal(s["video_grid_thw"], ref["video_grid_thw"])
+        assert s["second_per_grid_ts"].item() == pytest.approx(float(ref["second_per_grid_ts"][0]))
