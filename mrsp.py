@@ -166,6 +166,280 @@ def model_inputs(batch, device):
 
 
 # -----------------------------------------------------------------------------
+# process groups: a 2-D (dp, sp) mesh. SP ranks share one sequence; DP ranks see different data.
+def setup_mesh(sp=1):
+    """-> SimpleNamespace(mesh, dp_group, sp_group, dp_rank, dp_size, sp_rank, sp_size).
+    World size 1 (no torchrun) gives groups of None and sizes 1; every helper here accepts that."""
+    from types import SimpleNamespace
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if not isinstance(sp, int) or sp < 1 or world % sp:
+        raise ValueError(f"--sp={sp} must be a positive divisor of the world size {world} "
+                         f"(torchrun --nproc_per_node x nodes); e.g. --sp=1 or --sp={world}")
+    if world == 1:
+        return SimpleNamespace(mesh=None, dp_group=None, sp_group=None, dp_rank=0, dp_size=1, sp_rank=0, sp_size=1)
+    from torch.distributed.device_mesh import init_device_mesh
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    mesh = init_device_mesh(device_type, (world // sp, sp), mesh_dim_names=("dp", "sp"))
+    return SimpleNamespace(mesh=mesh, dp_group=mesh.get_group("dp"), sp_group=mesh.get_group("sp"),
+                           dp_rank=mesh.get_local_rank("dp"), dp_size=world // sp,
+                           sp_rank=mesh.get_local_rank("sp"), sp_size=sp)
+
+
+def _group_info(group):
+    if group is None or not dist.is_initialized():
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+# -----------------------------------------------------------------------------
+# parallel video encoding (MR-SP step 1): temporal patches split over the SP ranks
+def _split_even(n, parts):
+    """Contiguous [start, end) bounds of n items over `parts` ranks, sizes differing by at most one."""
+    base, extra = divmod(n, parts)
+    bounds = [0]
+    for i in range(parts):
+        bounds.append(bounds[-1] + base + (i < extra))
+    return bounds
+
+
+def encode_videos(model, pixel_values_videos, video_grid_thw, group=None):
+    """Vision tower over a batch of videos with the work split across the ranks of `group`.
+
+    The unit of work is one temporal patch (2 frames) of one video: Qwen2.5-VL's vision tower attends
+    within a temporal patch and its rotary depends on (h, w) only, so encoding contiguous runs of
+    patches separately and concatenating is exact (DESIGN.md §3). Each rank encodes a contiguous,
+    equal share of all the videos' patches, then the merged embeddings are all-gathered.
+    -> (sum_i t_i*h_i*w_i / merge^2, D) on every rank, identical to one-rank encoding.
+    Differentiable (autograd all-gather) when the vision tower is trainable."""
+    rank, P = _group_info(group)
+    inner = model.model if hasattr(model, "model") else model
+    merge2 = inner.visual.spatial_merge_size ** 2
+    grid = video_grid_thw.tolist()
+    rows = [h * w for _, h, w in grid]                      # pixel rows per temporal patch
+    offsets = [0]
+    for (t, h, w) in grid:
+        offsets.append(offsets[-1] + t * h * w)
+    units = [(i, t) for i, (T, _, _) in enumerate(grid) for t in range(T)]
+    bounds = _split_even(len(units), P)
+
+    def plan(r):  # the runs (video, t0, t1) that rank r encodes
+        runs = []
+        for i, t in units[bounds[r]:bounds[r + 1]]:
+            if runs and runs[-1][0] == i:
+                runs[-1][2] = t + 1
+            else:
+                runs.append([i, t, t + 1])
+        return runs
+
+    runs = plan(rank)
+    D = inner.config.vision_config.out_hidden_size
+    if runs:
+        pix = torch.cat([pixel_values_videos[offsets[i] + t0 * rows[i]: offsets[i] + t1 * rows[i]] for i, t0, t1 in runs])
+        sub_grid = torch.tensor([[t1 - t0, grid[i][1], grid[i][2]] for i, t0, t1 in runs])
+        local = torch.cat(inner.get_video_features(pix, sub_grid).pooler_output)     # (n_local, D)
+    else:  # more ranks than temporal patches: this rank idles
+        local = pixel_values_videos.new_zeros(0, D, dtype=inner.visual.dtype)
+    if P == 1:
+        return local
+    counts = [sum((t1 - t0) * rows[i] // merge2 for i, t0, t1 in plan(r)) for r in range(P)]
+    assert counts[rank] == local.shape[0]
+    pad = local.new_zeros(max(counts) - local.shape[0], local.shape[1])
+    padded = torch.cat([local, pad])                         # gloo/nccl all_gather needs equal sizes
+    if padded.requires_grad:
+        from torch.distributed.nn.functional import all_gather as all_gather_autograd
+        parts = all_gather_autograd(padded, group=group)
+    else:
+        parts = [torch.empty_like(padded) for _ in range(P)]
+        dist.all_gather(parts, padded.contiguous(), group=group)
+    return torch.cat([p[:c] for p, c in zip(parts, counts)])
+
+
+# -----------------------------------------------------------------------------
+# video-embedding cache (MR-SP step 2): encode once, reuse for rollouts, prefills and training
+class EmbeddingCache:
+    """LRU cache of per-video embeddings under a byte budget; evicted entries optionally spill to disk.
+
+    Key = video path + sampling parameters + vision-weights version, so a trainable vision tower
+    (version bumped each step) never serves stale embeddings, while a frozen one (RL default) keeps
+    serving them across steps and epochs. Values: dict(embeds (N, D), video_grid_thw (1, 3),
+    second_per_grid_ts (1,)) on CPU or the model device."""
+
+    def __init__(self, budget_bytes=1 << 30, spill_dir=None):
+        from collections import OrderedDict
+        self.budget, self.spill_dir = int(budget_bytes), spill_dir
+        self.entries = OrderedDict()      # key -> value, least recently used first
+        self.on_disk = {}                 # key -> file
+        self.bytes = 0
+        self.stats = dict(hits=0, disk_hits=0, misses=0, evictions=0, spills=0)
+        if spill_dir:
+            os.makedirs(spill_dir, exist_ok=True)
+
+    @staticmethod
+    def key(video, num_frames=None, fps=None, version=0, **sampling):
+        parts = [os.path.abspath(video), f"n={num_frames}", f"fps={fps}", f"v={version}"]
+        parts += [f"{k}={sampling[k]}" for k in sorted(sampling)]
+        return "|".join(parts)
+
+    @staticmethod
+    def nbytes(value):
+        return sum(v.numel() * v.element_size() for v in value.values() if torch.is_tensor(v))
+
+    def get(self, key):
+        if key in self.entries:
+            self.entries.move_to_end(key)
+            self.stats["hits"] += 1
+            return self.entries[key]
+        if key in self.on_disk:
+            value = torch.load(self.on_disk.pop(key), weights_only=True)
+            self.stats["disk_hits"] += 1
+            self.put(key, value)
+            return value
+        self.stats["misses"] += 1
+        return None
+
+    def put(self, key, value):
+        n = self.nbytes(value)
+        if key in self.entries:
+            self.bytes -= self.nbytes(self.entries.pop(key))
+        self.entries[key] = value
+        self.bytes += n
+        while self.bytes > self.budget and len(self.entries) > 1:
+            old_key, old = self.entries.popitem(last=False)
+            self.bytes -= self.nbytes(old)
+            self.stats["evictions"] += 1
+            if self.spill_dir:
+                import hashlib
+                path = os.path.join(self.spill_dir, hashlib.sha1(old_key.encode()).hexdigest() + ".pt")
+                torch.save({k: v.cpu() if torch.is_tensor(v) else v for k, v in old.items()}, path)
+                self.on_disk[old_key] = path
+                self.stats["spills"] += 1
+
+    def summary(self):
+        return dict(self.stats, entries=len(self.entries), bytes=self.bytes, on_disk=len(self.on_disk))
+
+
+def get_video_embeds(model, processor, records, cache=None, num_frames=None, group=None, version=0, device="cpu"):
+    """Video embeddings for records (one video each), through the cache when given. Misses are
+    decoded, processed and encoded together with parallel encoding over `group`.
+    -> (list of value dicts as stored in the cache, number of videos encoded)."""
+    from data import load_video, process_video
+    keys = [EmbeddingCache.key(r["video"], num_frames, version=version) for r in records]
+    found = {k: cache.get(k) for k in dict.fromkeys(keys)} if cache is not None else {k: None for k in keys}
+    todo = [(k, r) for k, r in dict(zip(keys, records)).items() if found[k] is None]
+    if todo:
+        procs = []
+        for _, r in todo:  # every SP rank decodes the video (cheap next to the vision tower)
+            frames, info = load_video(r["video"], num_frames=num_frames)
+            procs.append(process_video(processor, frames, info))
+        grid = torch.cat([p["video_grid_thw"] for p in procs])
+        pix = torch.cat([p["pixel_values_videos"] for p in procs]).to(device)
+        with torch.no_grad():
+            emb = encode_videos(model, pix, grid.to(device), group)
+        sizes = (grid.prod(-1) // (processor.video_processor.merge_size ** 2)).tolist()
+        for (k, _), p, e in zip(todo, procs, emb.split(sizes)):
+            found[k] = dict(embeds=e, video_grid_thw=p["video_grid_thw"], second_per_grid_ts=p["second_per_grid_ts"])
+            if cache is not None:
+                cache.put(k, found[k])
+    return [found[k] for k in keys], len(todo)
+
+
+# -----------------------------------------------------------------------------
+# model inputs from cached embeddings: token embeddings with the video slots filled, 3-D positions
+def embed_with_video(model, input_ids, video_embeds):
+    """(B, S) ids + (sum N_video, D) embeddings in order -> (B, S, D) inputs_embeds."""
+    inner = model.model
+    emb = inner.get_input_embeddings()(input_ids)
+    mask = (input_ids == model.config.video_token_id)
+    if int(mask.sum()) != video_embeds.shape[0]:
+        raise ValueError(f"{int(mask.sum())} <|video_pad|> tokens but {video_embeds.shape[0]} video embeddings: "
+                         f"the prompt and the cached video do not match (frames/size changed?)")
+    return emb.masked_scatter(mask.unsqueeze(-1), video_embeds.to(emb.dtype))
+
+
+def mrope_positions(model, input_ids, mm_token_type_ids, video_grid_thw, second_per_grid_ts, attention_mask=None):
+    """3-D mrope positions (3, B, S) on the full sequence, and the per-row delta for later tokens."""
+    max_pos = model.config.text_config.max_position_embeddings
+    pos, delta = model.model.get_rope_index(input_ids, mm_token_type_ids.long(), video_grid_thw=video_grid_thw,
+                                            second_per_grid_ts=second_per_grid_ts, attention_mask=attention_mask)
+    if int(pos.max()) >= max_pos:
+        raise ValueError(f"sequence needs position {int(pos.max())} but the model has max_position_embeddings="
+                         f"{max_pos}: use fewer frames (--num_frames) or a smaller frame size")
+    return pos, delta
+
+
+# -----------------------------------------------------------------------------
+# HF rollout engine: prefill the long video prompt once, replicate its KV cache G times, decode
+def sample_next(logits, temperature=1.0, top_p=1.0, top_k=0, generator=None):
+    """(B, V) logits -> (tokens (B,), logprobs (B,)) under the temperature-scaled distribution
+    (the one the trainer recomputes). temperature 0 is greedy."""
+    logp = torch.log_softmax(logits.float() / max(temperature, 1e-6), dim=-1)
+    if temperature == 0:
+        tok = logits.argmax(-1)
+        return tok, logp.gather(-1, tok[:, None])[:, 0]
+    filt = logp.clone()
+    if top_k and top_k < filt.shape[-1]:
+        kth = filt.topk(top_k, dim=-1).values[:, -1:]
+        filt[filt < kth] = -float("inf")
+    if top_p < 1.0:
+        srt, idx = filt.sort(dim=-1, descending=True)
+        cum = srt.softmax(-1).cumsum(-1)
+        drop = cum - srt.softmax(-1) > top_p               # keep the smallest prefix with mass >= top_p
+        srt[drop] = -float("inf")
+        filt = torch.full_like(filt, -float("inf")).scatter(-1, idx, srt)
+    tok = torch.multinomial(filt.softmax(-1), 1, generator=generator)[:, 0]
+    return tok, logp.gather(-1, tok[:, None])[:, 0]
+
+
+@torch.no_grad()
+def hf_rollout(model, prompts, n=1, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=256, eos_id=None,
+               pad_id=0, generator=None, tokenizer=None):
+    """Rollouts from cached video embeddings (never pixels).
+
+    prompts: list of dicts with input_ids (S,), mm_token_type_ids (S,), embeds (N, D),
+    video_grid_thw (1, 3), second_per_grid_ts (1,). For each prompt the long [video + question]
+    prefix is prefilled ONCE, its KV cache replicated for the n samples, then decoded in lockstep.
+    -> dict(token_ids, logprobs, finish_reasons ("stop" | "length"), texts): lists of len(prompts)*n,
+       grouped by prompt (the n samples of prompt 0 first)."""
+    from transformers import DynamicCache
+    eos_id = model.generation_config.eos_token_id if eos_id is None else eos_id
+    eos = torch.tensor(eos_id if isinstance(eos_id, (list, tuple)) else [eos_id])
+    device = next(model.parameters()).device
+    lm, head = model.model.language_model, model.lm_head
+    out = dict(token_ids=[], logprobs=[], finish_reasons=[])
+    for p in prompts:
+        ids = p["input_ids"].to(device)[None]                                   # (1, S)
+        pos, delta = mrope_positions(model, ids, p["mm_token_type_ids"].to(device)[None],
+                                     p["video_grid_thw"].to(device), p["second_per_grid_ts"].to(device))
+        cache = DynamicCache(config=lm.config)
+        h = lm(inputs_embeds=embed_with_video(model, ids, p["embeds"].to(device)), position_ids=pos,
+               cache=cache, use_cache=True).last_hidden_state
+        logits = head(h[:, -1]).expand(n, -1)                                   # (n, V) same start for all
+        cache.batch_repeat_interleave(n)
+        next_pos = int(pos.max()) + 1
+        toks, lps = torch.empty(n, 0, dtype=torch.long), torch.empty(n, 0)
+        done = torch.zeros(n, dtype=torch.bool)
+        for step in range(max_new_tokens):
+            tok, lp = sample_next(logits, temperature, top_p, top_k, generator)
+            tok = torch.where(done.to(device), torch.full_like(tok, pad_id), tok)
+            toks, lps = torch.cat([toks, tok.cpu()[:, None]], 1), torch.cat([lps, lp.cpu()[:, None]], 1)
+            done |= torch.isin(tok.cpu(), eos)
+            if done.all() or step == max_new_tokens - 1:
+                break
+            step_pos = torch.full((3, n, 1), next_pos + step, device=device)
+            h = lm(input_ids=tok[:, None], position_ids=step_pos, cache=cache, use_cache=True).last_hidden_state
+            logits = head(h[:, -1])
+        for i in range(n):
+            hit = torch.isin(toks[i], eos).nonzero()
+            L = int(hit[0]) + 1 if len(hit) else toks.shape[1]
+            out["token_ids"].append(toks[i, :L].tolist())
+            out["logprobs"].append(lps[i, :L].tolist())
+            out["finish_reasons"].append("stop" if len(hit) else "length")
+    if tokenizer is not None:
+        out["texts"] = [tokenizer.decode(t, skip_special_tokens=True) for t in out["token_ids"]]
+    return out
+
+
+# -----------------------------------------------------------------------------
 # config (override with --key=value)
 init_tiny_dir = ""         # if set: write the tiny checkpoint here (needs --data) and exit
 data = "data/synth"        # dataset folder (for --init_tiny) or a JSONL/JSON file (for the forward check)

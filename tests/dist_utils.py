@@ -11,6 +11,7 @@ Trap (DESIGN.md §8): gloo children can abort at exit ("terminate called without
 exception") when a peer has already gone. Each child therefore ends with a barrier, flushes, and
 leaves with os._exit.
 """
+import io
 import os
 import queue
 import socket
@@ -36,7 +37,10 @@ def _child(rank, world_size, port, fn, args, kwargs, q, threads):
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
         out = fn(*args, **kwargs)
-        q.put((rank, True, out))
+        # by value: torch would share tensors as fds, which die with this process (os._exit below)
+        buf = io.BytesIO()
+        torch.save(out, buf)
+        q.put((rank, True, buf.getvalue()))
         dist.barrier()
     except BaseException:  # noqa: BLE001 - report everything, including KeyboardInterrupt/SystemExit
         q.put((rank, False, traceback.format_exc()))
@@ -77,7 +81,7 @@ def run_distributed(fn, world_size, args=(), kwargs=None, timeout=300, threads=1
                         errors.append((r2, out2))
                 msg = "\n".join(f"--- rank {r} ---\n{tb}" for r, tb in errors)
                 raise RuntimeError(f"rank {rank} of {world_size} failed in {fn.__name__}:\n{msg}")
-            results[rank] = out
+            results[rank] = torch.load(io.BytesIO(out), weights_only=False)
     finally:
         for p in procs:
             p.join(timeout=30)

@@ -1,0 +1,250 @@
+"""mrsp.py: (dp, sp) mesh, parallel video encoding, embedding cache, HF rollout engine."""
+import os
+
+import pytest
+import torch
+
+from data import VideoError, collate_rl, encode_sample, encode_text, load_records, load_video, process_video
+from dist_utils import run_distributed
+from mrsp import (EmbeddingCache, encode_videos, get_video_embeds, hf_rollout, load_model, model_inputs,
+                  mrope_positions, setup_mesh)
+
+
+def _perturbed(ckpt):
+    """The random-init tiny model repeats one token greedily; noise on the LM makes outputs diverse,
+    so equality tests below compare real, varied sequences."""
+    model, processor = load_model(ckpt)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "visual" not in name:
+                p.add_(torch.randn(p.shape, generator=g) * 0.15)
+    return model.eval(), processor
+
+
+def _video_inputs(ckpt, synth_dir, frame_counts):
+    _, processor = load_model(ckpt)
+    recs = load_records(os.path.join(synth_dir, "val.jsonl"))
+    procs = [process_video(processor, *load_video(r["video"], num_frames=n)) for r, n in zip(recs, frame_counts)]
+    return (torch.cat([p["pixel_values_videos"] for p in procs]), torch.cat([p["video_grid_thw"] for p in procs]))
+
+
+# ----------------------------------------------------------------------------- mesh
+def test_setup_mesh_world1_without_torchrun():
+    m = setup_mesh(1)
+    assert (m.dp_size, m.sp_size, m.sp_group, m.dp_group) == (1, 1, None, None)
+    with pytest.raises(ValueError, match="--sp=2 must be a positive divisor of the world size 1"):
+        setup_mesh(2)
+
+
+def _mesh_worker(sp):
+    m = setup_mesh(sp)
+    return (m.dp_size, m.sp_size, m.dp_rank, m.sp_rank)
+
+
+def _mesh_bad(sp):
+    try:
+        setup_mesh(sp)
+    except ValueError as e:
+        return str(e)
+    return "no error"
+
+
+def test_setup_mesh_2d_on_4_ranks():
+    assert run_distributed(_mesh_worker, 4, args=(2,)) == [(2, 2, 0, 0), (2, 2, 0, 1), (2, 2, 1, 0), (2, 2, 1, 1)]
+    assert all("--sp=3 must be a positive divisor of the world size 4" in e
+               for e in run_distributed(_mesh_bad, 4, args=(3,)))
+
+
+# ----------------------------------------------------------------------------- parallel encoding
+def _encode_worker(ckpt, pix, grid):
+    import torch.distributed as dist
+    model, _ = load_model(ckpt)
+    with torch.no_grad():
+        return encode_videos(model, pix, grid, group=dist.group.WORLD)
+
+
+@pytest.mark.parametrize("world,frames", [(2, [8, 6]), (3, [8]), (3, [2, 4]), (2, [10])])
+def test_parallel_encoding_equals_one_rank(tiny_ckpt, synth_dir, world, frames):
+    """Temporal patches split over ranks, including counts that do not divide (and idle ranks)."""
+    pix, grid = _video_inputs(tiny_ckpt, synth_dir, frames)
+    model, _ = load_model(tiny_ckpt)
+    with torch.no_grad():
+        ref = torch.cat(model.model.get_video_features(pix, grid).pooler_output)
+    outs = run_distributed(_encode_worker, world, args=(tiny_ckpt, pix, grid))
+    for o in outs:
+        assert o.shape == ref.shape
+        assert (o - ref).abs().max() <= 1e-5
+
+
+def _encode_grad_worker(ckpt, pix, grid):
+    import torch.distributed as dist
+    model, _ = load_model(ckpt)
+    emb = encode_videos(model, pix, grid, group=dist.group.WORLD)
+    (emb.square().sum() * (dist.get_rank() + 1)).backward()   # rank-dependent loss: exercises the reduction
+    g = torch.cat([p.grad.flatten() for p in model.model.visual.parameters()])
+    dist.all_reduce(g)
+    return g
+
+
+def test_parallel_encoding_gradients_match(tiny_ckpt, synth_dir):
+    """Trainable vision tower (SFT): gradients through the autograd all-gather equal one rank's."""
+    pix, grid = _video_inputs(tiny_ckpt, synth_dir, [8])
+    model, _ = load_model(tiny_ckpt)
+    emb = torch.cat(model.model.get_video_features(pix, grid).pooler_output)
+    (emb.square().sum() * 3).backward()                            # sum over ranks of (rank+1) = 1 + 2
+    ref = torch.cat([p.grad.flatten() for p in model.model.visual.parameters()])
+    g = run_distributed(_encode_grad_worker, 2, args=(tiny_ckpt, pix, grid))[0]
+    assert (g - ref).abs().max() <= 1e-5 * max(1.0, ref.abs().max().item())
+
+
+# ----------------------------------------------------------------------------- cache
+def _val(n_tokens, d=8):
+    return dict(embeds=torch.zeros(n_tokens, d), video_grid_thw=torch.tensor([[2, 4, 4]]),
+                second_per_grid_ts=torch.tensor([1.0]))
+
+
+def test_cache_hits_misses_and_lru_eviction(tmp_path):
+    per = EmbeddingCache.nbytes(_val(10))
+    c = EmbeddingCache(budget_bytes=2 * per)
+    assert c.get("a") is None
+    c.put("a", _val(10)); c.put("b", _val(10))
+    assert c.get("a") is not None                 # a is now most recent
+    c.put("c", _val(10))                          # over budget: evicts b (least recently used)
+    assert c.get("b") is None and c.get("a") is not None and c.get("c") is not None
+    assert c.summary() == dict(hits=3, disk_hits=0, misses=2, evictions=1, spills=0, entries=2, bytes=2 * per,
+                               on_disk=0)
+    s = EmbeddingCache(budget_bytes=per, spill_dir=str(tmp_path / "spill"))
+    s.put("x", _val(10)); s.put("y", _val(10))     # x spills to disk
+    assert s.stats["spills"] == 1 and len(os.listdir(tmp_path / "spill")) == 1
+    v = s.get("x")
+    assert v is not None and s.stats["disk_hits"] == 1 and torch.equal(v["embeds"], torch.zeros(10, 8))
+    assert s.bytes <= per
+
+
+def test_cache_key_separates_sampling_and_version():
+    k = EmbeddingCache.key
+    assert k("v.mp4", 32) == k("./v.mp4", 32)
+    assert len({k("v.mp4", 32), k("v.mp4", 64), k("v.mp4", 32, version=1), k("w.mp4", 32)}) == 4
+
+
+def test_get_video_embeds_encodes_once(tiny_ckpt, synth_dir):
+    model, processor = load_model(tiny_ckpt)
+    recs = load_records(os.path.join(synth_dir, "val.jsonl"))[:3]
+    cache = EmbeddingCache()
+    vals, n = get_video_embeds(model, processor, recs + recs[:1], cache, num_frames=8)
+    assert n == 3 and torch.equal(vals[0]["embeds"], vals[3]["embeds"])       # duplicate video: one encode
+    for _ in range(4):                                                          # G rollouts, prefills, train...
+        again, n = get_video_embeds(model, processor, recs, cache, num_frames=8)
+        assert n == 0
+    assert cache.stats["misses"] == 3 and cache.stats["hits"] == 12
+    _, n = get_video_embeds(model, processor, recs, cache, num_frames=8, version=1)   # vision weights changed
+    assert n == 3
+    frames, info = load_video(recs[0]["video"], num_frames=8)
+    p = process_video(processor, frames, info)
+    with torch.no_grad():
+        direct = torch.cat(model.model.get_video_features(p["pixel_values_videos"], p["video_grid_thw"]).pooler_output)
+    assert torch.equal(vals[0]["embeds"], direct)
+    bad = dict(recs[0], video=os.path.join(synth_dir, "nope.mp4"))
+    with pytest.raises(VideoError, match="nope.mp4: no such file"):
+        get_video_embeds(model, processor, [bad], cache, num_frames=8)
+
+
+# ----------------------------------------------------------------------------- rollout engine
+def _prompts(model, processor, recs, num_frames=8, embeds=None):
+    vals, _ = get_video_embeds(model, processor, recs, None, num_frames=num_frames)
+    out = []
+    for i, (r, v) in enumerate(zip(recs, vals)):
+        t = encode_text(processor, r, v["video_grid_thw"], with_target=False)
+        out.append(dict(t, embeds=v["embeds"] if embeds is None else embeds[i], video_grid_thw=v["video_grid_thw"],
+                        second_per_grid_ts=v["second_per_grid_ts"]))
+    return out
+
+
+def test_hf_engine_greedy_equals_generate(tiny_ckpt, synth_dir):
+    model, processor = _perturbed(tiny_ckpt)
+    recs = load_records(os.path.join(synth_dir, "val.jsonl"))[:3]
+    eos = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    out = hf_rollout(model, _prompts(model, processor, recs), n=2, temperature=0, max_new_tokens=20, eos_id=eos)
+    seen = set()
+    for i, r in enumerate(recs):
+        frames, info = load_video(r["video"], num_frames=8)
+        b = collate_rl([encode_sample(processor, r, frames, info, with_target=False)], processor.tokenizer.pad_token_id)
+        inputs = {k: v for k, v in model_inputs(b, "cpu").items()}
+        ref = model.generate(**inputs, do_sample=False, max_new_tokens=20, eos_token_id=eos,
+                             pad_token_id=processor.tokenizer.pad_token_id)[0, b["input_ids"].shape[1]:].tolist()
+        if eos in ref:
+            ref = ref[:ref.index(eos) + 1]
+        assert out["token_ids"][2 * i] == ref and out["token_ids"][2 * i + 1] == ref   # both greedy copies
+        assert out["finish_reasons"][2 * i] == ("stop" if ref[-1] == eos else "length")
+        seen.update(ref)
+    assert len(seen) >= 5, "degenerate outputs would make this test vacuous"
+
+
+def test_hf_engine_sampling_logprobs_and_stop(tiny_ckpt, synth_dir):
+    model, processor = _perturbed(tiny_ckpt)
+    recs = load_records(os.path.join(synth_dir, "val.jsonl"))[:2]
+    prompts = _prompts(model, processor, recs)
+    eos = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    kw = dict(n=4, temperature=1.0, top_p=0.95, top_k=40, max_new_tokens=12, eos_id=eos)
+    a = hf_rollout(model, prompts, generator=torch.Generator().manual_seed(0), tokenizer=processor.tokenizer, **kw)
+    b = hf_rollout(model, prompts, generator=torch.Generator().manual_seed(0), **kw)
+    c = hf_rollout(model, prompts, generator=torch.Generator().manual_seed(1), **kw)
+    assert a["token_ids"] == b["token_ids"] and a["token_ids"] != c["token_ids"]
+    assert len(a["token_ids"]) == 8 and len(a["texts"]) == 8
+    assert len({tuple(t) for t in a["token_ids"][:4]}) > 1          # the 4 samples of one prompt differ
+    # returned logprobs are the temperature-1 log-probs of the sampled tokens: recompute with a forward
+    from mrsp import embed_with_video
+    p, toks = prompts[0], a["token_ids"][0]
+    ids = torch.cat([p["input_ids"], torch.tensor(toks)])[None]
+    mm = torch.cat([p["mm_token_type_ids"], torch.zeros(len(toks), dtype=torch.long)])[None]
+    pos, _ = mrope_positions(model, ids, mm, p["video_grid_thw"], p["second_per_grid_ts"])
+    with torch.no_grad():
+        logits = model(inputs_embeds=embed_with_video(model, ids, p["embeds"]), position_ids=pos).logits[0]
+    S = p["input_ids"].numel()
+    ref = torch.log_softmax(logits[S - 1:-1], -1).gather(-1, torch.tensor(toks)[:, None])[:, 0]
+    assert (ref - torch.tensor(a["logprobs"][0])).abs().max() < 1e-4
+    for t, f in zip(a["token_ids"], a["finish_reasons"]):
+        assert (f == "stop") == (t[-1] == eos) and (f == "stop" or len(t) == 12)
+
+
+def _cached_rollout_worker(ckpt, synth_dir):
+    """Embeddings encoded in parallel over 2 ranks through the cache, then sampled rollouts."""
+    import torch.distributed as dist
+    model, processor = _perturbed(ckpt)
+    recs = load_records(os.path.join(synth_dir, "val.jsonl"))[:2]
+    cache = EmbeddingCache()
+    vals, _ = get_video_embeds(model, processor, recs, cache, num_frames=8, group=dist.group.WORLD)
+    prompts = _prompts(model, processor, recs, embeds=[v["embeds"] for v in vals])
+    eos = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    return hf_rollout(model, prompts, n=3, temperature=1.0, max_new_tokens=10, eos_id=eos,
+                      generator=torch.Generator().manual_seed(5))["token_ids"]
+
+
+def test_rollouts_from_cache_equal_rollouts_from_pixels(tiny_ckpt, synth_dir):
+    model, processor = _perturbed(tiny_ckpt)
+    recs = load_records(os.path.join(synth_dir, "val.jsonl"))[:2]
+    embeds = []
+    for r in recs:  # the naive path: the vision tower on this prompt's own pixels
+        p = process_video(processor, *load_video(r["video"], num_frames=8))
+        with torch.no_grad():
+            embeds.append(torch.cat(model.model.get_video_features(p["pixel_values_videos"],
+                                                                   p["video_grid_thw"]).pooler_output))
+    eos = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    ref = hf_rollout(model, _prompts(model, processor, recs, embeds=embeds), n=3, temperature=1.0, max_new_tokens=10,
+                     eos_id=eos, generator=torch.Generator().manual_seed(5))["token_ids"]
+    for out in run_distributed(_cached_rollout_worker, 2, args=(tiny_ckpt, synth_dir)):
+        assert out == ref
+
+
+def test_too_long_for_the_model_is_a_clear_error(tiny_ckpt, synth_dir):
+    model, processor = load_model(tiny_ckpt)
+    model.config.text_config.max_position_embeddings = 64
+    recs = load_records(os.path.join(synth_dir, "val.jsonl"))[:1]
+    with pytest.raises(ValueError, match="max_position_embeddings=64.*fewer frames"):
+        hf_rollout(model, _prompts(model, processor, recs), n=1, temperature=0, max_new_tokens=2)
+    p = _prompts(model, processor, recs)[0]
+    p["embeds"] = p["embeds"][:-1]
+    model.config.text_config.max_position_embeddings = 32768
+    with pytest.raises(ValueError, match="<|video_pad|> tokens but .* video embeddings"):
+        hf_rollout(model, [p], n=1, temperature=0, max_new_tokens=2)
