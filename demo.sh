@@ -18,5 +18,5 @@ echo "== 2/3 tiny Qwen2.5-VL checkpoint -> $TINY"
 [ -f "$TINY/config.json" ] || python mrsp.py --init_tiny="$TINY" --data="$DATA"
 echo "== 3/3 video forward on $NPROC processes ($FRAMES frames per video)"
 torchrun --standalone --nproc_per_node="$NPROC" mrsp.py --model="$TINY" --data="$DATA/val.jsonl" \
-  --num_frames="$FRAMES" --max_samples=8
+  --frames="$FRAMES" --max_samples=8
 echo "demo: done"

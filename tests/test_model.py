@@ -201,7 +201,7 @@ def _run(cmd, **kw):
 def test_cli_torchrun_forward_check(tiny_ckpt, synth_dir):
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     r = _run([torchrun, "--standalone", "--nproc_per_node=2", "mrsp.py", f"--model={tiny_ckpt}",
-              f"--data={synth_dir}/val.jsonl", "--num_frames=16", "--max_samples=4"])
+              f"--data={synth_dir}/val.jsonl", "--frames=16", "--max_samples=4"])
     assert r.returncode == 0, r.stderr[-3000:]
     assert "forward check: 4 samples on 2 rank(s)" in r.stdout
     assert "[rank 1]" in r.stdout and "[rank 0]" in r.stdout
