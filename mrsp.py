@@ -15,6 +15,7 @@ Same, data-parallel on N processes (CPU gloo or CUDA nccl):
 A real checkpoint works the same way:
     torchrun --standalone --nproc_per_node=8 mrsp.py --model=/ckpt/Qwen2.5-VL-7B-Instruct --data=... --dtype=bfloat16
 """
+import contextlib
 import glob
 import json
 import math
@@ -192,6 +193,50 @@ def _group_info(group):
     return dist.get_rank(group), dist.get_world_size(group)
 
 
+def prepare_model(model, mesh=None, freeze_vision=True, activation_checkpointing=False):
+    """Training set-up: freeze the vision tower (RL default: cached embeddings stay valid), optional
+    activation checkpointing per decoder layer, and FSDP2 (fully_shard) over ALL ranks of the mesh.
+
+    FSDP units: each vision block, the vision tower, each decoder layer, and the root (embedding, final
+    norm, LM head). MR-SP code that calls submodules directly runs inside root_call(model, ...), so
+    FSDP's root hooks gather the root parameters first and reduce their gradients in backward.
+    Gradients are SUMMED over ranks (divide factor 1): callers normalise losses by global token
+    counts, and under SP each rank holds the gradient of its own tokens."""
+    if freeze_vision:
+        model.model.visual.requires_grad_(False)
+    if activation_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if mesh is None or world == 1:
+        return model
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    fsdp_mesh = init_device_mesh(mesh.mesh.device_type, (world,), mesh_dim_names=("fsdp",))
+    for block in model.model.visual.blocks:
+        fully_shard(block, mesh=fsdp_mesh)
+    fully_shard(model.model.visual, mesh=fsdp_mesh)
+    for layer in model.model.language_model.layers:
+        fully_shard(layer, mesh=fsdp_mesh)
+    # the root unit keeps embedding, final norm and LM head: gathered once per step, as in the estimator
+    fully_shard(model, mesh=fsdp_mesh)
+    for m in model.modules():
+        if hasattr(m, "set_gradient_divide_factor"):
+            m.set_gradient_divide_factor(1.0)
+            m.set_force_sum_reduction_for_comms(True)   # plain SUM: gloo has no PREMUL_SUM
+    return model
+
+
+def root_call(model, fn, *args, **kwargs):
+    """fn(*args, **kwargs) run as the model's own forward call. FSDP2 (and any module hooks) act on
+    model.__call__, so code that uses submodules directly (embedding, language model, LM head) must
+    enter through it: the root's parameters are gathered before and its gradients reduced after."""
+    model.forward = lambda: fn(*args, **kwargs)   # an instance attribute shadows the class forward
+    try:
+        return model()
+    finally:
+        del model.forward
+
+
 # -----------------------------------------------------------------------------
 # parallel video encoding (MR-SP step 1): temporal patches split over the SP ranks
 def _split_even(n, parts):
@@ -366,6 +411,106 @@ def mrope_positions(model, input_ids, mm_token_type_ids, video_grid_thw, second_
         raise ValueError(f"sequence needs position {int(pos.max())} but the model has max_position_embeddings="
                          f"{max_pos}: use fewer frames (--frames) or a smaller frame size")
     return pos, delta
+
+
+# -----------------------------------------------------------------------------
+# sequence-parallel forward (MR-SP step 3): per-token log-probs of [video + prompt + response]
+@contextlib.contextmanager
+def sp_attention(model, group, impl="ring"):
+    """Run the LLM's attention sequence-parallel over `group` inside the block (the vision tower keeps its own)."""
+    import seq_parallel_attn as spa
+    text_cfg = model.config.text_config
+    old = text_cfg._attn_implementation
+    if group is not None and dist.get_world_size(group) > 1:
+        name = f"mrsp_{impl}"
+        spa.register_hf(name, group=group, impl=impl)   # re-registered each time: binds the current group
+        text_cfg._attn_implementation = name
+    try:
+        yield
+    finally:
+        text_cfg._attn_implementation = old
+
+
+def _target_logp(head, h, targets, temperature):
+    """(M, D) hidden states -> (M,) log-probs of `targets`; the (M, V) logits live only in here."""
+    logp = torch.log_softmax(head(h).float() / temperature, -1)
+    return logp.gather(-1, targets[:, None])[:, 0]
+
+
+def _entropy(head, h, temperature):
+    logp = torch.log_softmax(head(h).float() / temperature, -1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def sp_logprobs(model, seq, group=None, impl="ring", logit_chunk=1024, temperature=1.0, return_entropy=False):
+    """Log-probs of the target tokens of ONE sequence, sequence-parallel over `group` (see _sp_logprobs)."""
+    return root_call(model, _sp_logprobs, model, seq, group, impl, logit_chunk, temperature, return_entropy)
+
+
+def _sp_logprobs(model, seq, group, impl, logit_chunk, temperature, return_entropy):
+    """Log-probs of the target tokens of ONE sequence, with the sequence sharded over the SP `group`.
+
+    seq: dict(input_ids (N,), mm_token_type_ids (N,), embeds (N_video, D), video_grid_thw (1, 3),
+              second_per_grid_ts (1,), loss_mask (N,) bool: the tokens to score, e.g. the response).
+    -> logp (N,) in sequence order (token i scored by position i-1; 0 where loss_mask is False) and,
+       with return_entropy, entropy (N,) of the same distributions (no grad). Identical on every SP rank.
+
+    Each rank embeds only its own tokens; the 3-D mrope positions are computed on the FULL sequence
+    and sharded with the tokens (zigzag layout, causal balance); attention is ring (or Ulysses); the
+    LM head runs on this rank's scored tokens in checkpointed chunks, so logits of the whole
+    sequence never exist at once. Gradients: each rank holds the contribution of its own tokens;
+    summed over the SP group (FSDP's reduce over the mesh) they equal the one-rank gradient."""
+    import seq_parallel_attn as spa
+    from torch.utils.checkpoint import checkpoint
+    device = next(model.parameters()).device
+    ids = seq["input_ids"].to(device)[None]                                  # (1, N)
+    N = ids.shape[1]
+    pos, _ = mrope_positions(model, ids, seq["mm_token_type_ids"].to(device)[None],
+                             seq["video_grid_thw"].to(device), seq["second_per_grid_ts"].to(device))  # (3, 1, N)
+    mask = seq["loss_mask"].to(device).bool()
+    targets = torch.full((1, N), -100, dtype=torch.long, device=device)
+    targets[0, :-1] = torch.where(mask[1:], ids[0, 1:], -100)                # position i predicts token i+1
+    is_video = ids == model.config.video_token_id
+    if int(is_video.sum()) != seq["embeds"].shape[0]:
+        raise ValueError(f"{int(is_video.sum())} <|video_pad|> tokens but {seq['embeds'].shape[0]} video "
+                         f"embeddings: the sequence and the cached video do not match")
+    video_idx = is_video.long().cumsum(-1) - 1                               # which embedding fills each slot
+
+    # --- shard everything that is per-token (pad beyond N: positions 0, targets -100, not video)
+    l_ids = spa.shard_seq(ids, group)
+    l_pos = spa.shard_seq(pos, group, dim=2)
+    l_tgt = spa.shard_seq(targets, group, pad_value=-100)
+    l_vid = spa.shard_seq(is_video, group, pad_value=False)
+    l_vidx = spa.shard_seq(video_idx, group)
+    emb = model.model.get_input_embeddings()(l_ids)                          # (1, S_local, D)
+    emb = torch.where(l_vid[..., None], seq["embeds"].to(device, emb.dtype)[l_vidx.clamp(min=0)], emb)
+
+    with sp_attention(model, group, impl):
+        h = model.model.language_model(inputs_embeds=emb, position_ids=l_pos, attention_mask=None,
+                                       use_cache=False, sp_total_len=N).last_hidden_state   # (1, S_local, D)
+    sel = (l_tgt[0] != -100).nonzero()[:, 0]
+    h_sel, t_sel = h[0, sel], l_tgt[0, sel]                                  # (M, D), (M,)
+    parts, ents = [], []
+    for i in range(0, len(sel), logit_chunk):
+        hc, tc = h_sel[i:i + logit_chunk], t_sel[i:i + logit_chunk]
+        if torch.is_grad_enabled():  # backward recomputes the chunk's logits instead of keeping them all
+            parts.append(checkpoint(_target_logp, model.lm_head, hc, tc, temperature, use_reentrant=False))
+        else:
+            parts.append(_target_logp(model.lm_head, hc, tc, temperature))
+        if return_entropy:
+            with torch.no_grad():
+                ents.append(_entropy(model.lm_head, hc, temperature))
+    local = h.new_zeros(1, h.shape[1], dtype=torch.float32)
+    local = local.index_put((torch.zeros_like(sel), sel), torch.cat(parts) if parts else local.new_zeros(0))
+    logp_pos = spa.gather_seq(local, N, group)[0]                            # (N,) by predicting position
+    logp = torch.cat([logp_pos.new_zeros(1), logp_pos[:-1]])                 # (N,) by scored token
+    if not return_entropy:
+        return logp
+    ent_local = torch.zeros(1, h.shape[1], device=device)
+    if ents:
+        ent_local[0, sel] = torch.cat(ents)
+    ent_pos = spa.gather_seq(ent_local, N, group)[0]
+    return logp, torch.cat([ent_pos.new_zeros(1), ent_pos[:-1]])
 
 
 # -----------------------------------------------------------------------------
