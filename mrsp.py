@@ -514,6 +514,31 @@ def _sp_logprobs(model, seq, group, impl, logit_chunk, temperature, return_entro
 
 
 # -----------------------------------------------------------------------------
+# weight sync: trained (possibly FSDP-sharded) policy -> the rollout engine's own full copy
+def full_state_dict(model):
+    """Full (unsharded) state dict on every rank; plain state_dict when the model is not sharded.
+    This is a collective under FSDP: every rank must call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    if any(hasattr(m, "reshard") for m in model.modules()):   # an FSDP2 module
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    return model.state_dict()
+
+
+@torch.no_grad()
+def sync_weights(model, engine_model):
+    """Copy the policy's weights into an HF rollout copy (the vLLM engine has its own sync). Returns the
+    number of tensors copied. Tied weights are copied once."""
+    sd = full_state_dict(model)
+    dst = engine_model.state_dict()
+    missing = [k for k in dst if k not in sd]
+    if missing:
+        raise KeyError(f"sync_weights: the policy has no {missing[:3]}... (different architectures?)")
+    for k, v in dst.items():
+        v.copy_(sd[k].to(v.device, v.dtype))
+    return len(dst)
+
+
+# -----------------------------------------------------------------------------
 # HF rollout engine: prefill the long video prompt once, replicate its KV cache G times, decode
 def sample_next(logits, temperature=1.0, top_p=1.0, top_k=0, generator=None):
     """(B, V) logits -> (tokens (B,), logprobs (B,)) under the temperature-scaled distribution

@@ -333,3 +333,26 @@ def test_fsdp2_sp2_and_dp2_match_one_rank(tiny_ckpt, synth_dir, sp):
         assert frozen and set(grads) == set(ref_g)
         for n in ref_g:
             assert (grads[n] - ref_g[n]).abs().max() <= 1e-5, n
+
+
+def _sync_worker(ckpt, seq):
+    from mrsp import prepare_model, sp_logprobs, sync_weights
+    model, _ = load_model(ckpt)
+    engine, _ = load_model(ckpt)                       # the rollout copy (unsharded, every rank)
+    mesh = setup_mesh(2)
+    prepare_model(model, mesh, freeze_vision=True)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    loss = -sp_logprobs(model, seq, group=mesh.sp_group).sum()
+    loss.backward()
+    opt.step()
+    before = engine.lm_head.weight.clone()
+    n = sync_weights(model, engine)
+    full = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in model.state_dict().items()}
+    diff = max((engine.state_dict()[k] - full[k]).abs().max().item() for k in full)
+    return n, diff, (engine.lm_head.weight - before).abs().max().item()
+
+
+def test_sync_weights_from_fsdp_policy(tiny_ckpt, synth_dir):
+    seq = _sft_seq(tiny_ckpt, synth_dir)
+    for n, diff, moved in run_distributed(_sync_worker, 2, args=(tiny_ckpt, seq)):
+        assert n > 20 and diff == 0.0 and moved > 1e-4      # the copy changed and now equals the policy
