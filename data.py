@@ -387,6 +387,51 @@ def format_target(record):
     return f"<think>{record['reasoning']}</think><answer>{record['answer']}</answer>"
 
 
+# a cue word, then the letter: "(c)" any case; "C" upper case anywhere; "c" lower case only before
+# punctuation or the end (so "the answer is a dog" names no option)
+_CUE_RE = re.compile(r"(?i:answer|option|choice)\s*(?i:is|:|=|would be|should be)?\s*(?i:option\s*)?"
+                     r"(?:\(([A-Ja-j])\)|([A-J])(?![A-Za-z])|([a-j])(?=\s*[\.\),:;!]|\s*$))")
+_HEAD_RE = re.compile(r"^\s*(?:\(([A-Ja-j])\)|([A-Ja-j])\s*[\.\):](?!\d)|([A-J])\s+(?:is|-)\s)", re.S)
+
+
+def extract_choice(text, num_options=4, options=None):
+    """The option letter a model's answer names, or None. Order: the <answer>...</answer> content
+    (last tag) first, then the whole text; within each, a standalone letter in the forms "C", "(C)",
+    "C.", "C) text", "Answer: C", "the answer is C", "option c.", else the text of exactly one option
+    (options=["A. Candles", ...] -> "candles" gives "A"). Never the first capital of a word: "Based on
+    the video, the answer is C." is C (lmms-eval's regex says B) and "A person walks." is None."""
+    if not isinstance(text, str):
+        return None
+    valid = LETTERS[:num_options]
+    tags = _ANSWER_TAG_RE.findall(text)
+    for part in ([tags[-1]] if tags else []) + [text]:
+        t = part.strip()
+        bare = t.rstrip(".!").strip()
+        if len(bare) == 1 and bare.upper() in valid:                     # "C", "c", "C."
+            return bare.upper()
+        m = re.fullmatch(r"\(\s*([A-Ja-j])\s*\)\.?", bare)              # "(C)"
+        if m and m.group(1).upper() in valid:
+            return m.group(1).upper()
+        for m in _CUE_RE.finditer(t):                                    # "the answer is C", "Answer: (c)"
+            letter = next(g for g in m.groups() if g).upper()
+            if letter in valid:
+                return letter
+        m = _HEAD_RE.match(t)                                            # "C. Candles", "(C) ...", "C) ..."
+        if m:
+            letter = next(g for g in m.groups() if g).upper()
+            if letter in valid:
+                return letter
+        if options:                                                      # the option's own text
+            texts = [re.sub(r"^\(?[A-J][\.\):]\s*", "", o).strip().lower().rstrip(".") for o in options[:num_options]]
+            low = bare.lower()
+            hits = [i for i, o in enumerate(texts) if o and (low == o or re.search(rf"\b{re.escape(o)}\b", low))]
+            if len(hits) == 1:
+                return valid[hits[0]]
+        if tags and part is not text and t:
+            continue  # an answer tag without a recognisable letter: try the whole text next
+    return None
+
+
 def video_metadata(info):
     """transformers' VideoMetadata for already-sampled frames; sets the mrope time scale right
     (without it the processor assumes 24 fps and second_per_grid_ts is wrong)."""

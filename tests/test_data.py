@@ -266,3 +266,32 @@ def test_apply_overrides_types_and_errors():
     for bad in (["--nope=1"], ["--steps=1.5"], ["--flag=maybe"], ["steps=3"], ["--lr=abc"]):
         with pytest.raises(SystemExit):
             apply_overrides(dict(cfg), bad)
+
+
+# ----------------------------------------------------------------------------- answer extraction
+OPTS = ["A. Candles", "B. A red ball", "C. Blue sky", "D. Dogs"]
+EXTRACT_CASES = [
+    ("<think>The last one is blue.</think><answer>C</answer>", "C"),
+    ("<think>x</think><answer>(C) Blue sky</answer>", "C"),
+    ("<answer> c </answer>", "C"),
+    ("<answer>B</answer> ... <answer>D</answer>", "D"),            # the last tag
+    ("C", "C"), ("(C)", "C"), ("C.", "C"), ("c", "C"), ("C) Blue sky", "C"), ("C. Blue sky", "C"),
+    ("Answer: C", "C"), ("answer: b", "B"), ("The answer is (D).", "D"), ("the answer is C", "C"),
+    ("Based on the video, the answer is C.", "C"),                  # lmms-eval's Video-MME regex returns B
+    ("A person walks in, so the answer is D.", "D"),
+    ("I think the best option is B because the ball is red.", "B"),
+    ("Best option: (A)", "A"),
+    ("A person is walking in the park.", None),                    # an article, not an answer
+    ("Based on the video, I cannot tell.", None),
+    ("The answer is a dog.", None),
+    ("E", None), ("The answer is E.", None),                       # only 4 options
+    ("<answer></answer>", None), ("", None), (None, None),
+    ("candles", "A"), ("<answer>Blue sky</answer>", "C"),          # option text
+    ("It could be candles or dogs.", None),                        # two options named: ambiguous
+]
+
+
+@pytest.mark.parametrize("text,want", EXTRACT_CASES)
+def test_extract_choice(text, want):
+    from data import extract_choice
+    assert extract_choice(text, 4, OPTS) == want
