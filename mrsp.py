@@ -380,7 +380,7 @@ def get_video_embeds(model, processor, records, cache=None, num_frames=None, gro
         grid = torch.cat([p["video_grid_thw"] for p in procs])
         pix = torch.cat([p["pixel_values_videos"] for p in procs]).to(device)
         with torch.no_grad():
-            emb = encode_videos(model, pix, grid.to(device), group)
+            emb = root_call(model, encode_videos, model, pix, grid.to(device), group)
         sizes = (grid.prod(-1) // (processor.video_processor.merge_size ** 2)).tolist()
         for (k, _), p, e in zip(todo, procs, emb.split(sizes)):
             found[k] = dict(embeds=e, video_grid_thw=p["video_grid_thw"], second_per_grid_ts=p["second_per_grid_ts"])
@@ -450,8 +450,9 @@ def sp_logprobs(model, seq, group=None, impl="ring", logit_chunk=1024, temperatu
 def _sp_logprobs(model, seq, group, impl, logit_chunk, temperature, return_entropy):
     """Log-probs of the target tokens of ONE sequence, with the sequence sharded over the SP `group`.
 
-    seq: dict(input_ids (N,), mm_token_type_ids (N,), embeds (N_video, D), video_grid_thw (1, 3),
-              second_per_grid_ts (1,), loss_mask (N,) bool: the tokens to score, e.g. the response).
+    seq: dict(input_ids (N,), mm_token_type_ids (N,), embeds (N_video, D) (cached; or pixel_values_videos
+              to encode here with gradients), video_grid_thw (1, 3), second_per_grid_ts (1,),
+              loss_mask (N,) bool: the tokens to score, e.g. the response).
     -> logp (N,) in sequence order (token i scored by position i-1; 0 where loss_mask is False) and,
        with return_entropy, entropy (N,) of the same distributions (no grad). Identical on every SP rank.
 
@@ -470,6 +471,9 @@ def _sp_logprobs(model, seq, group, impl, logit_chunk, temperature, return_entro
     mask = seq["loss_mask"].to(device).bool()
     targets = torch.full((1, N), -100, dtype=torch.long, device=device)
     targets[0, :-1] = torch.where(mask[1:], ids[0, 1:], -100)                # position i predicts token i+1
+    if "embeds" not in seq:  # trainable vision tower: parallel encoding with autograd, inside the root call
+        seq = dict(seq, embeds=encode_videos(model, seq["pixel_values_videos"].to(device),
+                                             seq["video_grid_thw"].to(device), group))
     is_video = ids == model.config.video_token_id
     if int(is_video.sum()) != seq["embeds"].shape[0]:
         raise ValueError(f"{int(is_video.sum())} <|video_pad|> tokens but {seq['embeds'].shape[0]} video "
