@@ -566,13 +566,12 @@ def _quad_box(q, S, margin):
 
 def make_synthetic_sample(rng, category, answer_idx, T=256, S=112, fps=8.0):
     """Build one video (T, S, S, 3) uint8 and its QA record (without id/video) for a category.
-    The correct option is placed at answer_idx (balanced letters are the caller's job)."""
+    The correct option is placed at answer_idx (balanced letters are the caller's job). The CoT names
+    every event of the video in order (the whole video matters), then the deciding fact and the option."""
     frames = np.zeros((T, S, S, 3), np.uint8)
     ev_len = max(T // 12, 4)
     margin = S // 16
     names = list(COLOURS)
-    t2s = lambda t: f"{t / fps:.1f}s"  # noqa: E731
-    lines = []
 
     def draw_square(t0, colour, quad):
         y0, x0, y1, x1 = _quad_box(quad, S, margin)
@@ -581,21 +580,20 @@ def make_synthetic_sample(rng, category, answer_idx, T=256, S=112, fps=8.0):
     if category in ("temporal", "spatial"):
         cols = list(rng.choice(names, 4, replace=False))
         quads = list(rng.permutation(4)) if category == "spatial" else list(rng.integers(0, 4, 4))
-        times = _event_times(rng, 4, T, ev_len)
-        for t0, c, q in zip(times, cols, quads):
+        for t0, c, q in zip(_event_times(rng, 4, T, ev_len), cols, quads):
             draw_square(t0, c, q)
-            lines.append(f"At {t2s(t0)} {_a(c)} square appears in the {QUADRANTS[q]}.")
         if category == "temporal":
             which = ORDINALS[rng.integers(0, 2)]
             answer = cols[0] if which == "first" else cols[-1]
             question = f"Which colour of square appeared {which} in the video?"
-            lines.append(f"The {which} square to appear is {answer}.")
+            why = [f"Squares in order: {', '.join(cols)}.", f"The {which} one is {answer}."]
             distract = [c for c in cols if c != answer]
         else:
             k = int(rng.integers(0, 4))
             colour, answer = cols[k], QUADRANTS[quads[k]]
             question = f"Where did the {colour} square appear?"
-            lines.append(f"So the {colour} square was in the {answer}.")
+            why = [f"Squares in order: {', '.join(f'{c} {QUADRANTS[q]}' for c, q in zip(cols, quads))}.",
+                   f"The {colour} one was {answer}."]
             distract = [q for q in QUADRANTS if q != answer]
     elif category == "goal":
         # four coloured boxes in the corners; a white ball travels from the centre to one of them
@@ -609,17 +607,15 @@ def make_synthetic_sample(rng, category, answer_idx, T=256, S=112, fps=8.0):
         c0 = np.array([S / 2, S / 2])
         c1 = np.array(corners[goal]) + box / 2
         wobble = rng.normal(0, S / 40, size=2)
+        yy, xx = np.ogrid[:S, :S]
         for t in range(T):
             a = t / (T - 1)
             y, x = c0 + a * (c1 - c0) + math.sin(a * math.pi) * wobble
-            yy, xx = np.ogrid[:S, :S]
             frames[t][(yy - y) ** 2 + (xx - x) ** 2 <= r * r] = COLOURS["white"]
         answer = cols[goal]
         question = "A white ball moves through the video. Which coloured box is it heading for?"
-        lines.append(f"Boxes: {', '.join(f'{c} {q}' for c, q in zip(cols, QUADRANTS))}. "
-                     f"The ball starts in the centre and moves towards the {QUADRANTS[goal]}, "
-                     f"reaching it at {t2s(T - 1)}.")
-        lines.append(f"Its goal is the {answer} box.")
+        why = [f"Boxes: {', '.join(f'{c} {q}' for c, q in zip(cols, QUADRANTS))}.",
+               f"The ball moves to the {QUADRANTS[goal]}, so it heads for {answer}."]
         distract = [c for c in cols if c != answer]
     elif category == "plot":
         # the story: which colour keeps coming back? one colour shows 3 times, the others once each
@@ -627,23 +623,20 @@ def make_synthetic_sample(rng, category, answer_idx, T=256, S=112, fps=8.0):
         answer = cols[0]
         seq = [answer] * 3 + cols[1:]
         seq = [seq[i] for i in rng.permutation(len(seq))]
-        times = _event_times(rng, len(seq), T, ev_len)
         quads = rng.integers(0, 4, len(seq))
-        for t0, c, q in zip(times, seq, quads):
+        for t0, c, q in zip(_event_times(rng, len(seq), T, ev_len), seq, quads):
             draw_square(t0, c, q)
-            lines.append(f"At {t2s(t0)} {_a(c)} square appears in the {QUADRANTS[q]}.")
         question = "Which colour of square appeared most often over the whole video?"
-        lines.append(f"{answer.capitalize()} appears 3 times, every other colour once.")
+        why = [f"Squares in order: {', '.join(seq)}.", f"{answer.capitalize()} appears 3 times."]
         distract = cols[1:]
     else:
         raise ValueError(f"category={category!r}: expected one of {CATEGORIES}")
     opts = list(rng.permutation(distract)[:3])
     opts.insert(answer_idx, answer)
     letter = LETTERS[answer_idx]
-    lines.append(f"This matches option {letter}.")
+    why.append(f"That is option {letter}.")
     return frames, dict(question=question, options=[f"{LETTERS[i]}. {o}" for i, o in enumerate(opts)],
-                        answer=letter, reasoning=" ".join(lines), category=category,
-                        duration=round(T / fps, 2))
+                        answer=letter, reasoning=" ".join(why), category=category, duration=round(T / fps, 2))
 
 
 def write_mp4(path, frames, fps):
@@ -678,7 +671,7 @@ def generate_synthetic(out, n_train=640, n_val=64, n_test=128, num_frames=256, f
     for s_i, (split, n) in enumerate((("train", n_train), ("val", n_val), ("test", n_test))):
         rng = np.random.default_rng([seed, s_i])
         recs = []
-        for i in tqdm(range(n), desc=f"synth {split}", disable=not progress, leave=False):
+        for i in tqdm(range(n), desc=f"synth {split}", disable=not progress, leave=False, mininterval=1.0):
             cat = CATEGORIES[(i // 4) % 4]
             frames, rec = make_synthetic_sample(rng, cat, answer_idx=i % 4, T=num_frames, S=size, fps=fps)
             vid = f"videos/{split}_{i:05d}.mp4"
