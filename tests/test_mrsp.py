@@ -6,8 +6,8 @@ import torch
 
 from data import VideoError, collate_rl, encode_sample, encode_text, load_records, load_video, process_video
 from dist_utils import run_distributed
-from mrsp import (EmbeddingCache, encode_videos, get_video_embeds, hf_rollout, load_model, model_inputs,
-                  mrope_positions, setup_mesh)
+from mrsp import (EmbeddingCache, embed_with_video, encode_videos, get_video_embeds, hf_rollout, load_model,
+                  model_inputs, mrope_positions, rope_index, setup_mesh)
 
 
 def _perturbed(ckpt):
@@ -161,11 +161,80 @@ def _prompts(model, processor, recs, num_frames=8, embeds=None):
     return out
 
 
+# ----------------------------------------------------------------------------- mrope positions
+def _cfg_model(model_type, merge=2, tps=2):
+    from types import SimpleNamespace
+    extra = {"tokens_per_second": tps} if model_type == "qwen2_5_vl" else {}   # Qwen2-VL has no time scale
+    vision = SimpleNamespace(spatial_merge_size=merge, **extra)
+    return SimpleNamespace(config=SimpleNamespace(model_type=model_type, vision_config=vision))
+
+
+def test_canonical_rope_index_by_hand():
+    """Hand-written positions: 3 text tokens, one video of llm grid 2x2x2 (video_grid_thw (2, 4, 4), merge 2), 2 text.
+    Qwen2.5-VL: temporal ids t * tokens_per_second (2) * second_per_grid_ts (1.5) = 0, 3; the text after the video
+    continues at max(video positions) + 1 = 3 + 3 + 1 = 7. Qwen2-VL: no time scaling, text after at 3 + 1 + 1 = 5.
+    Row 0 is left-padded by 2 (attention_mask 0: positions 0); row 1 has 5 leading text tokens instead of 3."""
+    T, V = 0, 2
+    types = torch.tensor([[T, T] + [T] * 3 + [V] * 8 + [T] * 2,      # row 0: 2 pads, 3 text, video, 2 text
+                          [T] * 5 + [V] * 8 + [T] * 2])               # row 1: 5 text, video, 2 text
+    mask = torch.tensor([[0, 0] + [1] * 13, [1] * 15])
+    ids = torch.zeros_like(types)
+    grid = torch.tensor([[2, 4, 4], [2, 4, 4]])
+    sps = torch.tensor([1.5, 1.5])
+    vt = [3, 3, 3, 3, 6, 6, 6, 6]          # Qwen2.5-VL temporal
+    vh = [3, 3, 4, 4, 3, 3, 4, 4]
+    vw = [3, 4, 3, 4, 3, 4, 3, 4]
+    want25 = torch.tensor([[0, 1, 2] + vt + [7, 8], [0, 1, 2] + vh + [7, 8], [0, 1, 2] + vw + [7, 8]])
+    pos, delta = rope_index(_cfg_model("qwen2_5_vl"), ids, types, grid, sps, attention_mask=mask)
+    assert torch.equal(pos[:, 0, 2:], want25) and torch.equal(pos[:, 0, :2], torch.zeros(3, 2, dtype=torch.long))
+    # row 1: 5 leading text tokens, so everything after them shifts by 2
+    want25_row1 = torch.cat([torch.arange(5).expand(3, 5), want25[:, 3:] + 2], 1)
+    assert torch.equal(pos[:, 1], want25_row1)
+    assert delta.tolist() == [[9 - 13], [11 - 15]]                  # max + 1 - number of real tokens
+    vt2 = [3, 3, 3, 3, 4, 4, 4, 4]          # Qwen2-VL: temporal index t, no time scaling
+    want2 = torch.tensor([[0, 1, 2] + vt2 + [5, 6], [0, 1, 2] + vh + [5, 6], [0, 1, 2] + vw + [5, 6]])
+    pos2, _ = rope_index(_cfg_model("qwen2_vl"), ids[:1, 2:], types[:1, 2:], grid[:1], sps[:1])
+    assert torch.equal(pos2[:, 0], want2)
+    with pytest.raises(ValueError, match="more video tokens than video_grid_thw rows"):
+        rope_index(_cfg_model("qwen2_5_vl"), ids, types, grid[:1], sps)
+    with pytest.raises(ValueError, match="rope rule 'x'"):
+        rope_index(_cfg_model("qwen2_5_vl"), ids, types, grid, sps, rule="x")
+
+
+def test_canonical_positions_on_a_real_sample_and_vs_transformers(tiny_ckpt, synth_dir):
+    """4 frames of a synthetic video (256 frames at 8 fps = 32 s): grid (2, 4, 4) -> llm grid 2x2x2 after the 2x2
+    merge, second_per_grid_ts = 2 frames / (4 frames / 32 s) = 16 s, so temporal ids 0 and 16 * 2 = 32."""
+    model, processor = load_model(tiny_ckpt)
+    r = load_records(os.path.join(synth_dir, "val.jsonl"))[0]
+    (v,), _ = get_video_embeds(model, processor, [r], None, num_frames=4)
+    t = encode_text(processor, r, v["video_grid_thw"], with_target=True)
+    assert v["video_grid_thw"].tolist() == [[2, 4, 4]] and v["second_per_grid_ts"].tolist() == [16.0]
+    ids, mm = t["input_ids"][None], t["mm_token_type_ids"][None]
+    S, vid = ids.shape[1], (mm[0] == 2).nonzero()[:, 0]
+    P = int(vid[0])                                               # text tokens before the video
+    assert vid.tolist() == list(range(P, P + 8))                  # one block of 8 video tokens
+    A = S - P - 8                                                 # text tokens after it
+    want = torch.tensor([list(range(P)) + [P] * 4 + [P + 32] * 4 + list(range(P + 33, P + 33 + A)),
+                         list(range(P)) + [P, P, P + 1, P + 1] * 2 + list(range(P + 33, P + 33 + A)),
+                         list(range(P)) + [P, P + 1] * 4 + list(range(P + 33, P + 33 + A))])
+    pos, delta = mrope_positions(model, ids, mm, v["video_grid_thw"], v["second_per_grid_ts"])   # default rule
+    assert torch.equal(pos[:, 0], want) and int(delta) == P + 33 + A - S
+    # transformers 5.x (the installed get_rope_index) agrees up to the end of the video, then restarts the text
+    # at P + max(h, w)/merge = P + 2 instead of P + 33: the text after the video reuses the video's time positions.
+    hf, _ = mrope_positions(model, ids, mm, v["video_grid_thw"], v["second_per_grid_ts"], rule="hf")
+    assert torch.equal(hf[:, 0, :P + 8], want[:, :P + 8])
+    assert torch.equal(hf[:, 0, P + 8:], want[:, P + 8:] - 31)
+
+
+# ----------------------------------------------------------------------------- rollout engine
 def test_hf_engine_greedy_equals_generate(tiny_ckpt, synth_dir):
+    """rope_rule="hf": our engine == model.generate (both on transformers' own positions). Canonical rule (the
+    default, as vLLM): our engine == a plain teacher-forced forward with canonical positions."""
     model, processor = _perturbed(tiny_ckpt)
     recs = load_records(os.path.join(synth_dir, "val.jsonl"))[:3]
     eos = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
-    out = hf_rollout(model, _prompts(model, processor, recs), n=2, temperature=0, max_new_tokens=20, eos_id=eos)
+    prompts = _prompts(model, processor, recs)
+    out = hf_rollout(model, prompts, n=2, temperature=0, max_new_tokens=20, eos_id=eos, rope_rule="hf")
     seen = set()
     for i, r in enumerate(recs):
         frames, info = load_video(r["video"], num_frames=8)
@@ -179,6 +248,24 @@ def test_hf_engine_greedy_equals_generate(tiny_ckpt, synth_dir):
         assert out["finish_reasons"][2 * i] == ("stop" if ref[-1] == eos else "length")
         seen.update(ref)
     assert len(seen) >= 5, "degenerate outputs would make this test vacuous"
+    can = hf_rollout(model, prompts, n=1, temperature=0.7, max_new_tokens=20, eos_id=eos,
+                     generator=torch.Generator().manual_seed(3))
+    greedy = hf_rollout(model, prompts, n=1, temperature=0, max_new_tokens=20, eos_id=eos)
+    assert greedy["token_ids"] != [out["token_ids"][2 * i] for i in range(3)]   # the rules differ visibly here
+    for i, p in enumerate(prompts):
+        for res, T in ((can, 0.7), (greedy, 1.0)):
+            toks = torch.tensor(res["token_ids"][i])
+            ids = torch.cat([p["input_ids"], toks])[None]
+            mm = torch.cat([p["mm_token_type_ids"], torch.zeros_like(toks)])[None]
+            pos, _ = mrope_positions(model, ids, mm, p["video_grid_thw"], p["second_per_grid_ts"])
+            with torch.no_grad():
+                logits = model(inputs_embeds=embed_with_video(model, ids, p["embeds"]), position_ids=pos).logits[0]
+            S = p["input_ids"].numel()
+            lp = torch.log_softmax(logits[S - 1:-1] / T, -1)
+            if res is greedy:                                    # teacher-forced argmax == the engine's tokens
+                assert torch.equal(lp.argmax(-1), toks)
+            else:                                                # and the engine's T-scaled log-probs
+                assert (lp.gather(-1, toks[:, None])[:, 0] - torch.tensor(res["logprobs"][i])).abs().max() < 1e-4
 
 
 def test_hf_engine_sampling_logprobs_and_stop(tiny_ckpt, synth_dir):
