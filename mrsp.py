@@ -389,6 +389,26 @@ def get_video_embeds(model, processor, records, cache=None, num_frames=None, gro
     return [found[k] for k in keys], len(todo)
 
 
+def build_seq(rec, processor, model=None, cache=None, frames=32, group=None, device="cpu", with_target=True,
+              max_length=None, truncate=False, version=0):
+    """One record -> the sequence dict that sp_logprobs / hf_rollout / vllm_rollout take.
+    model given: the video goes through the vision tower once (parallel over `group`, via `cache` when given)
+    and the dict carries `embeds`; model None: it carries `pixel_values_videos` (trainable vision tower).
+    Keys: input_ids (S,), mm_token_type_ids (S,), loss_mask (S,) bool (the assistant target; all False
+    without target), labels, prompt_len, video_grid_thw (1, 3), second_per_grid_ts (1,), embeds | pixel_values_videos."""
+    from data import encode_text, load_video, process_video
+    if model is not None:
+        (v,), _ = get_video_embeds(model, processor, [rec], cache, num_frames=frames, group=group, version=version,
+                                   device=device)
+        vid = dict(embeds=v["embeds"], video_grid_thw=v["video_grid_thw"], second_per_grid_ts=v["second_per_grid_ts"])
+    else:
+        vid = process_video(processor, *load_video(rec["video"], num_frames=frames))
+    t = encode_text(processor, rec, vid["video_grid_thw"], with_target=with_target, max_length=max_length,
+                    truncate=truncate)
+    return dict(vid, input_ids=t["input_ids"], mm_token_type_ids=t["mm_token_type_ids"], labels=t["labels"],
+                prompt_len=t["prompt_len"], loss_mask=t["labels"] != -100)
+
+
 # -----------------------------------------------------------------------------
 # model inputs from cached embeddings: token embeddings with the video slots filled, 3-D positions
 def embed_with_video(model, input_ids, video_embeds):

@@ -35,9 +35,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from data import (CATEGORIES, apply_overrides, config_of, encode_text, extract_choice, load_records, load_video,
-                  process_video)
-from mrsp import (EmbeddingCache, get_video_embeds, hf_rollout, load_model, prepare_model, print0, setup_dist,
+from data import CATEGORIES, apply_overrides, config_of, encode_text, extract_choice, load_records
+from mrsp import (EmbeddingCache, build_seq, get_video_embeds, hf_rollout, load_model, prepare_model, print0, setup_dist,
                   setup_mesh, sp_logprobs, sync_weights)
 
 # -----------------------------------------------------------------------------
@@ -96,15 +95,8 @@ def lr_at(step):
 
 def make_seq(rec, processor, policy, cache, group, device, with_target=True):
     """One training sequence: cached video embeddings (frozen vision) or pixels (trainable), plus tokens."""
-    if freeze_vision:
-        (v,), _ = get_video_embeds(policy, processor, [rec], cache, num_frames=frames, group=group, device=device)
-        vid = dict(embeds=v["embeds"], video_grid_thw=v["video_grid_thw"], second_per_grid_ts=v["second_per_grid_ts"])
-    else:
-        vid = process_video(processor, *load_video(rec["video"], num_frames=frames))
-    t = encode_text(processor, rec, vid["video_grid_thw"], with_target=with_target, max_length=max_length,
-                    truncate=truncate)
-    return dict(vid, input_ids=t["input_ids"], mm_token_type_ids=t["mm_token_type_ids"],
-                loss_mask=t["labels"] != -100)
+    return build_seq(rec, processor, policy if freeze_vision else None, cache, frames=frames, group=group,
+                     device=device, with_target=with_target, max_length=max_length, truncate=truncate)
 
 
 def peak_memory_gb():
