@@ -106,8 +106,9 @@ def peak_memory_gb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6   # KiB on Linux -> GB
 
 
-def save_checkpoint(step, policy, opt, cfg, world, rank):
-    """Sharded DCP checkpoint into step_N.tmp, then renamed: a crash mid-save leaves the previous one."""
+def save_checkpoint(out_dir, step, policy, opt, cfg, world, rank, keep=2, extra=None):
+    """Sharded DCP checkpoint into step_N.tmp, then renamed: a crash mid-save leaves the previous one.
+    extra: JSON-able trainer state stored next to the step (rl.py keeps its own counters there)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
     final = os.path.join(out_dir, f"step_{step:06d}")
@@ -124,7 +125,7 @@ def save_checkpoint(step, policy, opt, cfg, world, rank):
                os.path.join(tmp, f"rng_rank{rank}.pt"))
     if rank == 0:
         with open(os.path.join(tmp, "trainer.json"), "w") as f:
-            json.dump(dict(step=step, config=cfg), f)
+            json.dump(dict(step=step, config=cfg, extra=extra), f)
     if world > 1:
         dist.barrier()
     if rank == 0:
@@ -134,20 +135,20 @@ def save_checkpoint(step, policy, opt, cfg, world, rank):
             f.write(os.path.basename(final))
         os.replace(os.path.join(out_dir, "latest.tmp"), os.path.join(out_dir, "latest"))
         old = sorted(d for d in os.listdir(out_dir) if d.startswith("step_") and not d.endswith(".tmp"))
-        for d in old[:-keep_checkpoints]:
+        for d in old[:-keep]:
             shutil.rmtree(os.path.join(out_dir, d), ignore_errors=True)
     if world > 1:
         dist.barrier()
 
 
-def load_checkpoint(policy, opt, rank):
-    """-> the step to continue from (0 when there is nothing to resume)."""
+def load_checkpoint(out_dir, policy, opt, rank):
+    """-> (step to continue from, extra trainer state); (0, None) when there is nothing to resume."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     latest = os.path.join(out_dir, "latest")
     if not os.path.isfile(latest):
         print0(f"--resume: no checkpoint in {out_dir}, starting from scratch")
-        return 0
+        return 0, None
     path = os.path.join(out_dir, open(latest).read().strip())
     msd, osd = get_state_dict(policy, opt)
     state = {"model": msd, "optim": osd}
@@ -160,9 +161,25 @@ def load_checkpoint(policy, opt, rank):
     torch.set_rng_state(rng["torch"]); np.random.set_state(rng["numpy"]); random.setstate(rng["python"])
     if rng["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
-    step = json.load(open(os.path.join(path, "trainer.json")))["step"]
-    print0(f"resumed from {path} (step {step})")
-    return step
+    trainer = json.load(open(os.path.join(path, "trainer.json")))
+    print0(f"resumed from {path} (step {trainer['step']})")
+    return trainer["step"], trainer.get("extra")
+
+
+def export_hf(policy, export, processor, out_dir, cfg, master_process):
+    """Gather the (sharded) policy into the unsharded `export` model and write out_dir/hf atomically: a
+    standard HF checkpoint + processor that eval.py, rl.py and vLLM load. Collective under FSDP: all ranks call."""
+    sync_weights(policy, export)
+    if master_process:
+        hf, tmp = os.path.join(out_dir, "hf"), os.path.join(out_dir, "hf.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        export.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        with open(os.path.join(tmp, "train_config.json"), "w") as f:
+            json.dump(cfg, f, indent=1)
+        shutil.rmtree(hf, ignore_errors=True)
+        os.replace(tmp, hf)
+        print(f"exported HF checkpoint to {hf}")
 
 
 @torch.no_grad()
@@ -236,7 +253,7 @@ if __name__ == "__main__":
     # --- optim
     params = [p for p in policy.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, betas=(beta1, beta2), weight_decay=weight_decay)
-    start = load_checkpoint(policy, opt, rank) if resume else 0
+    start = load_checkpoint(out_dir, policy, opt, rank)[0] if resume else 0
 
     wandb = None
     if wandb_project and master_process:
@@ -291,7 +308,7 @@ if __name__ == "__main__":
             msg = " ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "step" and isinstance(v, float))
             tqdm.write(f"step {step + 1}/{steps}: {msg}")
         if (step + 1) % save_every == 0 or step + 1 == steps:
-            save_checkpoint(step + 1, policy, opt, cfg, world, rank)
+            save_checkpoint(out_dir, step + 1, policy, opt, cfg, world, rank, keep=keep_checkpoints)
         done_here += 1
         if stop_after and done_here >= stop_after:
             print0(f"stop_after={stop_after}: stopping at step {step + 1} (simulated interruption)")
@@ -299,17 +316,7 @@ if __name__ == "__main__":
     else:
         # --- export a standard HF checkpoint (model + processor) for eval.py / rl.py / vLLM
         export = engine if engine is not None else load_model(model, "float32", device)[0]
-        sync_weights(policy, export)                          # collective under FSDP
-        if master_process:
-            hf, tmp = os.path.join(out_dir, "hf"), os.path.join(out_dir, "hf.tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            export.save_pretrained(tmp)
-            processor.save_pretrained(tmp)
-            with open(os.path.join(tmp, "train_config.json"), "w") as f:
-                json.dump(cfg, f, indent=1)
-            shutil.rmtree(hf, ignore_errors=True)
-            os.replace(tmp, hf)
-            print(f"exported HF checkpoint to {hf}")
+        export_hf(policy, export, processor, out_dir, cfg, master_process)
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
