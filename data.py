@@ -329,15 +329,24 @@ def normalize_record(row, root=None, where="record"):
     return rec
 
 
-def load_records(path, video_root=None):
+def load_records(path, video_root=None, on_error=None):
     """Read a .jsonl / .json dataset file into normalised records.
 
     Video paths resolve relative to `video_root` (default: the data file's folder).
-    Errors name the file, the line (JSONL) or item index (JSON), and the field."""
+    Errors name the file, the line (JSONL) or item index (JSON), and the field. A bad row raises RecordError,
+    or, with on_error given, is passed to on_error(row_id_or_where, RecordError) and skipped (eval --skip_bad).
+    A missing, unparseable (.json) or empty file always raises."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise RecordError(f"{path}: no such data file")
     root = video_root or os.path.dirname(os.path.abspath(path))
+
+    def bad(where, row, err):
+        if on_error is None:
+            raise err
+        rid = next((row[k] for k in ("id", "problem_id", "question_id") if isinstance(row, dict) and k in row), None)
+        on_error(str(rid) if rid is not None else where, err)
+
     rows = []
     with open(path, encoding="utf-8") as f:
         if path.endswith(".json"):
@@ -357,15 +366,20 @@ def load_records(path, video_root=None):
                 try:
                     rows.append((f"{path}:{lineno}", json.loads(line)))
                 except json.JSONDecodeError as e:
-                    raise RecordError(f"{path}:{lineno}: invalid JSON: {e.msg}") from None
-    recs = [normalize_record(r, root, where) for where, r in rows]
+                    bad(f"{path}:{lineno}", None, RecordError(f"{path}:{lineno}: invalid JSON: {e.msg}"))
+    recs, seen = [], set()
+    for where, row in rows:
+        try:
+            r = normalize_record(row, root, where)
+            if r["id"] in seen:
+                raise RecordError(f"{where}: field 'id': duplicate id {r['id']!r}")
+        except RecordError as e:
+            bad(where, row, e)
+            continue
+        seen.add(r["id"])
+        recs.append(r)
     if not recs:
         raise RecordError(f"{path}: no records")
-    seen = set()
-    for (where, _), r in zip(rows, recs):
-        if r["id"] in seen:
-            raise RecordError(f"{where}: field 'id': duplicate id {r['id']!r}")
-        seen.add(r["id"])
     return recs
 
 
@@ -543,6 +557,7 @@ def collate_rl(samples, pad_id):
 COLOURS = {"red": (230, 30, 30), "green": (30, 200, 30), "blue": (40, 70, 240), "yellow": (240, 220, 30),
            "magenta": (220, 40, 220), "cyan": (30, 220, 220), "white": (240, 240, 240), "orange": (250, 140, 20)}
 QUADRANTS = ("top-left", "top-right", "bottom-left", "bottom-right")
+PALETTE = ("red", "green", "blue", "yellow")   # the colours questions are about (the ball is white)
 ORDINALS = ("first", "last")
 
 
@@ -564,45 +579,57 @@ def _quad_box(q, S, margin):
     return y0 + margin, x0 + margin, y0 + h - margin, x0 + h - margin
 
 
+def _perm_with(rng, items, value, at):
+    """A random permutation of items with `value` at position `at`."""
+    rest = [x for x in items if x != value]
+    rest = [rest[i] for i in rng.permutation(len(rest))]
+    return rest[:at] + [value] + rest[at:]
+
+
 def make_synthetic_sample(rng, category, answer_idx, T=256, S=112, fps=8.0):
     """Build one video (T, S, S, 3) uint8 and its QA record (without id/video) for a category.
-    The correct option is placed at answer_idx (balanced letters are the caller's job). The CoT names
-    every event of the video in order (the whole video matters), then the deciding fact and the option."""
+    Options come in a fixed order (PALETTE or QUADRANTS), so the letter follows from the content; the
+    content is drawn so that the correct option is answer_idx (balanced letters are the caller's job) and
+    every colour is equally likely to be the answer (no prior to exploit). The CoT names every event of
+    the video in order (the whole video matters), then the deciding fact and the option."""
     frames = np.zeros((T, S, S, 3), np.uint8)
     ev_len = max(T // 12, 4)
     margin = S // 16
-    names = list(COLOURS)
 
     def draw_square(t0, colour, quad):
         y0, x0, y1, x1 = _quad_box(quad, S, margin)
         frames[t0:t0 + ev_len, y0:y1, x0:x1] = COLOURS[colour]
 
-    if category in ("temporal", "spatial"):
-        cols = list(rng.choice(names, 4, replace=False))
-        quads = list(rng.permutation(4)) if category == "spatial" else list(rng.integers(0, 4, 4))
+    def flash(t0, colour):  # a full-frame colour flash: the event is seen whatever the spatial resolution
+        frames[t0:t0 + ev_len, margin:S - margin, margin:S - margin] = COLOURS[colour]
+
+    options = list(QUADRANTS) if category == "spatial" else list(PALETTE)
+    answer = options[answer_idx]
+    if category == "temporal":
+        which = ORDINALS[rng.integers(0, 2)]
+        cols = _perm_with(rng, PALETTE, answer, 0 if which == "first" else 3)
+        for t0, c in zip(_event_times(rng, 4, T, ev_len), cols):
+            flash(t0, c)
+        question = f"Which colour of square appeared {which} in the video?"
+        why = [f"Squares in order: {', '.join(cols)}.", f"The {which} one is {answer}."]
+    elif category == "spatial":
+        cols = [PALETTE[i] for i in rng.permutation(4)]
+        k = int(rng.integers(0, 4))
+        quads = _perm_with(rng, range(4), answer_idx, k)
         for t0, c, q in zip(_event_times(rng, 4, T, ev_len), cols, quads):
             draw_square(t0, c, q)
-        if category == "temporal":
-            which = ORDINALS[rng.integers(0, 2)]
-            answer = cols[0] if which == "first" else cols[-1]
-            question = f"Which colour of square appeared {which} in the video?"
-            why = [f"Squares in order: {', '.join(cols)}.", f"The {which} one is {answer}."]
-            distract = [c for c in cols if c != answer]
-        else:
-            k = int(rng.integers(0, 4))
-            colour, answer = cols[k], QUADRANTS[quads[k]]
-            question = f"Where did the {colour} square appear?"
-            why = [f"Squares in order: {', '.join(f'{c} {QUADRANTS[q]}' for c, q in zip(cols, quads))}.",
-                   f"The {colour} one was {answer}."]
-            distract = [q for q in QUADRANTS if q != answer]
+        colour = cols[k]
+        question = f"Where did the {colour} square appear?"
+        why = [f"Squares in order: {', '.join(f'{c} {QUADRANTS[q]}' for c, q in zip(cols, quads))}.",
+               f"The {colour} one was {answer}."]
     elif category == "goal":
         # four coloured boxes in the corners; a white ball travels from the centre to one of them
-        cols = list(rng.choice([n for n in names if n != "white"], 4, replace=False))
+        goal = int(rng.integers(0, 4))
+        cols = _perm_with(rng, PALETTE, answer, goal)
         box = S // 6
         corners = [(0, 0), (0, S - box), (S - box, 0), (S - box, S - box)]
         for (y, x), c in zip(corners, cols):
             frames[:, y:y + box, x:x + box] = COLOURS[c]
-        goal = int(rng.integers(0, 4))
         r = S // 14
         c0 = np.array([S / 2, S / 2])
         c1 = np.array(corners[goal]) + box / 2
@@ -612,30 +639,22 @@ def make_synthetic_sample(rng, category, answer_idx, T=256, S=112, fps=8.0):
             a = t / (T - 1)
             y, x = c0 + a * (c1 - c0) + math.sin(a * math.pi) * wobble
             frames[t][(yy - y) ** 2 + (xx - x) ** 2 <= r * r] = COLOURS["white"]
-        answer = cols[goal]
         question = "A white ball moves through the video. Which coloured box is it heading for?"
         why = [f"Boxes: {', '.join(f'{c} {q}' for c, q in zip(cols, QUADRANTS))}.",
                f"The ball moves to the {QUADRANTS[goal]}, so it heads for {answer}."]
-        distract = [c for c in cols if c != answer]
     elif category == "plot":
         # the story: which colour keeps coming back? one colour shows 3 times, the others once each
-        cols = list(rng.choice(names, 4, replace=False))
-        answer = cols[0]
-        seq = [answer] * 3 + cols[1:]
+        seq = [answer] * 3 + [c for c in PALETTE if c != answer]
         seq = [seq[i] for i in rng.permutation(len(seq))]
-        quads = rng.integers(0, 4, len(seq))
-        for t0, c, q in zip(_event_times(rng, len(seq), T, ev_len), seq, quads):
-            draw_square(t0, c, q)
+        for t0, c in zip(_event_times(rng, len(seq), T, ev_len), seq):
+            flash(t0, c)
         question = "Which colour of square appeared most often over the whole video?"
         why = [f"Squares in order: {', '.join(seq)}.", f"{answer.capitalize()} appears 3 times."]
-        distract = cols[1:]
     else:
         raise ValueError(f"category={category!r}: expected one of {CATEGORIES}")
-    opts = list(rng.permutation(distract)[:3])
-    opts.insert(answer_idx, answer)
     letter = LETTERS[answer_idx]
     why.append(f"That is option {letter}.")
-    return frames, dict(question=question, options=[f"{LETTERS[i]}. {o}" for i, o in enumerate(opts)],
+    return frames, dict(question=question, options=[f"{LETTERS[i]}. {o}" for i, o in enumerate(options)],
                         answer=letter, reasoning=" ".join(why), category=category, duration=round(T / fps, 2))
 
 

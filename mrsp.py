@@ -212,13 +212,19 @@ def prepare_model(model, mesh=None, freeze_vision=True, activation_checkpointing
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     fsdp_mesh = init_device_mesh(mesh.mesh.device_type, (world,), mesh_dim_names=("fsdp",))
-    for block in model.model.visual.blocks:
-        fully_shard(block, mesh=fsdp_mesh)
-    fully_shard(model.model.visual, mesh=fsdp_mesh)
+    frozen = set()
+    if freeze_vision:
+        # a frozen tower is replicated, not sharded: encoding it then needs no FSDP collective, so ranks may
+        # encode different numbers of videos (cache hits differ per DP rank) without falling out of lockstep
+        frozen = set(model.model.visual.parameters())
+    else:
+        for block in model.model.visual.blocks:
+            fully_shard(block, mesh=fsdp_mesh)
+        fully_shard(model.model.visual, mesh=fsdp_mesh)
     for layer in model.model.language_model.layers:
         fully_shard(layer, mesh=fsdp_mesh)
     # the root unit keeps embedding, final norm and LM head: gathered once per step, as in the estimator
-    fully_shard(model, mesh=fsdp_mesh)
+    fully_shard(model, mesh=fsdp_mesh, ignored_params=frozen or None)
     for m in model.modules():
         if hasattr(m, "set_gradient_divide_factor"):
             m.set_gradient_divide_factor(1.0)
@@ -364,6 +370,11 @@ class EmbeddingCache:
         return dict(self.stats, entries=len(self.entries), bytes=self.bytes, on_disk=len(self.on_disk))
 
 
+def vision_is_sharded(model):
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(model.model.visual, FSDPModule)
+
+
 def get_video_embeds(model, processor, records, cache=None, num_frames=None, group=None, version=0, device="cpu"):
     """Video embeddings for records (one video each), through the cache when given. Misses are
     decoded, processed and encoded together with parallel encoding over `group`.
@@ -380,7 +391,10 @@ def get_video_embeds(model, processor, records, cache=None, num_frames=None, gro
         grid = torch.cat([p["video_grid_thw"] for p in procs])
         pix = torch.cat([p["pixel_values_videos"] for p in procs]).to(device)
         with torch.no_grad():
-            emb = root_call(model, encode_videos, model, pix, grid.to(device), group)
+            if vision_is_sharded(model):   # FSDP-sharded (trainable) tower: enter through the root (collective)
+                emb = root_call(model, encode_videos, model, pix, grid.to(device), group)
+            else:                          # replicated tower: no FSDP collective, only the SP all-gather
+                emb = encode_videos(model, pix, grid.to(device), group)
         sizes = (grid.prod(-1) // (processor.video_processor.merge_size ** 2)).tolist()
         for (k, _), p, e in zip(todo, procs, emb.split(sizes)):
             found[k] = dict(embeds=e, video_grid_thw=p["video_grid_thw"], second_per_grid_ts=p["second_per_grid_ts"])
