@@ -1,22 +1,62 @@
 #!/usr/bin/env bash
-# The pipeline on the embedded default: synthetic long videos + tiny Qwen2.5-VL, CPU, torchrun x2.
+# The whole pipeline on the embedded default, CPU, torchrun on 2 processes with SP=2:
+#   synthetic long videos -> tiny Qwen2.5-VL -> eval (before) -> CoT-SFT -> eval -> GRPO with MR-SP -> eval
+# and a last table: accuracy per category before SFT / after SFT / after RL, plus out/rl/reward_curve.png.
 # Run it through `bash run.sh` (installs requirements first) or directly inside the venv.
-# Stages so far: synthetic data -> tiny checkpoint -> one video forward per sample on 2 ranks.
-# (CoT-SFT -> GRPO with MR-SP -> eval join this script as their issues land.)
-#   NPROC=2 DATA=data/synth TINY=out/tiny FRAMES=64 bash demo.sh
+#
+# Knobs (environment):  NPROC=2 SP=2 FRAMES=16 SFT_STEPS=... RL_STEPS=... SEED=0 OUT=out DATA=data/synth
+# A real checkpoint and dataset on GPUs (skips the synthetic data and the tiny model; see README):
+#   MODEL=/ckpt/Qwen2.5-VL-7B-Instruct TRAIN=/data/lvr/train.jsonl VAL=/data/lvr/val.jsonl TEST=/data/lvr/eval.jsonl \
+#   NPROC=8 SP=4 FRAMES=256 SFT_ARGS="--lr=1e-5 --batch_size=32 --activation_checkpointing=1" \
+#   RL_ARGS="--lr=1e-6 --prompts_per_step=32 --max_new_tokens=1024 --engine=vllm" bash demo.sh
 set -euo pipefail
 cd "$(dirname "$0")"
 NPROC=${NPROC:-2}
+SP=${SP:-2}
+FRAMES=${FRAMES:-16}
+SEED=${SEED:-0}
+OUT=${OUT:-out}
 DATA=${DATA:-data/synth}
-TINY=${TINY:-out/tiny}
-FRAMES=${FRAMES:-64}
+SFT_STEPS=${SFT_STEPS:-900}
+RL_STEPS=${RL_STEPS:-40}
+EVAL_N=${EVAL_N:-128}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+RUN="torchrun --standalone --nproc_per_node=$NPROC"
+T0=$SECONDS
+stamp() { echo "== [$(( (SECONDS - T0) / 60 ))m$(( (SECONDS - T0) % 60 ))s] $*"; }
 
-echo "== 1/3 synthetic long-video QA -> $DATA"
-python data.py --out="$DATA"
-echo "== 2/3 tiny Qwen2.5-VL checkpoint -> $TINY"
-[ -f "$TINY/config.json" ] || python mrsp.py --init_tiny="$TINY" --data="$DATA"
-echo "== 3/3 video forward on $NPROC processes ($FRAMES frames per video)"
-torchrun --standalone --nproc_per_node="$NPROC" mrsp.py --model="$TINY" --data="$DATA/val.jsonl" \
-  --frames="$FRAMES" --max_samples=8
-echo "demo: done"
+if [ -z "${MODEL:-}" ]; then
+  stamp "1/7 synthetic long-video QA (256 frames per video) -> $DATA"
+  python data.py --out="$DATA"
+  MODEL=$OUT/tiny
+  stamp "2/7 tiny Qwen2.5-VL checkpoint -> $MODEL"
+  [ -f "$MODEL/config.json" ] || python mrsp.py --init_tiny="$MODEL" --data="$DATA"
+fi
+TRAIN=${TRAIN:-$DATA/train.jsonl}
+VAL=${VAL:-$DATA/val.jsonl}
+TEST=${TEST:-$DATA/test.jsonl}
+EVAL="eval.py --data=$TEST --frames=$FRAMES --max_samples=$EVAL_N --max_new_tokens=${EVAL_TOKENS:-80}"
+
+stamp "3/7 eval before SFT"
+$RUN $EVAL --model="$MODEL" --out_dir="$OUT/eval/base"
+
+stamp "4/7 CoT-SFT ($SFT_STEPS steps, SP=$SP, frozen vision tower, cached video embeddings)"
+$RUN sft.py --model="$MODEL" --data="$TRAIN" --val_data="$VAL" --out_dir="$OUT/sft" --sp="$SP" --frames="$FRAMES" \
+  --steps="$SFT_STEPS" --lr=2e-2 --warmup_steps=20 --batch_size=8 --freeze_vision=1 --eval_every=300 \
+  --eval_samples=32 --max_new_tokens=80 --save_every=300 --seed="$SEED" --log_every=50 ${SFT_ARGS:-}
+
+stamp "5/7 eval after SFT"
+$RUN $EVAL --model="$OUT/sft/hf" --out_dir="$OUT/eval/sft"
+
+stamp "6/7 GRPO with MR-SP ($RL_STEPS steps, SP=$SP)"
+$RUN rl.py --model="$OUT/sft/hf" --data="$TRAIN" --val_data="$VAL" --out_dir="$OUT/rl" --sp="$SP" --frames="$FRAMES" \
+  --steps="$RL_STEPS" --prompts_per_step=8 --group_size=8 --max_new_tokens=80 --lr=1e-3 --kl_coef=0 \
+  --eval_every=10 --eval_samples=32 --eval_first=1 --save_every=20 --seed="$SEED" ${RL_ARGS:-}
+
+stamp "7/7 eval after RL"
+$RUN $EVAL --model="$OUT/rl/hf" --out_dir="$OUT/eval/rl"
+
+stamp "results (held-out test split, $FRAMES frames per video, greedy)"
+python eval.py --stages "before SFT=$OUT/eval/base" "after SFT=$OUT/eval/sft" "after RL=$OUT/eval/rl" \
+  --reward_curve="$OUT/rl/metrics.jsonl"
+stamp "demo: done"

@@ -17,6 +17,8 @@ Video-MME (JSON/JSONL rows with videoID/duration/domain/task_type; videos in --v
         --video_root=/data/videomme/videos --frames=64,128,256 --max_new_tokens=1024 --dtype=bfloat16
 Bad records / missing or corrupt videos stop the run with an error naming them, unless:
     --skip_bad=1          # skip them, list them in results["bad"], report n_bad (not in the accuracy denominator)
+Stages side by side (the demo's last table) and rl.py's reward curve as a PNG next to its metrics.jsonl:
+    python eval.py --stages base=out/eval/base sft=out/eval/sft rl=out/eval/rl --reward_curve=out/rl/metrics.jsonl
 Compare two runs (results.json files or out_dirs; sweeps are matched by frame count):
     python eval.py --compare out/eval/sft/results.json out/eval/rl/results.json
 
@@ -292,6 +294,49 @@ def compare_files(path_a, path_b):
     return "\n\n".join(["\n".join(head)] + [compare(a, b) for a, b in pairs])
 
 
+def stages_table(named):
+    """[(stage name, results dict)] -> accuracy table (%): rows overall + categories, one column per stage
+    (the demo's before SFT / after SFT / after RL), plus the change from the first to the last column."""
+    cols = [{"accuracy (%)": name, **{l: _pct(v) for l, v in _table_rows(res)}, "scored items (n)": res["n"]}
+            for name, res in named]
+    first, last = dict(_table_rows(named[0][1])), dict(_table_rows(named[-1][1]))
+    cols.append({"accuracy (%)": f"{named[-1][0]}-{named[0][0]}",
+                 **{l: f"{100 * (last[l] - first[l]):+.1f}" for l in first
+                    if first[l] is not None and last.get(l) is not None}})
+    labels = list(dict.fromkeys(l for _, res in named for l, _ in _table_rows(res)))
+    return "\n".join(_grid(["accuracy (%)"] + labels + ["scored items (n)"], cols, width=12))
+
+
+def plot_reward_curve(metrics_path, path, key="reward_mean", window=5):
+    """rl.py's metrics.jsonl -> PNG of the mean reward per step (and a moving average). -> path or None."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = [json.loads(l) for l in open(metrics_path) if l.strip()]
+    rows = [r for r in rows if key in r]
+    xs, ys = [r["step"] for r in rows], [r[key] for r in rows]
+    avg = [sum(ys[max(0, i - window + 1):i + 1]) / len(ys[max(0, i - window + 1):i + 1]) for i in range(len(ys))]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(xs, ys, "-", color="0.7", lw=1, label=key)
+    ax.plot(xs, avg, "-", color="C0", lw=2, label=f"moving average ({window})")
+    val = [(r["step"], r["val_acc"]) for r in rows if "val_acc" in r]
+    if val:
+        ax.plot(*zip(*val), "s--", color="C3", ms=4, lw=1, label="held-out accuracy")
+    ax.set_xlabel("RL step")
+    ax.set_ylabel("reward / accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
 def plot_sweep(results, path):
     """Accuracy vs frames (overall + one line per category) to a PNG. -> path, or None without matplotlib."""
     try:
@@ -353,6 +398,16 @@ def parse_frames(s):
 # -----------------------------------------------------------------------------
 if __name__ == "__main__":
     argv = sys.argv[1:]
+    if argv[:1] == ["--stages"]:   # python eval.py --stages base=DIR sft=DIR rl=DIR [--reward_curve=metrics.jsonl]
+        curve = [a.split("=", 1)[1] for a in argv[1:] if a.startswith("--reward_curve=")]
+        named = [a.split("=", 1) for a in argv[1:] if not a.startswith("--")]
+        if not named or any(len(n) != 2 for n in named):
+            raise SystemExit("usage: python eval.py --stages NAME=results.json|out_dir ... [--reward_curve=FILE]")
+        print(stages_table([(n, load_results(p)[0]) for n, p in named]))
+        if curve:
+            png = plot_reward_curve(curve[0], os.path.join(os.path.dirname(curve[0]), "reward_curve.png"))
+            print(f"wrote {png}" if png else "reward_curve.png not written: pip install matplotlib")
+        sys.exit(0)
     if argv[:1] == ["--compare"]:
         if len(argv) != 3:
             raise SystemExit("usage: python eval.py --compare A/results.json B/results.json")

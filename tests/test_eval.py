@@ -95,6 +95,23 @@ def test_summarize_arithmetic_table_and_compare():
     assert cmp["unparsed (%)"][-1] == "-25.0"
 
 
+def test_stages_table_and_reward_curve(tmp_path):
+    """The demo's last table (one column per stage, last-minus-first deltas) and the reward-curve PNG."""
+    base = ev.summarize([_row("t1", "temporal", "B"), _row("g1", "goal", None), _row("p1", "plot", "A"),
+                         _row("s1", "spatial", "C")])
+    sft = ev.summarize([_row("t1", "temporal", "A"), _row("g1", "goal", "B"), _row("p1", "plot", "A"),
+                        _row("s1", "spatial", "A")])
+    t = _table(ev.stages_table([("before SFT", base), ("after SFT", sft)]))
+    assert t["overall"] == ["25.0", "75.0", "+50.0"] and t["temporal"] == ["0.0", "100.0", "+100.0"]
+    assert t["goal"] == ["0.0", "0.0", "+0.0"] and t["scored items (n)"] == ["4", "4", "-"]
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps(dict(step=i + 1, reward_mean=0.1 * i, **({"val_acc": 0.5} if i == 2 else {})))
+                               + "\n" for i in range(6)))
+    png = ev.plot_reward_curve(str(metrics), str(tmp_path / "curve.png"))
+    if png is not None:   # matplotlib is optional
+        assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
 # -----------------------------------------------------------------------------
 # end to end through the CLI
 @pytest.fixture(scope="module")
