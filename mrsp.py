@@ -692,6 +692,8 @@ def hf_rollout(model, prompts, n=1, temperature=1.0, top_p=1.0, top_k=0, max_new
     prompts: list of dicts with input_ids (S,), mm_token_type_ids (S,), embeds (N, D),
     video_grid_thw (1, 3), second_per_grid_ts (1,). For each prompt the long [video + question]
     prefix is prefilled ONCE, its KV cache replicated for the n samples, then decoded in lockstep.
+    embeds may instead be a list of n tensors, one video copy per sample (the naive loop, which re-encodes the video
+    for every rollout): then the n prefixes are prefilled as a batch; sampling is unchanged.
     -> dict(token_ids, logprobs, finish_reasons ("stop" | "length"), texts): lists of len(prompts)*n,
        grouped by prompt (the n samples of prompt 0 first).
     rope_rule: mrope rule (None = ROPE_RULE, canonical; "hf" = transformers' get_rope_index, as model.generate).
@@ -708,10 +710,16 @@ def hf_rollout(model, prompts, n=1, temperature=1.0, top_p=1.0, top_k=0, max_new
                                      p["video_grid_thw"].to(device), p["second_per_grid_ts"].to(device),
                                      rule=rope_rule)
         cache = DynamicCache(config=lm.config)
-        h = lm(inputs_embeds=embed_with_video(model, ids, p["embeds"].to(device)), position_ids=pos,
-               cache=cache, use_cache=True).last_hidden_state
-        logits = head(h[:, -1]).expand(n, -1)                                   # (n, V) same start for all
-        cache.batch_repeat_interleave(n)
+        if isinstance(p["embeds"], (list, tuple)):   # one video copy per sample (the naive loop): n prefills
+            assert len(p["embeds"]) == n, f"{len(p['embeds'])} per-sample videos for n={n} samples"
+            x = torch.cat([embed_with_video(model, ids, e.to(device)) for e in p["embeds"]])   # (n, S, D)
+            h = lm(inputs_embeds=x, position_ids=pos.expand(3, n, -1), cache=cache, use_cache=True).last_hidden_state
+            logits = head(h[:, -1])                                             # (n, V)
+        else:                                        # MR-SP: prefill the shared prefix once, replicate its KV
+            h = lm(inputs_embeds=embed_with_video(model, ids, p["embeds"].to(device)), position_ids=pos,
+                   cache=cache, use_cache=True).last_hidden_state
+            logits = head(h[:, -1]).expand(n, -1)                               # (n, V) same start for all
+            cache.batch_repeat_interleave(n)
         next_pos = int(pos.max()) + 1
         toks, lps = torch.empty(n, 0, dtype=torch.long), torch.empty(n, 0)
         done = torch.zeros(n, dtype=torch.bool)

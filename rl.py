@@ -266,11 +266,10 @@ def generate(rollout_model, llm, prompt, n, sample_seed, temp, tokenizer):
 
 def naive_generate(rollout_model, llm, prompt, embeds, sample_seed, temp, tokenizer):
     """The naive loop's rollouts of one prompt: G requests, each carrying its OWN freshly encoded video (`embeds`, a
-    list of G tensors). HF: G prefills in one batched forward (no prefix sharing), then a batched decode with
-    mrsp.hf_rollout's sampling (same sample_next, same generator use), so for one seed both loops draw the same
-    tokens (up to float ties) and only the vision and prefill work differ -- a fair baseline for the speed-up.
+    list of G tensors). HF: mrsp.hf_rollout with per-sample videos -- G prefills in one batched forward (no prefix
+    sharing), then the same batched decode and sampling, so for one seed both loops draw the same tokens (up to
+    float ties) and only the vision and prefill work differ -- a fair baseline for the speed-up.
     vLLM: G requests of n=1 in one call. -> list of (token_ids, finish_reason, logprobs)."""
-    from mrsp import embed_with_video, mrope_positions, sample_next
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     if llm is not None:
         from mrsp import vllm_rollout
@@ -278,38 +277,7 @@ def naive_generate(rollout_model, llm, prompt, embeds, sample_seed, temp, tokeni
                            top_k=top_k, max_new_tokens=max_new_tokens, eos_id=eos, seed=sample_seed,
                            tokenizer=tokenizer)
         return list(zip(out["token_ids"], out["finish_reasons"], out["logprobs"]))
-    from transformers import DynamicCache
-    model, n = rollout_model, len(embeds)
-    device = next(model.parameters()).device
-    lm, head = model.model.language_model, model.lm_head
-    gen = torch.Generator(device=device).manual_seed(sample_seed)
-    with torch.no_grad():
-        ids = prompt["input_ids"].to(device)[None]                                          # (1, S)
-        pos, _ = mrope_positions(model, ids, prompt["mm_token_type_ids"].to(device)[None],
-                                 prompt["video_grid_thw"].to(device), prompt["second_per_grid_ts"].to(device))
-        x = torch.cat([embed_with_video(model, ids, e.to(device)) for e in embeds])         # (n, S, D)
-        cache = DynamicCache(config=lm.config)
-        h = lm(inputs_embeds=x, position_ids=pos.expand(3, n, -1), cache=cache, use_cache=True).last_hidden_state
-        logits = head(h[:, -1])                                                             # (n, V)
-        next_pos = int(pos.max()) + 1
-        toks, lps, done = [], [], torch.zeros(n, dtype=torch.bool)
-        for step in range(max_new_tokens):
-            tok, lp = sample_next(logits, temp, top_p, top_k, gen)
-            tok = torch.where(done.to(device), torch.full_like(tok, tokenizer.pad_token_id), tok)
-            toks.append(tok.cpu()); lps.append(lp.cpu())
-            done |= tok.cpu() == eos
-            if done.all() or step == max_new_tokens - 1:
-                break
-            step_pos = torch.full((3, n, 1), next_pos + step, device=device)
-            h = lm(input_ids=tok[:, None], position_ids=step_pos, cache=cache, use_cache=True).last_hidden_state
-            logits = head(h[:, -1])
-    toks, lps = torch.stack(toks, 1), torch.stack(lps, 1)                                   # (n, L)
-    out = []
-    for i in range(n):
-        hit = (toks[i] == eos).nonzero()
-        L = int(hit[0]) + 1 if len(hit) else toks.shape[1]
-        out.append((toks[i, :L].tolist(), "stop" if len(hit) else "length", lps[i, :L].tolist()))
-    return out
+    return generate(rollout_model, None, dict(prompt, embeds=list(embeds)), len(embeds), sample_seed, temp, tokenizer)
 
 
 def finish_response(tokens, finish, logprobs, rec, tokenizer, video_token_id):
