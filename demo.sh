@@ -4,7 +4,7 @@
 # and a last table: accuracy per category before SFT / after SFT / after RL, plus out/rl/reward_curve.png.
 # Run it through `bash run.sh` (installs requirements first) or directly inside the venv.
 #
-# Knobs (environment):  NPROC=2 SP=2 FRAMES=16 SFT_STEPS=... RL_STEPS=... SEED=0 OUT=out DATA=data/synth
+# Knobs (environment):  NPROC=2 SP=2 SFT_SP=1 FRAMES=16 SFT_STEPS=1500 RL_STEPS=40 SEED=0 OUT=out DATA=data/synth
 # A real checkpoint and dataset on GPUs (skips the synthetic data and the tiny model; see README):
 #   MODEL=/ckpt/Qwen2.5-VL-7B-Instruct TRAIN=/data/lvr/train.jsonl VAL=/data/lvr/val.jsonl TEST=/data/lvr/eval.jsonl \
 #   NPROC=8 SP=4 FRAMES=256 SFT_ARGS="--lr=1e-5 --batch_size=32 --activation_checkpointing=1" \
@@ -17,7 +17,9 @@ FRAMES=${FRAMES:-16}
 SEED=${SEED:-0}
 OUT=${OUT:-out}
 DATA=${DATA:-data/synth}
-SFT_STEPS=${SFT_STEPS:-900}
+SFT_SP=${SFT_SP:-1}     # SFT data-parallel by default: a 16-frame sample is ~130 tokens, where SP only adds ring
+                        # traffic (2.5x slower here); SFT_SP=2 runs it sequence-parallel (tests: SP=2 == SP=1)
+SFT_STEPS=${SFT_STEPS:-1500}
 RL_STEPS=${RL_STEPS:-40}
 EVAL_N=${EVAL_N:-128}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
@@ -40,10 +42,10 @@ EVAL="eval.py --data=$TEST --frames=$FRAMES --max_samples=$EVAL_N --max_new_toke
 stamp "3/7 eval before SFT"
 $RUN $EVAL --model="$MODEL" --out_dir="$OUT/eval/base"
 
-stamp "4/7 CoT-SFT ($SFT_STEPS steps, SP=$SP, frozen vision tower, cached video embeddings)"
-$RUN sft.py --model="$MODEL" --data="$TRAIN" --val_data="$VAL" --out_dir="$OUT/sft" --sp="$SP" --frames="$FRAMES" \
-  --steps="$SFT_STEPS" --lr=2e-2 --warmup_steps=20 --batch_size=8 --freeze_vision=1 --eval_every=300 \
-  --eval_samples=32 --max_new_tokens=80 --save_every=300 --seed="$SEED" --log_every=50 ${SFT_ARGS:-}
+stamp "4/7 CoT-SFT ($SFT_STEPS steps, SP=$SFT_SP, frozen vision tower, cached video embeddings)"
+$RUN sft.py --model="$MODEL" --data="$TRAIN" --val_data="$VAL" --out_dir="$OUT/sft" --sp="$SFT_SP" --frames="$FRAMES" \
+  --steps="$SFT_STEPS" --lr=2e-2 --warmup_steps=20 --batch_size=8 --freeze_vision=1 --eval_every=500 \
+  --eval_samples=32 --max_new_tokens=80 --save_every=500 --seed="$SEED" --log_every=50 ${SFT_ARGS:-}
 
 stamp "5/7 eval after SFT"
 $RUN $EVAL --model="$OUT/sft/hf" --out_dir="$OUT/eval/sft"
