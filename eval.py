@@ -294,6 +294,17 @@ def compare_files(path_a, path_b):
     return "\n\n".join(["\n".join(head)] + [compare(a, b) for a, b in pairs])
 
 
+def save_png(fig, path):
+    """Write a matplotlib figure atomically (temp name, then rename) and close it. -> path."""
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
 def stages_table(named):
     """[(stage name, results dict)] -> accuracy table (%): rows overall + categories, one column per stage
     (the demo's before SFT / after SFT / after RL), plus the change from the first to the last column."""
@@ -329,12 +340,7 @@ def plot_reward_curve(metrics_path, path, key="reward_mean", window=5):
     ax.set_ylabel("reward / accuracy")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_png(fig, path)
 
 
 def plot_sweep(results, path):
@@ -362,12 +368,7 @@ def plot_sweep(results, path):
                  f"{os.path.basename(str(r0.get('data', '')))} (n={r0['n']})", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=2 if len(cats) > 4 else 1)
-    fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_png(fig, path)
 
 
 # -----------------------------------------------------------------------------

@@ -68,7 +68,7 @@ from data import (CATEGORIES, LETTERS, apply_overrides, config_of, encode_text, 
                   load_video, process_video)
 from mrsp import (EmbeddingCache, encode_videos, get_video_embeds, hf_rollout, load_model, prepare_model, print0,
                   setup_dist, setup_mesh, sp_logprobs, sync_weights)
-from sft import batch_indices, export_hf, load_checkpoint, peak_memory_gb, save_checkpoint
+from sft import batch_indices, export_hf, load_checkpoint, metrics_logger, peak_memory_gb, save_checkpoint
 
 # -----------------------------------------------------------------------------
 # config (override with --key=value)
@@ -615,18 +615,7 @@ if __name__ == "__main__":
     if start:
         sync_engines()    # the rollout engine must generate with the resumed weights
 
-    wandb = None
-    if wandb_project and master_process:
-        import wandb as _wandb
-        wandb = _wandb
-        wandb.init(project=wandb_project, config=cfg)
-    metrics = open(os.path.join(out_dir, "metrics.jsonl"), "a") if master_process else None
-
-    def log(row):
-        if master_process:
-            metrics.write(json.dumps(row) + "\n"); metrics.flush()
-            if wandb:
-                wandb.log(row, step=row["step"])
+    log = metrics_logger(out_dir, cfg, wandb_project, master_process)
 
     if val and eval_first and start == 0:
         log(dict(step=0, **evaluate(val, processor, rollout_model, llm, eval_cache, device, world, rank)))

@@ -166,6 +166,25 @@ def load_checkpoint(out_dir, policy, opt, rank):
     return trainer["step"], trainer.get("extra")
 
 
+def metrics_logger(out_dir, cfg, wandb_project, master_process):
+    """-> log(row): one JSON line per call in out_dir/metrics.jsonl (appended: a resumed run continues the file),
+    and to Weights & Biases when wandb_project is set. Only the master process writes."""
+    if not master_process:
+        return lambda row: None
+    wandb = None
+    if wandb_project:
+        import wandb
+        wandb.init(project=wandb_project, config=cfg)
+    f = open(os.path.join(out_dir, "metrics.jsonl"), "a")
+
+    def log(row):
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        if wandb:
+            wandb.log(row, step=row["step"])
+    return log
+
+
 def export_hf(policy, export, processor, out_dir, cfg, master_process):
     """Gather the (sharded) policy into the unsharded `export` model and write out_dir/hf atomically: a
     standard HF checkpoint + processor that eval.py, rl.py and vLLM load. Collective under FSDP: all ranks call."""
@@ -255,18 +274,7 @@ if __name__ == "__main__":
     opt = torch.optim.AdamW(params, lr=lr, betas=(beta1, beta2), weight_decay=weight_decay)
     start = load_checkpoint(out_dir, policy, opt, rank)[0] if resume else 0
 
-    wandb = None
-    if wandb_project and master_process:
-        import wandb as _wandb
-        wandb = _wandb
-        wandb.init(project=wandb_project, config=cfg)
-    metrics = open(os.path.join(out_dir, "metrics.jsonl"), "a") if master_process else None
-
-    def log(row):
-        if master_process:
-            metrics.write(json.dumps(row) + "\n"); metrics.flush()
-            if wandb:
-                wandb.log(row, step=row["step"])
+    log = metrics_logger(out_dir, cfg, wandb_project, master_process)
 
     # --- loop
     bar = tqdm(range(start, steps), desc="sft", disable=not master_process, initial=start, total=steps)
