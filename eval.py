@@ -315,7 +315,8 @@ def stages_table(named):
                  **{l: f"{100 * (last[l] - first[l]):+.1f}" for l in first
                     if first[l] is not None and last.get(l) is not None}})
     labels = list(dict.fromkeys(l for _, res in named for l, _ in _table_rows(res)))
-    return "\n".join(_grid(["accuracy (%)"] + labels + ["scored items (n)"], cols, width=12))
+    width = max(12, *(len(str(v)) + 2 for c in cols for v in c.values()))
+    return "\n".join(_grid(["accuracy (%)"] + labels + ["scored items (n)"], cols, width=width))
 
 
 def plot_reward_curve(metrics_path, path, key="reward_mean", window=5):
@@ -326,14 +327,14 @@ def plot_reward_curve(metrics_path, path, key="reward_mean", window=5):
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    rows = [json.loads(l) for l in open(metrics_path) if l.strip()]
-    rows = [r for r in rows if key in r]
+    every = [json.loads(l) for l in open(metrics_path) if l.strip()]
+    rows = [r for r in every if key in r]
     xs, ys = [r["step"] for r in rows], [r[key] for r in rows]
     avg = [sum(ys[max(0, i - window + 1):i + 1]) / len(ys[max(0, i - window + 1):i + 1]) for i in range(len(ys))]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(xs, ys, "-", color="0.7", lw=1, label=key)
     ax.plot(xs, avg, "-", color="C0", lw=2, label=f"moving average ({window})")
-    val = [(r["step"], r["val_acc"]) for r in rows if "val_acc" in r]
+    val = [(r["step"], r["val_acc"]) for r in every if "val_acc" in r]   # incl. step 0 (eval_first)
     if val:
         ax.plot(*zip(*val), "s--", color="C3", ms=4, lw=1, label="held-out accuracy")
     ax.set_xlabel("RL step")
