@@ -79,10 +79,12 @@ wandb_project = ""          # set to log to Weights & Biases
 def batch_indices(step, n, batch_size, seed):
     """Global sample indices of an optimizer step: consecutive slices of per-epoch permutations, so the
     data position is a pure function of the step (what makes --resume exact)."""
-    out, pos = [], step * batch_size
+    out, perms, pos = [], {}, step * batch_size
     for p in range(pos, pos + batch_size):
         epoch, i = divmod(p, n)
-        out.append(int(np.random.default_rng([seed, epoch]).permutation(n)[i]))
+        if epoch not in perms:   # a step spans at most two epochs: at most two permutations
+            perms[epoch] = np.random.default_rng([seed, epoch]).permutation(n)
+        out.append(int(perms[epoch][i]))
     return out
 
 
