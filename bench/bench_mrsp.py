@@ -15,11 +15,12 @@ alternates) so drifting outside load hits both loops alike. Each step of the mai
 (steps * prompts_per_step distinct videos): like the paper's step, each video is encoded once per step by MR-SP.
 Step 1 is a warm-up and is left out of the means.
 
-Reported per frame count: s/step of both loops and the speed-up, the rl.py time split (encode / rollout / prefill /
-train), vision-tower passes per step, peak memory (ru_maxrss of each run's process: one rank, measured), whether
-the two loops drew the same tokens; and, from mrsp.estimate_memory, the per-GPU peak of Qwen2.5-VL-7B RL on 8 GPUs
-for the naive loop (SP=1: a whole sequence per GPU) vs MR-SP (SP=8), against --gpu_mem_gib (estimated, not
-measured). Rows are also written to {out}/results.json.
+Reported per frame count: s/step of both loops and the speed-up, as wall clock (rl.py's step_time) and as CPU time
+of the run's process per step (read from /proc between metrics rows: robust to other jobs on a shared machine), the
+rl.py time split (wall: encode / rollout / prefill / train), vision-tower passes per step, peak memory (ru_maxrss
+of each run's process: one rank, measured), whether the two loops drew the same tokens; and, from
+mrsp.estimate_memory, the per-GPU peak of Qwen2.5-VL-7B RL on 8 GPUs for the naive loop (SP=1: a whole sequence per
+GPU) vs MR-SP (SP=8), against --gpu_mem_gib (estimated, not measured). Rows are also written to {out}/results.json.
 
 Sizing the bench model's vision tower (--vision=7b, the default). MR-SP's gain comes from the vision passes it
 saves, so what matters is the cost of one video encode relative to one LLM forward over the sequence,
@@ -223,9 +224,24 @@ def calibration(model_dir, train_file, frame_list, reps=5):
 
 # -----------------------------------------------------------------------------
 # one rl.py run
+def cpu_seconds(pid):
+    """user + system CPU time of a live process (all its threads), from /proc (Linux); None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")   # utime, stime
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def run_rl(tag, model_dir, data_file, F, mode):
-    """python rl.py ... in its own process (so ru_maxrss is this run's peak) -> dict(rows=metrics.jsonl rows, wall,
-    rc, log). The out_dir is wiped first: metrics.jsonl is appended to."""
+    """python rl.py ... in its own process (so ru_maxrss is this run's peak) -> dict(rows=metrics.jsonl rows,
+    cpu_at_row, wall, rc, cmd). The out_dir is wiped first: metrics.jsonl is appended to.
+
+    Besides rl.py's wall-clock step_time, the run's CPU time is read from /proc every 20 ms and noted each time
+    metrics.jsonl gains a row (rl.py flushes one row at the end of every step): CPU s of step k = cpu_at_row[k] -
+    cpu_at_row[k-1]. With one compute thread (OMP_NUM_THREADS=1) that is the step's own work, which time slices
+    taken by other jobs on a shared machine do not inflate (wall clock does)."""
     run_dir = os.path.join(out, "runs", f"{tag}_f{F}")
     shutil.rmtree(run_dir, ignore_errors=True)
     os.makedirs(run_dir)
@@ -235,15 +251,25 @@ def run_rl(tag, model_dir, data_file, F, mode):
            f"--max_new_tokens={max_new_tokens}", f"--kl_coef={kl_coef}", f"--mrsp={int(mode != 'naive')}",
            f"--seed={seed}", f"--save_every={steps + 1000}", f"--log_every={steps + 1000}"]
     log = os.path.join(run_dir, "log.txt")
-    t0 = time.time()
+    path = os.path.join(run_dir, "metrics.jsonl")
+    t0, cpu_at_row, rc = time.time(), [], None
     with open(log, "w") as f:
-        try:
-            rc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, timeout=run_timeout).returncode
-        except subprocess.TimeoutExpired:
-            rc = "timeout"
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+        while rc is None:
+            cpu = cpu_seconds(proc.pid)
+            if os.path.isfile(path):
+                with open(path) as m:
+                    n = sum(1 for line in m if line.endswith("\n"))
+                cpu_at_row += [cpu] * (n - len(cpu_at_row))   # a row appeared since the last poll
+            if time.time() - t0 > run_timeout:
+                proc.kill()
+                proc.wait()
+                rc = "timeout"
+                break
+            time.sleep(0.02)
+            rc = proc.poll()
     wall = time.time() - t0
     rows = []
-    path = os.path.join(run_dir, "metrics.jsonl")
     if os.path.isfile(path):
         with open(path) as f:
             rows = [json.loads(line) for line in f if line.strip()]
@@ -251,22 +277,26 @@ def run_rl(tag, model_dir, data_file, F, mode):
         with open(log) as f:
             tail = f.read()[-2000:]
         print(f"  {tag} {F} frames: rl.py failed (rc {rc}); log {log}:\n{tail}", flush=True)
-    return dict(rows=rows, wall=wall, rc=rc, cmd=" ".join(cmd[1:]))
+    return dict(rows=rows, cpu_at_row=cpu_at_row, wall=wall, rc=rc, cmd=" ".join(cmd[1:]))
 
 
 PHASES = ("t_encode", "t_rollout", "t_prefill", "t_train", "t_sync")
 
 
 def summarize(run):
-    """Means over the timed steps (after warm-up) of step time, phases and vision passes; peak RSS over all steps."""
-    rows = run["rows"]
-    if len(rows) < steps:
+    """Means over the timed steps (after warm-up) of step time (wall and CPU), phases and vision passes; peak RSS
+    over all steps."""
+    rows, cpu = run["rows"], run["cpu_at_row"]
+    if len(rows) < steps or len(cpu) < len(rows):
         return None
-    timed = rows[warmup:] or rows
+    timed = rows[warmup:]
     mean = lambda k: sum(r[k] for r in timed) / len(timed)
-    s = dict(step_s=mean("step_time"), **{k: mean(k) for k in PHASES}, vision_passes=mean("vision_passes"),
-             peak_gb=max(r["peak_mem_gb"] for r in rows), timed_steps=len(timed), wall=run["wall"],
-             step_times=[r["step_time"] for r in rows])
+    cpu_steps = [cpu[k] - cpu[k - 1] if None not in (cpu[k], cpu[k - 1]) else float("nan")
+                 for k in range(warmup, len(rows))]
+    s = dict(step_s=mean("step_time"), cpu_s=sum(cpu_steps) / len(cpu_steps), **{k: mean(k) for k in PHASES},
+             vision_passes=mean("vision_passes"), peak_gb=max(r["peak_mem_gb"] for r in rows),
+             timed_steps=len(timed), wall=run["wall"], step_times=[r["step_time"] for r in rows],
+             cpu_steps=cpu_steps)
     s["other"] = s["step_s"] - sum(s[k] for k in PHASES)
     if "cache_hits" in rows[-1]:
         s.update(cache_hits=rows[-1]["cache_hits"], cache_misses=rows[-1]["cache_misses"])
@@ -289,9 +319,9 @@ def split(s):
 
 def print_table(res):
     print("\n[1] RL step time, naive (--mrsp=0) vs MR-SP (--mrsp=1), one process, CPU; means over steps "
-          f"{warmup + 1}..{steps}; every step new videos unless 'cached'")
+          f"{warmup + 1}..{steps}; every step new videos unless 'cached'; s/step and speed-up as wall / CPU time")
     head = ["frames", "video tok", "naive s/step", "MR-SP s/step", "speed-up"]
-    head += ["MR-SP cached s/step (x)"] if cached else []
+    head += ["MR-SP cached s/step", "cached speed-up"] if cached else []
     head += ["naive enc/roll/pre/train s", "MR-SP enc/roll/pre/train s", "vision passes/step naive / MR-SP"
              + (" / cached" if cached else ""), "peak GB naive / MR-SP" + (" / cached" if cached else ""),
              "same tokens"]
@@ -304,10 +334,11 @@ def print_table(res):
                   + " | " + ("failed" if m is None else f"{m['step_s']:.2f}") + " | - |")
             continue
         peak = lambda s: "-" if s is None else f"{s['peak_gb']:.2f}" + (" OOM at budget" if s["over_budget"] else "")
-        cells = [str(r["frames"]), str(r["video_tokens"]), f"{n['step_s']:.2f}", f"{m['step_s']:.2f}",
-                 f"**{n['step_s'] / m['step_s']:.2f}x**"]
+        secs = lambda s: f"{s['step_s']:.2f} / {s['cpu_s']:.2f}"
+        up = lambda a, b: f"**{a['step_s'] / b['step_s']:.2f}x** / **{a['cpu_s'] / b['cpu_s']:.2f}x**"
+        cells = [str(r["frames"]), str(r["video_tokens"]), secs(n), secs(m), up(n, m)]
         if cached:
-            cells.append("-" if c is None else f"{c['step_s']:.2f} ({n['step_s'] / c['step_s']:.2f}x)")
+            cells += ["-", "-"] if c is None else [secs(c), up(n, c)]
         vp = [n, m] + ([c] if cached else [])
         cells += [split(n), split(m), " / ".join("-" if s is None else f"{s['vision_passes']:g}" for s in vp),
                   " / ".join(peak(s) for s in vp), "yes" if r["same_tokens"] else "NO"]
@@ -396,9 +427,11 @@ def main():
                  runs["mrsp"]), **{k: summarize(v) for k, v in runs.items()}, runs=runs)
         n, m = r["naive"], r["mrsp"]
         if n and m:
-            print(f"  {F} frames: naive {n['step_s']:.2f} s/step, MR-SP {m['step_s']:.2f} s/step "
-                  f"({n['step_s'] / m['step_s']:.2f}x)" + (f", cached {r['cached']['step_s']:.2f}"
-                                                            if r.get("cached") else ""), flush=True)
+            print(f"  {F} frames, s/step wall / CPU: naive {n['step_s']:.2f} / {n['cpu_s']:.2f}, MR-SP "
+                  f"{m['step_s']:.2f} / {m['cpu_s']:.2f} ({n['step_s'] / m['step_s']:.2f}x / "
+                  f"{n['cpu_s'] / m['cpu_s']:.2f}x)" + (f", cached {r['cached']['step_s']:.2f} / "
+                                                        f"{r['cached']['cpu_s']:.2f}" if r.get("cached") else ""),
+                  flush=True)
         res.append(r)
 
     # --- report
