@@ -15,6 +15,8 @@ Tiny CPU example (seconds; the random-init tiny model answers nothing parseable,
 Video-MME (JSON/JSONL rows with videoID/duration/domain/task_type; videos in --video_root as {videoID}.mp4):
     torchrun --nproc_per_node=8 eval.py --model=/ckpt/LongVILA-R1 --data=/data/videomme/test.json \
         --video_root=/data/videomme/videos --frames=64,128,256 --max_new_tokens=1024 --dtype=bfloat16
+Sampled accuracy, the mean over N answers per item (avg@N; RL's reward is measured at its rollout temperature):
+    python eval.py --model=out/rl/hf --data=data/synth/val.jsonl --frames=16 --temperature=1 --samples=8
 Bad records / missing or corrupt videos stop the run with an error naming them, unless:
     --skip_bad=1          # skip them, list them in results["bad"], report n_bad (not in the accuracy denominator)
 Stages side by side (the demo's last table) and rl.py's reward curve as a PNG next to its metrics.jsonl:
@@ -57,6 +59,8 @@ frames = "32"               # frame count, or a comma list for a sweep: "16,32,6
 max_samples = 0             # evaluate only the first N records (0 = all)
 max_new_tokens = 512        # generation budget (CoT models think before answering)
 temperature = 0.0           # 0 = greedy; > 0 samples (seeded per item: same results for any world size)
+samples = 1                 # answers per item (needs --temperature > 0): accuracy = avg@N, the mean over all
+                            # samples (one prefill per item, its KV shared by the N samples; items.jsonl: N rows each)
 top_p = 1.0
 seed = 0
 engine = "hf"               # hf | vllm (vLLM fed the cached video embeddings; needs vllm installed)
@@ -108,10 +112,13 @@ def _item_row(rec, frames, text, finish_reason):
 
 @torch.no_grad()
 def evaluate(model, processor, records, frames, max_new_tokens=512, temperature=0.0, top_p=1.0, cache=None, rank=0,
-             world=1, device="cpu", desc="eval", skip_bad=False, seed=0, llm=None, batch_size=16, version=0):
+             world=1, device="cpu", desc="eval", skip_bad=False, seed=0, llm=None, batch_size=16, version=0,
+             samples=1):
     """Answer this rank's share of `records` at `frames` frames per video. -> list of per-item rows, each with
-    "index" (position in `records`, for gather_rows). A record whose video cannot be read raises EvalError naming it,
-    or with skip_bad becomes a row {"id", "index", "bad": reason}.
+    "index" (position in `records`, for gather_rows); samples > 1 (temperature > 0): that many rows per item, each
+    with "sample" (0..samples-1), so summarize's accuracy is the mean over all samples (avg@samples).
+    A record whose video cannot be read raises EvalError naming it, or with skip_bad becomes a row
+    {"id", "index", "bad": reason}.
     Ranks split by VIDEO (videos[rank::world]; the same as records[rank::world] when every record has its own
     video) so questions sharing a video share one vision pass. No collectives: ranks need no lockstep, and `model`
     must be a whole (unsharded) copy, e.g. rl.py's rollout engine model. Then gather_rows + summarize on rank 0.
@@ -124,6 +131,8 @@ def evaluate(model, processor, records, frames, max_new_tokens=512, temperature=
     videos = list(dict.fromkeys(r["video"] for r in records))
     mine = set(videos[rank::world])
     todo = [(i, r) for i, r in enumerate(records) if r["video"] in mine]
+    if samples > 1 and temperature <= 0:
+        raise ValueError(f"samples={samples} needs temperature > 0 (greedy answers would all be the same)")
     rows = []
     chunk = batch_size if llm is not None else 1
     for c in tqdm(range(0, len(todo), chunk), desc=desc, disable=rank != 0, leave=False):
@@ -141,16 +150,21 @@ def evaluate(model, processor, records, frames, max_new_tokens=512, temperature=
             continue
         if llm is not None:
             from mrsp import vllm_rollout
-            out = vllm_rollout(llm, [s for _, _, s in seqs], n=1, temperature=temperature, top_p=top_p,
+            out = vllm_rollout(llm, [s for _, _, s in seqs], n=samples, temperature=temperature, top_p=top_p,
                                max_new_tokens=max_new_tokens, eos_id=eos, seed=seed + seqs[0][0], tokenizer=tok)
         else:
             (i, _, s), = seqs
             # sampling seeded by the record's position: the same answers whatever the world size
             gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + i) if temperature > 0 else None
-            out = hf_rollout(model, [s], n=1, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-                             eos_id=eos, generator=gen, tokenizer=tok)
-        for (i, rec, _), text, fin in zip(seqs, out["texts"], out["finish_reasons"]):
-            rows.append(dict(_item_row(rec, frames, text, fin), index=i))
+            out = hf_rollout(model, [s], n=samples, temperature=temperature, top_p=top_p,
+                             max_new_tokens=max_new_tokens, eos_id=eos, generator=gen, tokenizer=tok)
+        # outputs are grouped by prompt: the `samples` answers of seqs[0] first
+        for j, (text, fin) in enumerate(zip(out["texts"], out["finish_reasons"])):
+            i, rec, _ = seqs[j // samples]
+            row = dict(_item_row(rec, frames, text, fin), index=i)
+            if samples > 1:
+                row["sample"] = j % samples
+            rows.append(row)
     model.train(was_training)
     return rows
 
@@ -420,6 +434,8 @@ if __name__ == "__main__":
     frame_list = parse_frames(frames)
     if engine not in ("hf", "vllm"):
         raise SystemExit(f"--engine={engine!r}: expected hf or vllm")
+    if samples < 1 or (samples > 1 and temperature <= 0):
+        raise SystemExit(f"--samples={samples}: expected 1, or N > 1 together with --temperature > 0 (avg@N)")
 
     # --- init
     rank, local_rank, world, device = setup_dist()
@@ -454,7 +470,7 @@ if __name__ == "__main__":
         try:
             rows = evaluate(net, processor, records, F, max_new_tokens=max_new_tokens, temperature=temperature,
                             top_p=top_p, cache=cache, rank=rank, world=world, device=device, desc=f"eval F={F}",
-                            skip_bad=skip_bad, seed=seed, llm=llm, batch_size=batch_size)
+                            skip_bad=skip_bad, seed=seed, llm=llm, batch_size=batch_size, samples=samples)
         except EvalError as e:
             raise SystemExit(f"eval.py: {e}") from None
         rows = gather_rows(rows, world)   # a sync point: every rank must reach it
@@ -462,7 +478,7 @@ if __name__ == "__main__":
             continue
         items = [{k: v for k, v in r.items() if k != "index"} for r in rows + bad_rows]
         res = summarize(items, frames=F, model=model, data=data, engine=engine, temperature=temperature,
-                        max_new_tokens=max_new_tokens, world=world, seed=seed,
+                        samples=samples, max_new_tokens=max_new_tokens, world=world, seed=seed,
                         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                         elapsed_s=round(time.time() - t0, 2))
         fdir = os.path.join(out_dir, f"frames_{F}")

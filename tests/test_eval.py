@@ -203,6 +203,26 @@ def test_videomme_per_duration(tmp_path, tiny_ckpt, synth_dir):
     assert res["n"] == 2 and res["n_bad"] == 1 and res["bad"][0]["id"] == "rec-empty"
 
 
+def test_samples_avg_at_n(tiny_ckpt, synth_dir):
+    """--samples=N: N sampled answers per item from one prefill, one row each (sample 0..N-1, record order kept);
+    accuracy is the mean over all N x items answers; seeded (same rows again); greedy with N > 1 is refused."""
+    from mrsp import EmbeddingCache, load_model
+    recs, _ = ev.read_records(os.path.join(synth_dir, "test.jsonl"))
+    recs = recs[:2]
+    model, processor = load_model(tiny_ckpt)
+    cache = EmbeddingCache(1 << 26)
+    rows = ev.evaluate(model, processor, recs, 16, max_new_tokens=8, temperature=1.0, cache=cache, samples=3)
+    assert [(r["id"], r["sample"]) for r in rows] == [(recs[i]["id"], j) for i in range(2) for j in range(3)]
+    assert len({r["prediction"] for r in rows[:3]}) > 1                 # the samples of one item differ
+    assert cache.stats["misses"] == 2                                   # one vision pass per item, not per sample
+    again = ev.evaluate(model, processor, recs, 16, max_new_tokens=8, temperature=1.0, cache=cache, samples=3)
+    assert [r["prediction"] for r in again] == [r["prediction"] for r in rows]
+    res = ev.summarize(rows)
+    assert res["n"] == 6 and res["overall"] == sum(r["correct"] for r in rows) / 6
+    with pytest.raises(ValueError, match="samples=2 needs temperature > 0"):
+        ev.evaluate(model, processor, recs, 16, max_new_tokens=4, cache=cache, samples=2)
+
+
 def test_bad_records_stop_the_run_unless_skip_bad(tmp_path, tiny_ckpt, synth_dir):
     good = [json.loads(line) for line in open(f"{synth_dir}/test.jsonl")][:3]
     missing = dict(good[0], id="rec-missing", video="videos/nope.mp4")
