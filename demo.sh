@@ -4,7 +4,8 @@
 # and a last table: accuracy per category before SFT / after SFT / after RL, plus out/rl/reward_curve.png.
 # Run it through `bash run.sh` (installs requirements first) or directly inside the venv.
 #
-# Knobs (environment):  NPROC=2 SP=2 SFT_SP=1 FRAMES=16 SFT_STEPS=1500 RL_STEPS=40 SEED=0 OUT=out DATA=data/synth
+# Knobs (environment):  NPROC=2 SP=2 SFT_SP=1 FRAMES=16 SFT_STEPS=1500 RL_STEPS=30 RL_LR=1e-4 SEED=0 OUT=out DATA=data/synth
+# (RL_LR: on this tiny model 3e-4 and up lowered the reward against a no-update control, 1e-4 did not -- BENCHMARKS.md)
 # A real checkpoint and dataset on GPUs (skips the synthetic data and the tiny model; see README):
 #   MODEL=/ckpt/Qwen2.5-VL-7B-Instruct TRAIN=/data/lvr/train.jsonl VAL=/data/lvr/val.jsonl TEST=/data/lvr/eval.jsonl \
 #   NPROC=8 SP=4 FRAMES=256 SFT_ARGS="--lr=1e-5 --batch_size=32 --activation_checkpointing=1" \
@@ -20,7 +21,7 @@ DATA=${DATA:-data/synth}
 SFT_SP=${SFT_SP:-1}     # SFT data-parallel by default: a 16-frame sample is ~130 tokens, where SP only adds ring
                         # traffic (2.5x slower here); SFT_SP=2 runs it sequence-parallel (tests: SP=2 == SP=1)
 SFT_STEPS=${SFT_STEPS:-1500}
-RL_STEPS=${RL_STEPS:-40}
+RL_STEPS=${RL_STEPS:-30}
 EVAL_N=${EVAL_N:-128}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 RUN="torchrun --standalone --nproc_per_node=$NPROC"
@@ -53,7 +54,7 @@ $RUN $EVAL --model="$OUT/sft/hf" --out_dir="$OUT/eval/sft"
 
 stamp "6/7 GRPO with MR-SP ($RL_STEPS steps, SP=$SP)"
 $RUN rl.py --model="$OUT/sft/hf" --data="$TRAIN" --val_data="$VAL" --out_dir="$OUT/rl" --sp="$SP" --frames="$FRAMES" \
-  --steps="$RL_STEPS" --prompts_per_step=8 --group_size=8 --max_new_tokens=80 --lr=1e-3 --kl_coef=0 \
+  --steps="$RL_STEPS" --prompts_per_step=8 --group_size=8 --max_new_tokens=80 --lr=${RL_LR:-1e-4} --kl_coef=0 \
   --eval_every=10 --eval_samples=32 --eval_first=1 --save_every=20 --seed="$SEED" ${RL_ARGS:-}
 
 stamp "7/7 eval after RL"
