@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole pipeline on the embedded default, CPU, torchrun on 2 processes with SP=2:
 #   synthetic long videos -> tiny Qwen2.5-VL -> eval (before) -> CoT-SFT -> eval -> GRPO with MR-SP -> eval
-# and a last table: accuracy per category before SFT / after SFT / after RL, plus out/rl/reward_curve.png.
+# and a last table: accuracy per category before SFT / after SFT / after RL, plus out/rl/reward_curve.png and a
+# table of RL's objective (held-out sampled accuracy, avg@8 at T=1) after SFT / after RL.
 # Run it through `bash run.sh` (installs requirements first) or directly inside the venv.
 #
 # Knobs (environment):  NPROC=2 SP=2 SFT_SP=1 FRAMES=16 SFT_STEPS=1500 RL_STEPS=14 RL_PROMPTS=32 RL_LR=3e-4 SEED=0
@@ -24,6 +25,7 @@ SFT_SP=${SFT_SP:-1}     # SFT data-parallel by default: a 16-frame sample is ~13
 SFT_STEPS=${SFT_STEPS:-1500}
 RL_STEPS=${RL_STEPS:-14}
 RL_PROMPTS=${RL_PROMPTS:-32}
+RL_LR=${RL_LR:-3e-4}
 EVAL_N=${EVAL_N:-128}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 RUN="torchrun --standalone --nproc_per_node=$NPROC"
@@ -58,7 +60,7 @@ $RUN $SAMPLED --model="$OUT/sft/hf" --out_dir="$OUT/eval/sft_sampled"
 
 stamp "6/7 GRPO with MR-SP ($RL_STEPS steps, SP=$SP)"
 $RUN rl.py --model="$OUT/sft/hf" --data="$TRAIN" --val_data="$VAL" --out_dir="$OUT/rl" --sp="$SP" --frames="$FRAMES" \
-  --steps="$RL_STEPS" --prompts_per_step="$RL_PROMPTS" --group_size=8 --max_new_tokens=80 --lr=${RL_LR:-3e-4} \
+  --steps="$RL_STEPS" --prompts_per_step="$RL_PROMPTS" --group_size=8 --max_new_tokens=80 --lr="$RL_LR" \
   --kl_coef=0 --eval_every="$RL_STEPS" --eval_samples=32 --eval_first=1 --save_every=7 --seed="$SEED" ${RL_ARGS:-}
 
 stamp "7/7 eval after RL"

@@ -25,6 +25,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+os.environ.setdefault("OMP_NUM_THREADS", "1")   # the rl.py / eval.py subprocesses inherit it: one thread each
 
 from data import apply_overrides, config_of  # noqa: E402
 from rl import reward_fn  # noqa: E402
@@ -50,8 +51,7 @@ cfg = config_of(globals())
 
 def run(args, log):
     with open(log, "w") as f:
-        r = subprocess.run([sys.executable, *args], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
-                           env=dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1")))
+        r = subprocess.run([sys.executable, *args], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
     if r.returncode:
         raise SystemExit(f"rl_lift: `{' '.join(args[:2])} ...` failed (exit {r.returncode}); see {log}")
 
