@@ -66,8 +66,8 @@ from tqdm import tqdm
 
 from data import (CATEGORIES, LETTERS, apply_overrides, config_of, encode_text, extract_choice, load_records,
                   load_video, process_video)
-from mrsp import (EmbeddingCache, encode_videos, get_video_embeds, hf_rollout, load_model, prepare_model, print0,
-                  setup_dist, setup_mesh, sp_logprobs, sync_weights)
+from mrsp import (EmbeddingCache, encode_videos, fsdp_gathered, get_video_embeds, hf_rollout, load_model, prepare_model,
+                  print0, setup_dist, setup_mesh, sp_logprobs, sync_weights)
 from sft import batch_indices, export_hf, load_checkpoint, metrics_logger, peak_memory_gb, save_checkpoint
 
 # -----------------------------------------------------------------------------
@@ -108,6 +108,8 @@ reward_acc_weight = 0.9     # total reward = acc_weight * accuracy + format_weig
 reward_format_weight = 0.1
 freeze_vision = True        # paper: frozen vision tower in RL, so cached embeddings stay valid across steps
 activation_checkpointing = False
+keep_gathered = True        # FSDP: all-gather params / reduce-scatter grads once per mini-batch, not once per
+                            # sequence (fewer collectives; costs full params + grads per rank: 0 for a 7B on 80 GB)
 logit_chunk = 1024          # LM-head chunk (tokens) in the SP prefill
 steps = 100                 # RL steps (one optimizer step each, or ppo_epochs * mini-batches)
 eval_every = 25             # held-out greedy accuracy every N steps (and at the end); 0 = only at the end
@@ -342,7 +344,8 @@ def response_logprobs(model, seq, mesh, entropy=False):
 @torch.no_grad()
 def prefill(model, items, videos, use, mesh):
     """Old-policy / reference log-probs of every item (no grad), -> list of (L_i,)."""
-    return [response_logprobs(model, with_video(it, videos, use), mesh)[0].float() for it in items]
+    with fsdp_gathered(model, keep_gathered):
+        return [response_logprobs(model, with_video(it, videos, use), mesh)[0].float() for it in items]
 
 
 def global_normaliser(items, idx, mesh):
@@ -381,29 +384,31 @@ def ppo_update(policy, opt, params, items, videos, adv, old, ref, mesh, step):
             idx = order[c0:c0 + mb]
             norm = global_normaliser(items, idx, mesh)
             loss_sum = 0.0
-            for i in idx:
-                it = items[i]
-                lp, ent = response_logprobs(policy, with_video(it, videos, use), mesh, entropy=(epoch == 0))
-                acc["vision"] += use == "pixels"
-                lp = lp.float()
-                o = lp.detach() if old is None else old[i].to(device)
-                r = ref[i].to(device) if ref is not None else None
-                L = lp.numel()
-                loss, st = grpo_loss(lp[None], o[None], r[None] if r is not None else None, adv[i:i + 1].to(device),
-                                     torch.ones(1, L, dtype=torch.bool, device=device), clip_low=clip_low,
-                                     clip_high=clip_high, kl_coef=kl_coef, agg=agg, normalizer=norm)
-                (loss * it["weight"]).backward()   # weight 0 (padding): the backward's collectives still run
-                if not it["weight"]:
-                    continue
-                loss_sum += loss.item()
-                acc["clip"] += st["clip_frac"].item() * L       # over every update (epoch 0 alone has ratio 1)
-                acc["kl"] += st["kl"].item() * L
-                acc["ratio"] += st["ratio_mean"].item() * L
-                acc["tokens"] += L
-                if epoch == 0:                                   # the rollout policy's own numbers
-                    acc["ent"] += ent.sum().item()
-                    acc["gap"] += (o.cpu() - it["engine_logp"]).abs().sum().item()
-                    acc["tokens0"] += L
+            with fsdp_gathered(policy, keep_gathered) as grad_sync:
+                for k, i in enumerate(idx):
+                    it = items[i]
+                    lp, ent = response_logprobs(policy, with_video(it, videos, use), mesh, entropy=(epoch == 0))
+                    acc["vision"] += use == "pixels"
+                    lp = lp.float()
+                    o = lp.detach() if old is None else old[i].to(device)
+                    r = ref[i].to(device) if ref is not None else None
+                    L = lp.numel()
+                    loss, st = grpo_loss(lp[None], o[None], r[None] if r is not None else None, adv[i:i + 1].to(device),
+                                         torch.ones(1, L, dtype=torch.bool, device=device), clip_low=clip_low,
+                                         clip_high=clip_high, kl_coef=kl_coef, agg=agg, normalizer=norm)
+                    grad_sync(last=k == len(idx) - 1)   # one reduce-scatter per mini-batch, after its last backward
+                    (loss * it["weight"]).backward()   # weight 0 (padding): the backward's collectives still run
+                    if not it["weight"]:
+                        continue
+                    loss_sum += loss.item()
+                    acc["clip"] += st["clip_frac"].item() * L       # over every update (epoch 0 alone has ratio 1)
+                    acc["kl"] += st["kl"].item() * L
+                    acc["ratio"] += st["ratio_mean"].item() * L
+                    acc["tokens"] += L
+                    if epoch == 0:                                   # the rollout policy's own numbers
+                        acc["ent"] += ent.sum().item()
+                        acc["gap"] += (o.cpu() - it["engine_logp"]).abs().sum().item()
+                        acc["tokens0"] += L
             grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
             grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
             opt.step()

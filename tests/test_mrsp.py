@@ -426,6 +426,59 @@ def test_fsdp2_sp2_and_dp2_match_one_rank(tiny_ckpt, synth_dir, sp):
             assert (grads[n] - ref_g[n]).abs().max() <= 1e-5, n
 
 
+def _accumulate(model, seqs, group, gathered, scale):
+    """Two SGD steps, each accumulating over the 3 sequences as rl.py / sft.py do. -> (step-0 grads of the optimizer's
+    params, the losses of both steps, what the first micro-batch left behind: (layer weight still gathered, any grad reduced))."""
+    from mrsp import fsdp_gathered, sp_logprobs
+    params = [p for p in model.parameters() if p.requires_grad]   # what the optimizer holds (sharded under FSDP)
+    opt = torch.optim.SGD(params, lr=0.5)
+    w = lambda: model.model.language_model.layers[0].mlp.up_proj.weight   # noqa: E731 (the registered parameter)
+    losses, after_first = [], None
+    for step in range(2):
+        with fsdp_gathered(model, gathered) as grad_sync:
+            for k, seq in enumerate(seqs):
+                loss = -sp_logprobs(model, seq, group=group).sum() / scale
+                grad_sync(last=k == len(seqs) - 1)
+                loss.backward()
+                losses.append(loss.item())
+                if step == 0 and k == 0:
+                    after_first = (not hasattr(w(), "full_tensor"), any(p.grad is not None for p in params))
+        if step == 0:
+            grads = [p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad.clone() for p in params]
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return grads, losses, after_first
+
+
+def _gathered_worker(ckpt, seqs, sp, gathered):
+    from mrsp import prepare_model
+    model, _ = load_model(ckpt)
+    mesh = setup_mesh(sp)
+    prepare_model(model, mesh, freeze_vision=True)
+    scale = sum(int(s["loss_mask"].sum()) for s in seqs) * mesh.dp_size   # DP=2: both ranks see all 3 sequences
+    grads, losses, after_first = _accumulate(model, seqs, mesh.sp_group, gathered, scale)
+    return grads, [x * mesh.dp_size for x in losses], after_first        # each DP rank holds half of each loss
+
+
+@pytest.mark.parametrize("sp", [2, 1])
+def test_fsdp_gathered_accumulation_matches_one_rank(tiny_ckpt, synth_dir, sp):
+    """fsdp_gathered (params all-gathered once, grads reduce-scattered once per accumulation): the same gradients and
+    the same next-step losses as one unsharded rank (a stale gathered copy after opt.step would change the losses),
+    and it really skips the per-micro-batch collectives (FSDP's default reshards and reduces after each backward)."""
+    seqs = [_sft_seq(tiny_ckpt, synth_dir, i) for i in range(3)]
+    model, _ = load_model(tiny_ckpt)
+    model.model.visual.requires_grad_(False)
+    ref_g, ref_losses, _ = _accumulate(model, seqs, None, True, sum(int(s["loss_mask"].sum()) for s in seqs))
+    assert min(abs(a - b) for a, b in zip(ref_losses[:3], ref_losses[3:])) > 1e-3   # the step moved every loss
+    for gathered in (True, False):
+        for grads, losses, (kept, reduced) in run_distributed(_gathered_worker, 2, args=(tiny_ckpt, seqs, sp, gathered)):
+            assert kept == gathered and reduced == (not gathered)
+            assert len(grads) == len(ref_g)
+            for g, r in zip(grads, ref_g):
+                assert (g - r).abs().max() <= 1e-5
+            assert max(abs(a - b) for a, b in zip(losses, ref_losses)) <= 1e-5
+
+
 def _sync_worker(ckpt, seq):
     from mrsp import prepare_model, sp_logprobs, sync_weights
     model, _ = load_model(ckpt)
