@@ -10,8 +10,8 @@
 # (RL: 32-prompt steps; with 8 prompts a step the gradient noise wins on this tiny model -- BENCHMARKS.md)
 # A real checkpoint and dataset on GPUs (skips the synthetic data and the tiny model; see README):
 #   MODEL=/ckpt/Qwen2.5-VL-7B-Instruct TRAIN=/data/lvr/train.jsonl VAL=/data/lvr/val.jsonl TEST=/data/lvr/eval.jsonl \
-#   NPROC=8 SP=4 FRAMES=256 SFT_ARGS="--lr=1e-5 --batch_size=32 --activation_checkpointing=1" \
-#   RL_ARGS="--lr=1e-6 --prompts_per_step=32 --max_new_tokens=1024 --engine=vllm" bash demo.sh
+#   NPROC=8 SP=4 FRAMES=256 SFT_ARGS="--lr=1e-5 --batch_size=32 --activation_checkpointing=1 --keep_gathered=0" \
+#   RL_ARGS="--lr=1e-6 --prompts_per_step=32 --max_new_tokens=1024 --keep_gathered=0 --engine=vllm" bash demo.sh
 set -euo pipefail
 cd "$(dirname "$0")"
 NPROC=${NPROC:-2}

@@ -20,7 +20,8 @@ Naive baseline for the MR-SP speed-up benchmark (same flags plus; needs --sp=1):
     --mrsp=0
 Real checkpoint on 8 GPUs (the paper's release settings are the defaults: G=5, clip 0.2/0.3, k3 KL 1e-2, lr 1e-6):
     torchrun --nproc_per_node=8 rl.py --model=/ckpt/LongVILA-R1-7B-SFT --data=/data/lvr/rl.jsonl --sp=4 \
-        --frames=512 --prompts_per_step=32 --max_new_tokens=1024 --activation_checkpointing=1 --engine=vllm
+        --frames=512 --prompts_per_step=32 --max_new_tokens=1024 --activation_checkpointing=1 --keep_gathered=0 \
+        --engine=vllm
 Ablations:
     --kl_coef=0                                            no KL term, no reference model (no ref prefill)
     --clip_high=0.28 --kl_coef=0 --dynamic_sampling=1      DAPO-style (clip-higher, online filtering)

@@ -16,7 +16,7 @@ Resume after an interruption (same command plus):
     --resume=1            # continues from out_dir/latest: same next batch, same next loss
 Real checkpoint on 8 GPUs:
     torchrun --nproc_per_node=8 sft.py --model=/ckpt/Qwen2.5-VL-7B-Instruct --data=/data/lvr/train.jsonl \
-        --sp=4 --frames=256 --lr=1e-5 --freeze_vision=1 --activation_checkpointing=1 --batch_size=32
+        --sp=4 --frames=256 --lr=1e-5 --freeze_vision=1 --activation_checkpointing=1 --keep_gathered=0 --batch_size=32
 
 Outputs in out_dir: metrics.jsonl, config.json, step_NNNNNN/ (sharded DCP checkpoints, written
 atomically), latest, and hf/ (a standard HF checkpoint + processor that eval.py / rl.py load).
