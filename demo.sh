@@ -3,9 +3,11 @@
 #   synthetic long videos -> tiny Qwen2.5-VL -> eval (before) -> CoT-SFT -> eval -> GRPO with MR-SP -> eval
 # and a last table: accuracy per category before SFT / after SFT / after RL, plus out/rl/reward_curve.png and a
 # table of RL's objective (held-out sampled accuracy, avg@8 at T=1) after SFT / after RL.
+# (RL: --recompute_old=0 -- one update per batch, so pi_old = pi_theta and the old-policy prefill would only
+# recompute logp.detach(); same gradient, a quarter less time a step.)
 # Run it through `bash run.sh` (installs requirements first) or directly inside the venv.
 #
-# Knobs (environment):  NPROC=2 SP=2 SFT_SP=1 FRAMES=16 SFT_STEPS=1500 RL_STEPS=14 RL_PROMPTS=32 RL_LR=3e-4 SEED=0
+# Knobs (environment):  NPROC=2 SP=2 SFT_SP=1 FRAMES=16 SFT_STEPS=1500 RL_STEPS=20 RL_PROMPTS=32 RL_LR=3e-4 SEED=0
 #                        OUT=out DATA=data/synth
 # (RL: 32-prompt steps; with 8 prompts a step the gradient noise wins on this tiny model -- BENCHMARKS.md)
 # A real checkpoint and dataset on GPUs (skips the synthetic data and the tiny model; see README):
@@ -23,7 +25,7 @@ DATA=${DATA:-data/synth}
 SFT_SP=${SFT_SP:-1}     # SFT data-parallel by default: a 16-frame sample is ~130 tokens, where SP only adds ring
                         # traffic (2.5x slower here); SFT_SP=2 runs it sequence-parallel (tests: SP=2 == SP=1)
 SFT_STEPS=${SFT_STEPS:-1500}
-RL_STEPS=${RL_STEPS:-14}
+RL_STEPS=${RL_STEPS:-20}
 RL_PROMPTS=${RL_PROMPTS:-32}
 RL_LR=${RL_LR:-3e-4}
 EVAL_N=${EVAL_N:-128}
@@ -44,7 +46,7 @@ TRAIN=${TRAIN:-$DATA/train.jsonl}
 VAL=${VAL:-$DATA/val.jsonl}
 TEST=${TEST:-$DATA/test.jsonl}
 EVAL="eval.py --data=$TEST --frames=$FRAMES --max_samples=$EVAL_N --max_new_tokens=${EVAL_TOKENS:-80}"
-SAMPLED="eval.py --data=$VAL --frames=$FRAMES --max_new_tokens=${EVAL_TOKENS:-80} --temperature=1 --samples=8"
+SAMPLED="eval.py --data=$TEST --frames=$FRAMES --max_samples=$EVAL_N --max_new_tokens=${EVAL_TOKENS:-80} --temperature=1 --samples=8"
 
 stamp "3/7 eval before SFT"
 $RUN $EVAL --model="$MODEL" --out_dir="$OUT/eval/base"
@@ -54,14 +56,15 @@ $RUN sft.py --model="$MODEL" --data="$TRAIN" --val_data="$VAL" --out_dir="$OUT/s
   --steps="$SFT_STEPS" --lr=1e-2 --warmup_steps=20 --batch_size=8 --freeze_vision=1 --eval_every=500 \
   --eval_samples=32 --max_new_tokens=80 --save_every=500 --seed="$SEED" --log_every=50 ${SFT_ARGS:-}
 
-stamp "5/7 eval after SFT (greedy on test; 8 sampled answers per val question, T=1: RL's objective)"
+stamp "5/7 eval after SFT (greedy on test; 8 sampled answers per test question, T=1: RL's objective)"
 $RUN $EVAL --model="$OUT/sft/hf" --out_dir="$OUT/eval/sft"
 $RUN $SAMPLED --model="$OUT/sft/hf" --out_dir="$OUT/eval/sft_sampled"
 
 stamp "6/7 GRPO with MR-SP ($RL_STEPS steps, SP=$SP)"
 $RUN rl.py --model="$OUT/sft/hf" --data="$TRAIN" --val_data="$VAL" --out_dir="$OUT/rl" --sp="$SP" --frames="$FRAMES" \
   --steps="$RL_STEPS" --prompts_per_step="$RL_PROMPTS" --group_size=8 --max_new_tokens=80 --lr="$RL_LR" \
-  --kl_coef=0 --eval_every="$RL_STEPS" --eval_samples=32 --eval_first=1 --save_every=7 --seed="$SEED" ${RL_ARGS:-}
+  --kl_coef=0 --recompute_old=0 --eval_every="$RL_STEPS" --eval_samples=32 --eval_first=1 --save_every=10 \
+  --seed="$SEED" ${RL_ARGS:-}
 
 stamp "7/7 eval after RL"
 $RUN $EVAL --model="$OUT/rl/hf" --out_dir="$OUT/eval/rl"
@@ -70,6 +73,6 @@ $RUN $SAMPLED --model="$OUT/rl/hf" --out_dir="$OUT/eval/rl_sampled"
 stamp "results (held-out test split, $FRAMES frames per video, greedy)"
 python eval.py --stages "before SFT=$OUT/eval/base" "after SFT=$OUT/eval/sft" "after RL=$OUT/eval/rl" \
   --reward_curve="$OUT/rl/metrics.jsonl"
-stamp "RL's objective: held-out val split, 8 sampled answers per question at T=1 (avg@8; python bench/rl_lift.py gives CIs)"
+stamp "RL's objective: held-out test split, 8 sampled answers per question at T=1 (avg@8; bench/rl_lift.py: CIs)"
 python eval.py --stages "after SFT=$OUT/eval/sft_sampled" "after RL=$OUT/eval/rl_sampled"
 stamp "demo: done"
