@@ -46,7 +46,8 @@ TRAIN=${TRAIN:-$DATA/train.jsonl}
 VAL=${VAL:-$DATA/val.jsonl}
 TEST=${TEST:-$DATA/test.jsonl}
 EVAL="eval.py --data=$TEST --frames=$FRAMES --max_samples=$EVAL_N --max_new_tokens=${EVAL_TOKENS:-80}"
-SAMPLED="eval.py --data=$TEST --frames=$FRAMES --max_samples=$EVAL_N --max_new_tokens=${EVAL_TOKENS:-80} --temperature=1 --samples=8"
+SAMPLED="eval.py --data=$TEST --frames=$FRAMES --max_samples=$EVAL_N --max_new_tokens=${EVAL_TOKENS:-80} \
+  --temperature=1 --samples=8"
 
 stamp "3/7 eval before SFT"
 $RUN $EVAL --model="$MODEL" --out_dir="$OUT/eval/base"
@@ -61,10 +62,10 @@ $RUN $EVAL --model="$OUT/sft/hf" --out_dir="$OUT/eval/sft"
 $RUN $SAMPLED --model="$OUT/sft/hf" --out_dir="$OUT/eval/sft_sampled"
 
 stamp "6/7 GRPO with MR-SP ($RL_STEPS steps, SP=$SP)"
-$RUN rl.py --model="$OUT/sft/hf" --data="$TRAIN" --val_data="$VAL" --out_dir="$OUT/rl" --sp="$SP" --frames="$FRAMES" \
+# (--val_data= : no in-loop greedy evals; the evals around this stage measure it)
+$RUN rl.py --model="$OUT/sft/hf" --data="$TRAIN" --val_data= --out_dir="$OUT/rl" --sp="$SP" --frames="$FRAMES" \
   --steps="$RL_STEPS" --prompts_per_step="$RL_PROMPTS" --group_size=8 --max_new_tokens=80 --lr="$RL_LR" \
-  --kl_coef=0 --recompute_old=0 --eval_every="$RL_STEPS" --eval_samples=32 --eval_first=1 --save_every=10 \
-  --seed="$SEED" ${RL_ARGS:-}
+  --kl_coef=0 --recompute_old=0 --save_every=10 --seed="$SEED" ${RL_ARGS:-}
 
 stamp "7/7 eval after RL"
 $RUN $EVAL --model="$OUT/rl/hf" --out_dir="$OUT/eval/rl"

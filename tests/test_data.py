@@ -241,13 +241,15 @@ def test_synthetic_answer_is_in_the_pixels(synth_dir):
 
 def test_synthetic_is_deterministic_by_seed(tmp_path):
     a, b, c = (str(tmp_path / n) for n in "abc")
-    for out, seed in ((a, 3), (b, 3), (c, 4)):
-        data.generate_synthetic(out, n_train=4, n_val=0, n_test=0, num_frames=64, fps=8.0, size=56,
-                                seed=seed, progress=False)
+    for out, seed, workers in ((a, 3, 1), (b, 3, 2), (c, 4, 1)):   # b: the mp4s encoded by 2 worker processes
+        data.generate_synthetic(out, n_train=6, n_val=2, n_test=0, num_frames=64, fps=8.0, size=56,
+                                seed=seed, progress=False, workers=workers)
     read = lambda d, f: open(os.path.join(d, f), "rb").read()  # noqa: E731
-    assert read(a, "train.jsonl") == read(b, "train.jsonl")
-    for i in range(4):
-        assert read(a, f"videos/train_{i:05d}.mp4") == read(b, f"videos/train_{i:05d}.mp4")
+    assert read(a, "train.jsonl") == read(b, "train.jsonl") and read(a, "val.jsonl") == read(b, "val.jsonl")
+    names = sorted(os.listdir(os.path.join(a, "videos")))
+    assert len(names) == 8 and names == sorted(os.listdir(os.path.join(b, "videos")))   # no leftover temp files
+    for name in names:
+        assert read(a, f"videos/{name}") == read(b, f"videos/{name}")
     assert read(a, "train.jsonl") != read(c, "train.jsonl")
 
 

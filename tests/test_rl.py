@@ -294,6 +294,31 @@ def test_padding_sequences_change_nothing(monkeypatch, tiny_ckpt, synth_dir):
     assert (wa - init).abs().max() > 1e-4 and (wa - wb).abs().max() <= 1e-7
 
 
+def test_recompute_old_off_gives_the_same_update(monkeypatch, tiny_ckpt, synth_dir):
+    """One update per batch: pi_old = pi_theta, so --recompute_old=0 (old=None: logp.detach()) gives the loss, ratio,
+    gradient and weights of the old-policy prefill without running it (demo.sh uses it)."""
+    from data import load_records
+    rollout_model, processor = _setup(monkeypatch, tiny_ckpt, ppo_epochs=1, kl_coef=0.0)
+    mesh = setup_mesh(1)
+    recs = load_records(os.path.join(synth_dir, "train.jsonl"))[:2]
+    videos, groups, _ = rl.collect(recs, [0, 1], processor, rollout_model, None, EmbeddingCache(), mesh, "cpu", 0)
+    items = [rl.make_item(g["prompt"], r["tokens"], g["video"], r["logprobs"]) for g in groups for r in g["responses"]]
+    adv = torch.tensor([1.0, -0.3, 0.5, 0.2])      # not zero-sum: equal-length responses would give loss 0
+    out = []
+    for recompute in (True, False):
+        policy, _ = load_model(tiny_ckpt)
+        policy.model.visual.requires_grad_(False)
+        params = [p for p in policy.parameters() if p.requires_grad]
+        old = rl.prefill(policy, items, videos, "embeds", mesh) if recompute else None
+        acc = rl.ppo_update(policy, torch.optim.AdamW(params, lr=1e-3), params, items, videos, adv, old, None, mesh, 0)
+        out.append((acc, torch.cat([p.detach().flatten() for p in params])))
+    (a, wa), (b, wb) = out
+    assert a["updates"] == b["updates"] == 1 and abs(a["loss"]) > 1e-4 and a["grad_norm"] > 0
+    for k in ("loss", "ratio", "clip", "grad_norm", "tokens"):
+        assert abs(a[k] - b[k]) <= 1e-6 * max(1.0, abs(a[k])), (k, a[k], b[k])
+    assert (wa - wb).abs().max() <= 1e-7
+
+
 def test_naive_rollouts_reencode_per_request_and_sample_the_same(monkeypatch, tiny_ckpt, synth_dir):
     """--mrsp=0: G vision passes per prompt (one per rollout request) and G prefills, yet the same seed draws the same
     tokens as MR-SP (shared prefill, cached embeddings): the benchmark compares equal work apart from the video."""
