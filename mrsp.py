@@ -1126,7 +1126,8 @@ def estimate_memory(cfg, frames, gpus=8, sp=8, height=DEFAULT_SIZE, width=DEFAUL
     }
     train = dict(resident)
     train[f"gradients ({grad_dtype}, /gpus)"] = gb * P_text / gpus
-    # FSDP working buffers: two gathered bf16 units (current + prefetched) + one unsharded grad
+    # FSDP working buffers: two gathered bf16 units (current + prefetched) + one unsharded grad (--keep_gathered=0;
+    # =1 would hold every unit gathered plus the full gradient, which this estimate does not model)
     train["FSDP gathered units"] = unit * (2 * bf + gb)
     # checkpointed layer inputs: one (n, d) bf16 tensor per decoder layer
     train["act: checkpointed inputs"] = L * n * d * bf
