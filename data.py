@@ -17,6 +17,7 @@ Formats (DESIGN.md §5), all normalised to one dict:
      duration, domain, task_type, source}
 """
 import ast
+import contextlib
 import json
 import math
 import os
@@ -692,31 +693,30 @@ def generate_synthetic(out, n_train=640, n_val=64, n_test=128, num_frames=256, f
         raise ValueError(f"size={size}: expected a multiple of 28 >= 56 (Qwen-VL patch 14 x merge 2)")
     pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn")) if workers > 1 else None
     pending = []   # encodes in flight, bounded: each holds a (T, S, S, 3) video
-    for s_i, (split, n) in enumerate((("train", n_train), ("val", n_val), ("test", n_test))):
-        rng = np.random.default_rng([seed, s_i])
-        recs = []
-        for i in tqdm(range(n), desc=f"synth {split}", disable=not progress, leave=False, mininterval=1.0):
-            cat = CATEGORIES[(i // 4) % 4]
-            frames, rec = make_synthetic_sample(rng, cat, answer_idx=i % 4, T=num_frames, S=size, fps=fps)
-            vid = f"videos/{split}_{i:05d}.mp4"
-            if pool is None:
-                write_mp4(os.path.join(out, vid), frames, fps)
-            else:
-                pending.append(pool.submit(write_mp4, os.path.join(out, vid), frames, fps))
-                while len(pending) > 2 * workers:
-                    pending.pop(0).result()   # re-raises an encoder error here
-            recs.append(dict(id=f"synth-{split}-{i:05d}", video=vid, **rec))
-        for f in pending:
-            f.result()
-        pending = []
-        order = rng.permutation(len(recs))
-        tmp = os.path.join(out, f"{split}.jsonl.tmp")
-        with open(tmp, "w") as f:
-            for j in order:
-                f.write(json.dumps(recs[j]) + "\n")
-        os.replace(tmp, os.path.join(out, f"{split}.jsonl"))
-    if pool is not None:
-        pool.shutdown()
+    with pool or contextlib.nullcontext():   # the pool shuts down on an encoder error too
+        for s_i, (split, n) in enumerate((("train", n_train), ("val", n_val), ("test", n_test))):
+            rng = np.random.default_rng([seed, s_i])
+            recs = []
+            for i in tqdm(range(n), desc=f"synth {split}", disable=not progress, leave=False, mininterval=1.0):
+                cat = CATEGORIES[(i // 4) % 4]
+                frames, rec = make_synthetic_sample(rng, cat, answer_idx=i % 4, T=num_frames, S=size, fps=fps)
+                vid = f"videos/{split}_{i:05d}.mp4"
+                if pool is None:
+                    write_mp4(os.path.join(out, vid), frames, fps)
+                else:
+                    pending.append(pool.submit(write_mp4, os.path.join(out, vid), frames, fps))
+                    while len(pending) > 2 * workers:
+                        pending.pop(0).result()   # re-raises an encoder error here
+                recs.append(dict(id=f"synth-{split}-{i:05d}", video=vid, **rec))
+            for f in pending:
+                f.result()
+            pending = []
+            order = rng.permutation(len(recs))
+            tmp = os.path.join(out, f"{split}.jsonl.tmp")
+            with open(tmp, "w") as f:
+                for j in order:
+                    f.write(json.dumps(recs[j]) + "\n")
+            os.replace(tmp, os.path.join(out, f"{split}.jsonl"))
     meta = dict(n_train=n_train, n_val=n_val, n_test=n_test, num_frames=num_frames, fps=fps, size=size,
                 seed=seed, categories=list(CATEGORIES))
     with open(os.path.join(out, "meta.json"), "w") as f:

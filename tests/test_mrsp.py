@@ -428,7 +428,8 @@ def test_fsdp2_sp2_and_dp2_match_one_rank(tiny_ckpt, synth_dir, sp):
 
 def _accumulate(model, seqs, group, gathered, scale):
     """Two SGD steps, each accumulating over the 3 sequences as rl.py / sft.py do. -> (step-0 grads of the optimizer's
-    params, the losses of both steps, what the first micro-batch left behind: (layer weight still gathered, any grad reduced))."""
+    params, the losses of both steps, what the first micro-batch left behind: (layer weight still gathered, any grad
+    reduced))."""
     from mrsp import fsdp_gathered, sp_logprobs
     params = [p for p in model.parameters() if p.requires_grad]   # what the optimizer holds (sharded under FSDP)
     opt = torch.optim.SGD(params, lr=0.5)
@@ -471,7 +472,8 @@ def test_fsdp_gathered_accumulation_matches_one_rank(tiny_ckpt, synth_dir, sp):
     ref_g, ref_losses, _ = _accumulate(model, seqs, None, True, sum(int(s["loss_mask"].sum()) for s in seqs))
     assert min(abs(a - b) for a, b in zip(ref_losses[:3], ref_losses[3:])) > 1e-3   # the step moved every loss
     for gathered in (True, False):
-        for grads, losses, (kept, reduced) in run_distributed(_gathered_worker, 2, args=(tiny_ckpt, seqs, sp, gathered)):
+        results = run_distributed(_gathered_worker, 2, args=(tiny_ckpt, seqs, sp, gathered))
+        for grads, losses, (kept, reduced) in results:
             assert kept == gathered and reduced == (not gathered)
             assert len(grads) == len(ref_g)
             for g, r in zip(grads, ref_g):
