@@ -72,7 +72,9 @@ def setup_dist():
     else:
         device = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # On GPUs: NCCL for CUDA tensors AND gloo for CPU ones. The small bookkeeping all-reduces (token counts,
+        # metrics, eval counts) and the *_object collectives use CPU tensors, which NCCL alone rejects.
+        dist.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo")
     return rank, local_rank, world, device
 
 

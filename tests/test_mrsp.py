@@ -502,3 +502,23 @@ def test_sync_weights_from_fsdp_policy(tiny_ckpt, synth_dir):
     seq = _sft_seq(tiny_ckpt, synth_dir)
     for n, diff, moved in run_distributed(_sync_worker, 2, args=(tiny_ckpt, seq)):
         assert n > 20 and diff == 0.0 and moved > 1e-4      # the copy changed and now equals the policy
+
+
+def test_setup_dist_gives_cpu_collectives_gloo_on_gpus(monkeypatch):
+    """On GPUs the process group must carry gloo next to NCCL: the bookkeeping all-reduces (token counts, metrics,
+    eval counts) run on CPU tensors, which an NCCL-only group rejects at the first RL/SFT step. No GPU here, so CUDA
+    and the group creation are faked; torch itself parses the backend string."""
+    import torch.distributed as dist
+
+    import mrsp
+    made = []
+    for k, v in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="2").items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: None)
+    monkeypatch.setattr(mrsp.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(mrsp.dist, "init_process_group", lambda backend: made.append(backend))
+    rank, local_rank, world, device = mrsp.setup_dist()
+    assert (rank, world, device.type) == (0, 2, "cuda") and len(made) == 1
+    backends = dist.distributed_c10d.BackendConfig(dist.Backend(made[0])).get_device_backend_map()
+    assert backends == {"cpu": "gloo", "cuda": "nccl"}
