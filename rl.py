@@ -714,7 +714,7 @@ if __name__ == "__main__":
                    loss=tr["loss"] / updates, grad_norm=acc["grad_norm"] / updates, lr=lr_at(step),
                    logp_gap=tr["gap"] / ntok0, tokens_per_s=tr["seq_tokens"] / dt, t_encode=t["t_encode"],
                    t_rollout=t["t_rollout"], t_prefill=t_prefill, t_train=t_train, t_sync=t_sync, step_time=dt,
-                   vision_passes=int(vision_passes), peak_mem_gb=peak_memory_gb(),
+                   vision_passes=int(vision_passes), peak_mem_gb=peak_memory_gb(world),
                    dropped_groups=int(rs["drawn"] - rs["kept"]), trained_groups=int(rs["kept"]), sample_rounds=rounds,
                    video_pad_cuts=int(rs["cuts"]), updates=acc["updates"])
         if cache is not None:

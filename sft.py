@@ -103,11 +103,19 @@ def make_seq(rec, processor, policy, cache, group, device, with_target=True):
                      device=device, with_target=with_target, max_length=max_length, truncate=truncate)
 
 
-def peak_memory_gb():
+def peak_memory_gb(world=1):
+    """Peak memory of the fullest rank in GB: CUDA's max allocated, or on CPU the process's peak RSS. world > 1: a
+    max all-reduce over all ranks (this is a sync point: every rank must call it)."""
     if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 1e9
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6   # KiB on Linux -> GB
+        peak = torch.cuda.max_memory_allocated() / 1e9
+    else:
+        import resource
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6   # KiB on Linux -> GB
+    if world > 1:
+        x = torch.tensor([peak], dtype=torch.float64)
+        dist.all_reduce(x, op=dist.ReduceOp.MAX)
+        peak = x.item()
+    return peak
 
 
 def save_checkpoint(out_dir, step, policy, opt, cfg, world, rank, keep=2, extra=None):
@@ -312,7 +320,7 @@ if __name__ == "__main__":
             dist.all_reduce(stats, group=mesh.dp_group)
         dt = time.time() - t0
         row = dict(step=step + 1, loss=stats[0].item(), lr=lr_at(step), grad_norm=float(grad_norm),
-                   tokens_per_s=stats[1].item() / dt, step_time=dt, peak_mem_gb=peak_memory_gb())
+                   tokens_per_s=stats[1].item() / dt, step_time=dt, peak_mem_gb=peak_memory_gb(world))
         if cache is not None:
             row.update(cache_hits=cache.stats["hits"], cache_misses=cache.stats["misses"])
         if val and ((step + 1) % eval_every == 0 or step + 1 == steps):

@@ -4,6 +4,8 @@
     python bench/bench_mrsp.py --frames=64,128 --steps=2 --cached=0 --calibrate=0   # smoke run (~1 min)
     python bench/bench_mrsp.py --vision=tiny --frames=512      # sensitivity: the embedded tiny model (heavier vision)
     python bench/bench_mrsp.py --mem_budget_gb=1.0              # mark measured runs whose peak RSS is over 1 GB
+    python bench/bench_mrsp.py --nproc=2 --frames=512,1024,2048 --video_frames=2048 --cached=0 --calibrate=0 \
+        --out=out/bench_mrsp_sp2                                # 2 processes: naive DP=2 vs MR-SP SP=2 (~15 min)
 
 What it does: builds a synthetic long-video set (every video 1,024 frames at 56x56) and a random-init Qwen2.5-VL
 checkpoint under --out, then, for each frame count, runs `python rl.py` as separate processes with the same seed,
@@ -15,10 +17,15 @@ alternates) so drifting outside load hits both loops alike. Each step of the mai
 (steps * prompts_per_step distinct videos): like the paper's step, each video is encoded once per step by MR-SP.
 Step 1 is a warm-up and is left out of the means.
 
+--nproc=N runs every rl.py under torchrun on N processes, as the paper compares on 8 GPUs: the naive loop data-parallel
+(--sp=1, DP=N: a whole sequence per rank, each rank its own prompts) vs MR-SP sequence-parallel (--sp=N: every
+sequence split over the N ranks for the prefills and training, video encodes split too). Same total work per step,
+so the step times compare directly; the per-rank peak memory shows what sequence parallelism adds on top of the cache.
+
 Reported per frame count: s/step of both loops and the speed-up, as wall clock (rl.py's step_time) and as CPU time
-of the run's process per step (read from /proc between metrics rows: robust to other jobs on a shared machine), the
+of the run's processes per step (read from /proc between metrics rows: robust to other jobs on a shared machine), the
 rl.py time split (wall: encode / rollout / prefill / train), vision-tower passes per step, peak memory (ru_maxrss
-of each run's process: one rank, measured), whether the two loops drew the same tokens; and, from
+of the fullest rank's process, measured), whether the two loops drew the same tokens; and, from
 mrsp.estimate_memory, the per-GPU peak of Qwen2.5-VL-7B RL on 8 GPUs for the naive loop (SP=1: a whole sequence per
 GPU) vs MR-SP (SP=8), against --gpu_mem_gib (estimated, not measured). Rows are also written to {out}/results.json.
 
@@ -76,6 +83,7 @@ calibrate = True           # measure the bench model's vision/LLM time ratio per
 mem_budget_gb = 0.0        # measured peak RSS budget per run (GB); runs above it are marked "OOM at budget"; 0 = off
 gpu_mem_gib = 80.0         # estimated part: per-GPU memory of the 7B runs (paper: 8x A100 80GB)
 video_frames = 1024        # frames of every synthetic video (56x56, 8 fps)
+nproc = 1                  # processes per rl.py run: 1 = no SP; N > 1 = torchrun, naive DP=N vs MR-SP SP=N
 run_timeout = 1800         # seconds per rl.py run
 seed = 0
 
@@ -225,13 +233,22 @@ def calibration(model_dir, train_file, frame_list, reps=5):
 # -----------------------------------------------------------------------------
 # one rl.py run
 def cpu_seconds(pid):
-    """user + system CPU time of a live process (all its threads), from /proc (Linux); None once it is gone."""
+    """user + system CPU time of a live process (all its threads) and of its live descendants (torchrun's workers),
+    from /proc (Linux); None once the process is gone."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")   # utime, stime
+        total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")   # utime, stime
     except (OSError, IndexError, ValueError):
         return None
+    kids = []
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                kids += [int(k) for k in f.read().split()]
+    except (OSError, ValueError):
+        pass
+    return total + sum(c for c in map(cpu_seconds, kids) if c is not None)
 
 
 def run_rl(tag, model_dir, data_file, F, mode):
@@ -245,11 +262,14 @@ def run_rl(tag, model_dir, data_file, F, mode):
     run_dir = os.path.join(out, "runs", f"{tag}_f{F}")
     shutil.rmtree(run_dir, ignore_errors=True)
     os.makedirs(run_dir)
-    cmd = [sys.executable, os.path.join(ROOT, "rl.py"), f"--model={model_dir}", f"--data={data_file}",
+    launch = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                  f"--nproc_per_node={nproc}"]
+    cmd = launch + [os.path.join(ROOT, "rl.py"), f"--model={model_dir}", f"--data={data_file}",
            "--val_data=", f"--out_dir={run_dir}", f"--frames={F}", f"--steps={steps}",
            f"--prompts_per_step={prompts_per_step}", f"--group_size={group_size}",
            f"--max_new_tokens={max_new_tokens}", f"--kl_coef={kl_coef}", f"--mrsp={int(mode != 'naive')}",
-           f"--seed={seed}", f"--save_every={steps + 1000}", f"--log_every={steps + 1000}"]
+           f"--seed={seed}", f"--save_every={steps + 1000}", f"--log_every={steps + 1000}",
+           f"--sp={1 if mode == 'naive' else nproc}"]   # naive: DP over the processes; MR-SP: one SP group
     log = os.path.join(run_dir, "log.txt")
     path = os.path.join(run_dir, "metrics.jsonl")
     t0, cpu_at_row, rc = time.time(), [], None
@@ -318,7 +338,8 @@ def split(s):
 
 
 def print_table(res):
-    print("\n[1] RL step time, naive (--mrsp=0) vs MR-SP (--mrsp=1), one process, CPU; means over steps "
+    layout = "one process, no SP" if nproc == 1 else f"{nproc} processes: naive DP={nproc} vs MR-SP SP={nproc}"
+    print(f"\n[1] RL step time, naive (--mrsp=0) vs MR-SP (--mrsp=1), {layout}, CPU; means over steps "
           f"{warmup + 1}..{steps}; every step new videos unless 'cached'; s/step and speed-up as wall / CPU time")
     head = ["frames", "video tok", "naive s/step", "MR-SP s/step", "speed-up"]
     head += ["MR-SP cached s/step", "cached speed-up"] if cached else []
@@ -343,6 +364,29 @@ def print_table(res):
         cells += [split(n), split(m), " / ".join("-" if s is None else f"{s['vision_passes']:g}" for s in vp),
                   " / ".join(peak(s) for s in vp), "yes" if r["same_tokens"] else "NO"]
         print("| " + " | ".join(cells) + " |")
+
+
+def print_memory(res):
+    """Peak per rank against the smallest frame count's: the growth is what the sequence costs (the runtime, the
+    models and the optimizer are the same at every frame count), so its naive / MR-SP ratio says how many times more
+    frames MR-SP fits into whatever memory is left, with no budget chosen."""
+    rows = [r for r in res if r["naive"] and r["mrsp"]]
+    if len(rows) < 2:
+        return []
+    b = rows[0]
+    print(f"\n[1b] measured peak per rank (GB) and its growth over {b['frames']} frames; growth ratio = how many times "
+          "more sequence memory the naive loop takes")
+    print("| frames | naive peak | MR-SP peak | naive growth | MR-SP growth | growth naive / MR-SP |")
+    print("|---|---|---|---|---|---|")
+    out_rows = []
+    for r in rows:
+        gn, gm = r["naive"]["peak_gb"] - b["naive"]["peak_gb"], r["mrsp"]["peak_gb"] - b["mrsp"]["peak_gb"]
+        ratio = f"{gn / gm:.1f}x" if r is not b and gm > 0.01 else "-"
+        print(f"| {r['frames']} | {r['naive']['peak_gb']:.2f} | {r['mrsp']['peak_gb']:.2f} | {gn:+.2f} | {gm:+.2f} | "
+              f"{ratio} |")
+        out_rows.append(dict(frames=r["frames"], naive_gb=r["naive"]["peak_gb"], mrsp_gb=r["mrsp"]["peak_gb"],
+                             naive_growth=gn, mrsp_growth=gm))
+    return out_rows
 
 
 def print_calibration(cal):
@@ -393,6 +437,9 @@ def main():
         raise SystemExit(f"--vision={vision}: expected 7b or tiny")
     if max(frame_list) > video_frames:
         raise SystemExit(f"--frames={frames}: at most --video_frames={video_frames}")
+    if nproc < 1 or prompts_per_step % nproc:
+        raise SystemExit(f"--nproc={nproc}: must be >= 1 and divide --prompts_per_step={prompts_per_step} (the naive "
+                         "loop splits the prompts data-parallel)")
     if steps <= warmup:
         raise SystemExit(f"--steps={steps} must exceed --warmup={warmup}")
     t_start, load0 = time.time(), os.getloadavg()[0]
@@ -436,6 +483,7 @@ def main():
 
     # --- report
     print_table(res)
+    mem = print_memory(res)
     if mem_budget_gb:
         for mode in ("naive", "mrsp", "cached"):
             ok = [r["frames"] for r in res if r.get(mode) and not r[mode]["over_budget"]]
@@ -458,7 +506,7 @@ def main():
           "step times on a shared machine are noisy; vision passes, token equality and FLOP ratios are exact)")
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(dict(config=cfg, bench_text=BENCH_TEXT, bench_vision=BENCH_VISION, params_vision=n_vis,
-                       params_llm=n_llm, calibration=cal, rows=res, estimate=est, total_s=dt,
+                       params_llm=n_llm, calibration=cal, rows=res, memory=mem, estimate=est, total_s=dt,
                        load_avg=[load0, os.getloadavg()[0]], torch=torch.__version__, cpus=os.cpu_count()),
                   f, indent=1, default=str)
     print(f"rows written to {os.path.join(out, 'results.json')}")
