@@ -336,7 +336,8 @@ def encode_videos(model, pixel_values_videos, video_grid_thw, group=None):
     D = inner.config.vision_config.out_hidden_size
     if runs:
         pix = torch.cat([pixel_values_videos[offsets[i] + t0 * rows[i]: offsets[i] + t1 * rows[i]] for i, t0, t1 in runs])
-        sub_grid = torch.tensor([[t1 - t0, grid[i][1], grid[i][2]] for i, t0, t1 in runs])
+        # on the pixels' device: the vision tower builds its rotary positions on the grid's device
+        sub_grid = torch.tensor([[t1 - t0, grid[i][1], grid[i][2]] for i, t0, t1 in runs], device=pix.device)
         local = torch.cat(inner.get_video_features(pix, sub_grid).pooler_output)     # (n_local, D)
     else:  # more ranks than temporal patches: this rank idles
         local = pixel_values_videos.new_zeros(0, D, dtype=inner.visual.dtype)
@@ -699,14 +700,17 @@ def full_state_dict(model):
 @torch.no_grad()
 def sync_weights(model, engine_model):
     """Copy the policy's weights into an HF rollout copy (the vLLM engine has its own sync). Returns the
-    number of tensors copied. Tied weights are copied once."""
-    sd = full_state_dict(model)
+    number of tensors copied. Under FSDP2 the policy's state dict holds DTensor shards: each is all-gathered in
+    turn (full_tensor: a collective, every rank walks the same keys in the same order), so one full tensor exists at
+    a time instead of a second full model next to the engine's (~30 GB for a 7B in fp32)."""
+    sd = model.state_dict()
     dst = engine_model.state_dict()
     missing = [k for k in dst if k not in sd]
     if missing:
         raise KeyError(f"sync_weights: the policy has no {missing[:3]}... (different architectures?)")
     for k, v in dst.items():
-        v.copy_(sd[k].to(v.device, v.dtype))
+        src = sd[k].full_tensor() if hasattr(sd[k], "full_tensor") else sd[k]
+        v.copy_(src.to(v.device, v.dtype))
     return len(dst)
 
 

@@ -591,13 +591,16 @@ if __name__ == "__main__":
     # --- model: the policy (FSDP2 over the mesh, fp32 master weights), an unsharded rollout copy (HF engine; it also
     # encodes the videos -- per SP group, so DP ranks with different cache hits never wait on each other inside FSDP),
     # and the frozen reference when the KL term is on
+    # (rollout copy and reference in bf16 on GPUs, as verl: their forwards run under bf16 autocast anyway, and a full
+    # fp32 7B copy costs ~30 GB a rank; CPU keeps fp32, which the exactness tests rely on)
+    frozen_dtype = "bfloat16" if device.type == "cuda" else "float32"
     policy, processor = load_model(model, "float32", device)
-    rollout_model = load_model(model, "float32", device)[0].eval()
+    rollout_model = load_model(model, frozen_dtype, device)[0].eval()
     prepare_model(policy, mesh, freeze_vision=freeze_vision, activation_checkpointing=activation_checkpointing)
     policy.train()
     ref = None
     if kl_coef > 0:
-        ref = load_model(model, "float32", device)[0].eval().requires_grad_(False)
+        ref = load_model(model, frozen_dtype, device)[0].eval().requires_grad_(False)
         prepare_model(ref, mesh, freeze_vision=True)
     llm = None
     if engine == "vllm":

@@ -147,6 +147,9 @@ def _backend(q, name=None):
     if name != "auto":
         return name
     if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        # the flash kernels need sm80+ (A100/H100 class) and head_dim a multiple of 8 up to 256; else the reference
+        if torch.cuda.get_device_capability(q.device) < (8, 0) or q.shape[-1] % 8 or q.shape[-1] > 256:
+            return "math"
         try:
             import flash_attn  # noqa: F401  (optional, CUDA only)
             return "flash_attn"
@@ -197,7 +200,8 @@ def _math_bwd(dout, q, k, v, out, lse, causal, scale):
 
 def _flash_attn_bwd(dout, q, k, v, out, lse, causal, scale):
     from flash_attn.flash_attn_interface import _flash_attn_backward   # signature moved across 2.x: by name
-    params = inspect.signature(_flash_attn_backward).parameters
+    # from 2.7 on it is a torch.library custom op whose own signature is (*args, **kwargs): read the wrapped function
+    params = inspect.signature(getattr(_flash_attn_backward, "_init_fn", _flash_attn_backward)).parameters
     kw = dict(dropout_p=0.0, softmax_scale=scale, causal=causal, alibi_slopes=None, deterministic=False)
     if "window_size" in params:
         kw["window_size"] = (-1, -1)
@@ -243,11 +247,11 @@ def attn_bwd(dout, q, k, v, out, lse, causal, scale, backend=None):
         if name == "cpu_flash":
             dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
                 t(dout), t(q), t(ke), t(ve), t(out), lse, 0.0, causal, scale=scale)
-        else:  # cuda_flash: no varlen, no dropout -> empty cum_seq and a dummy rng state
-            e = q.new_empty(0, dtype=torch.int32)
+        else:  # cuda_flash: dense, no dropout -> cum_seq None (as the forward returns them: a defined tensor,
+            # even an empty one, selects the varlen kernel) and a dummy rng state (read only with dropout)
             seed, offset = torch.zeros(2, dtype=torch.uint64, device=q.device), q.new_empty(0, dtype=torch.uint64)
             dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
-                t(dout), t(q), t(ke), t(ve), t(out), lse, e, e, q.shape[1], k.shape[1], 0.0, causal,
+                t(dout), t(q), t(ke), t(ve), t(out), lse, None, None, q.shape[1], k.shape[1], 0.0, causal,
                 seed, offset, scale=scale)
         dq, dk, dv = t(dq), t(dk), t(dv)
     return dq, _reduce_kv(dk, groups), _reduce_kv(dv, groups)
@@ -303,14 +307,17 @@ def work_per_rank(total_len, P, causal=True, layout="zigzag"):
 # ring communication: send to r+1, receive from r-1 (group ranks translated to global ranks)
 
 def _ring_post(send, recv, group, P, rank, tag):
-    """Non-blocking send of `send` to the next rank and receive into `recv` from the previous one."""
-    works = []
+    """Non-blocking send of `send` to the next rank and receive into `recv` from the previous one, posted as ONE
+    batch. Two NCCL traps: a lone send and a lone receive between the same two ranks (P=2: next == previous) can
+    deadlock, so they go out together; and NCCL matches the messages of a rank pair by posting order (tags are
+    ignored; gloo honours them), so every rank must post the same sequence of batches (the ring loops do)."""
+    ops = []
     if send is not None:
-        works.append(dist.isend(send, dist.get_global_rank(group, (rank + 1) % P), group=group, tag=tag))
+        ops.append(dist.P2POp(dist.isend, send, dist.get_global_rank(group, (rank + 1) % P), group=group, tag=tag))
         STATS["bytes_sent"] += send.numel() * send.element_size()
     if recv is not None:
-        works.append(dist.irecv(recv, dist.get_global_rank(group, (rank - 1) % P), group=group, tag=tag))
-    return works
+        ops.append(dist.P2POp(dist.irecv, recv, dist.get_global_rank(group, (rank - 1) % P), group=group, tag=tag))
+    return dist.batch_isend_irecv(ops) if ops else []
 
 
 def _wait(works):
@@ -349,22 +356,21 @@ def _ring_forward(q, k, v, causal, scale, group, P, rank, N, layout, overlap, ba
 
 def _ring_backward(dout, q, k, v, out, lse, causal, scale, group, P, rank, N, layout, overlap, backend):
     """K/V go around the ring again. The dK/dV partial sums of a block travel one step behind it: the
-    owner keeps its own contribution, the sum starts at rank owner+1 and arrives back at the owner last."""
+    owner keeps its own contribution, the sum starts at rank owner+1 and arrives back at the owner last.
+    Every rank posts the same sequence: step t: K/V batch (t < P-1); end of step t >= 1: one dK/dV batch (send my
+    partial sum on, receive the next step's from rank-1, or at the last step my own block's total)."""
     c = _chunk(N, P, layout) if P > 1 else N
     n = [_n_valid(N, P, j, layout) for j in range(P)]
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     kv = torch.stack([k, v])
-    own, sends = None, []
+    own, dkv_in, dkv_out, dkv_works = None, None, None, []
     for t in range(P):
         src = (rank - t) % P
-        works, nxt, dkv_in = [], None, None
+        works, nxt = [], None
         if t < P - 1:
             nxt = torch.empty_like(kv)
             works = _ring_post(kv, nxt, group, P, rank, _KV)
-        if t >= 2:                                                       # partial sum of block src from rank-1
-            dkv_in = torch.empty((2,) + k.shape, dtype=acc, device=q.device)
-            works += _ring_post(None, dkv_in, group, P, rank, _DKV)
         if not overlap:
             works = _wait(works)
         dkv = torch.zeros((2,) + k.shape, dtype=acc, device=q.device)   # this rank's share for block src
@@ -378,15 +384,17 @@ def _ring_backward(dout, q, k, v, out, lse, causal, scale, group, P, rank, N, la
         if t == 0:
             own = dkv
         else:
-            if dkv_in is not None:
+            if dkv_in is not None:                                       # block src's partial sum from rank-1
+                dkv_works = _wait(dkv_works)
                 dkv += dkv_in
-            sends += _ring_post(dkv, None, group, P, rank, _DKV)         # on to the next rank (owner at the end)
+            dkv_in, dkv_out = torch.empty_like(dkv), dkv                 # dkv_out: kept alive until its send is done
+            dkv_works = _ring_post(dkv_out, dkv_in, group, P, rank, _DKV)   # on to the next rank (owner at the end)
+            if not overlap:
+                dkv_works = _wait(dkv_works)
         kv = nxt if nxt is not None else kv
     if P > 1:                                                            # my block's sum, back from rank-1
-        dkv_in = torch.empty_like(own)
-        _wait(_ring_post(None, dkv_in, group, P, rank, _DKV))
+        _wait(dkv_works)
         own += dkv_in
-    _wait(sends)
     STATS["ring_bwd"] += 1
     return dq.to(q.dtype), own[0].to(k.dtype), own[1].to(v.dtype)
 
@@ -592,6 +600,12 @@ def register_hf(name="ring", group=None, impl="ring", total_len=None, layout="zi
         causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
         N = kw.get("sp_total_len", total_len)
         q, k, v = (x.transpose(1, 2) for x in (query, key, value))     # (B, H, S, D) -> (B, S, H, D)
+        if torch.is_autocast_enabled(q.device.type):
+            # under autocast HF's rotary step returns fp32 q/k (its cos/sin follow the fp32 embeddings) next to a
+            # bf16 v; SDPA would cast all three to the autocast dtype, so do the same (a custom Function is not
+            # autocast by torch)
+            dt = torch.get_autocast_dtype(q.device.type)
+            q, k, v = q.to(dt), k.to(dt), v.to(dt)
         if impl == "ulysses":
             out = ulysses_attn(q, k, v, causal=causal, group=group, scale=scaling, total_len=N, layout=layout)
         else:

@@ -221,7 +221,8 @@ def validate(val, processor, policy, engine, cache, mesh, device, world, rank):
     tot = torch.zeros(2, dtype=torch.float64)
     for rec in val[mesh.dp_rank:n:mesh.dp_size]:
         seq = make_seq(rec, processor, policy, cache, mesh.sp_group, device)
-        lp = sp_logprobs(policy, seq, group=mesh.sp_group, impl=attn)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):   # as training (and
+            lp = sp_logprobs(policy, seq, group=mesh.sp_group, impl=attn)      # SP flash kernels want bf16)
         tot += torch.tensor([-lp.sum().item(), seq["loss_mask"].sum().item()], dtype=torch.float64)
     if mesh.dp_group is not None:
         dist.all_reduce(tot, group=mesh.dp_group)
@@ -276,7 +277,8 @@ if __name__ == "__main__":
 
     # --- model (fp32 master weights; bf16 autocast on GPU)
     policy, processor = load_model(model, "float32", device)
-    engine = load_model(model, "float32", device)[0].eval() if val else None   # unsharded rollout copy
+    # unsharded rollout copy for the greedy val answers: bf16 on GPUs (a full fp32 7B copy is ~30 GB a rank)
+    engine = load_model(model, "bfloat16" if device.type == "cuda" else "float32", device)[0].eval() if val else None
     prepare_model(policy, mesh, freeze_vision=freeze_vision, activation_checkpointing=activation_checkpointing)
     policy.train()
     cache = EmbeddingCache(cache_bytes) if freeze_vision else None
@@ -318,6 +320,8 @@ if __name__ == "__main__":
         stats = torch.tensor([loss_sum, float(seq_tokens)])
         if mesh.dp_group is not None:
             dist.all_reduce(stats, group=mesh.dp_group)
+        if device.type == "cuda":
+            torch.cuda.synchronize()   # the clip and optimizer-step kernels belong to this step's time
         dt = time.time() - t0
         row = dict(step=step + 1, loss=stats[0].item(), lr=lr_at(step), grad_norm=float(grad_norm),
                    tokens_per_s=stats[1].item() / dt, step_time=dt, peak_mem_gb=peak_memory_gb(world))

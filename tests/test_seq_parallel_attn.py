@@ -206,6 +206,50 @@ def _hf():
     return res
 
 
+def _hf_autocast():
+    """The same tiny Qwen2 under bf16 autocast (as rl.py/sft.py train on GPUs): HF's rotary leaves q/k fp32 next to a
+    bf16 v; the SP attention must run (SDPA casts them) and agree with the single-device model to bf16 precision."""
+    g, N, B = dist.group.WORLD, 13, 2
+    ref = _tiny_qwen2()
+    torch.manual_seed(1)
+    ids, pos = torch.randint(0, 100, (B, N)), torch.arange(N).expand(B, N)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = ref(ids).logits.float()
+        spa.register_hf("ring", group=g)
+        model = copy.deepcopy(ref)
+        model.set_attn_implementation("ring")
+        lg = model(input_ids=spa.shard_seq(ids, g), position_ids=spa.shard_seq(pos, g), sp_total_len=N,
+                   use_cache=False).logits.float()
+    lg.sum().backward()
+    finite = all(bool(torch.isfinite(p.grad).all()) for p in model.parameters() if p.grad is not None)
+    return dict(err=(spa.gather_seq(lg, N, g) - logits).abs().max().item(), scale=logits.abs().max().item(),
+                finite=finite)
+
+
+def _p2p_order():
+    """Every point-to-point batch the ring posts in a forward + backward, per rank: [(tag, [(op, peer, numel,
+    dtype)])]. NCCL matches the messages between two ranks by posting order only and can deadlock on a lone
+    send/receive pair between the same two ranks, so the test checks both from these logs (gloo runs either way)."""
+    g, log, real = dist.group.WORLD, [], dist.batch_isend_irecv
+
+    def logged(ops):
+        log.append([("send" if o.op is dist.isend else "recv", o.peer, o.tensor.numel(), str(o.tensor.dtype), o.tag)
+                    for o in ops])
+        return real(ops)
+
+    dist.batch_isend_irecv = logged
+    try:
+        for overlap in (True, False):
+            q, k, v, do = _inputs(3, 2, 13, 4, 2)
+            ql, kl, vl = (spa.shard_seq(x, g).requires_grad_() for x in (q, k, v))
+            spa.ring_attn(ql, kl, vl, group=g, total_len=13, overlap=overlap).backward(spa.shard_seq(do, g))
+    finally:
+        dist.batch_isend_irecv = real
+    logs = [None] * dist.get_world_size()
+    dist.all_gather_object(logs, log)
+    return logs
+
+
 def _shard_roundtrip():
     g, N = dist.group.WORLD, 11
     pos3 = torch.arange(3 * 2 * N).view(3, 2, N)                        # mrope-style (3, B, S), dim=2
@@ -220,9 +264,10 @@ def _shard_roundtrip():
 
 
 def _job(world):
-    out = dict(ring=_ring_cases(), ulysses=_ulysses_cases(), errors=_error_cases(), roundtrip=_shard_roundtrip())
+    out = dict(ring=_ring_cases(), ulysses=_ulysses_cases(), errors=_error_cases(), roundtrip=_shard_roundtrip(),
+               p2p=_p2p_order())
     if world == 2:
-        out.update(comm=_comm_volume(), remat=_remat(), hf=_hf())
+        out.update(comm=_comm_volume(), remat=_remat(), hf=_hf(), hf_autocast=_hf_autocast())
     if world == 4:
         out.update(comm=_comm_volume())
     return out
@@ -387,3 +432,27 @@ def test_hf_qwen2_matches_single_device(jobs):
         assert hf["sp"]["ring_fwd"] == 2                                  # 2 layers
         assert hf["sp_ckpt_remat"]["ring_fwd"] == 2 and hf["sp_ckpt_remat"]["hits"] == 2   # not 4
         assert "without padding" in hf["mask_error"]
+
+
+def test_hf_qwen2_under_bf16_autocast(jobs):
+    for res in jobs[2]:
+        a = res["hf_autocast"]
+        assert a["finite"] and a["err"] <= 0.05 * max(1.0, a["scale"]), a     # bf16: ~3 significant digits
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_ring_p2p_posting_order_is_nccl_safe(jobs, world):
+    """For every rank pair a -> b, a's sends and b's receives pair up in posting order (NCCL ignores tags), and every
+    batch is one send to the next rank with one receive from the previous (no lone send/receive to one peer)."""
+    logs = jobs[world][0]["p2p"]
+    assert all(logs), "the ring posted no batch"
+    sent = {(a, b): [] for a in range(world) for b in range(world)}
+    got = {(a, b): [] for a in range(world) for b in range(world)}
+    for r, batches in enumerate(logs):
+        for batch in batches:
+            kinds = sorted((op, peer) for op, peer, *_ in batch)
+            assert kinds == sorted([("recv", (r - 1) % world), ("send", (r + 1) % world)]), (r, batch)
+            for op, peer, numel, dtype, tag in batch:
+                (sent[(r, peer)] if op == "send" else got[(peer, r)]).append((tag, numel, dtype))
+    for pair in sent:
+        assert sent[pair] == got[pair], (pair, sent[pair], got[pair])
