@@ -5,7 +5,7 @@
     python bench/bench_mrsp.py --vision=tiny --frames=512      # sensitivity: the embedded tiny model (heavier vision)
     python bench/bench_mrsp.py --mem_budget_gb=1.0              # mark measured runs whose peak RSS is over 1 GB
     python bench/bench_mrsp.py --nproc=2 --frames=512,1024,2048 --video_frames=2048 --cached=0 --calibrate=0 \
-        --out=out/bench_mrsp_sp2                                # 2 processes: naive DP=2 vs MR-SP SP=2 (~15 min)
+        --out=out/bench_mrsp_sp2                                # 2 processes: naive DP=2 vs MR-SP SP=2 (~11 min)
 
 What it does: builds a synthetic long-video set (every video 1,024 frames at 56x56) and a random-init Qwen2.5-VL
 checkpoint under --out, then, for each frame count, runs `python rl.py` as separate processes with the same seed,
