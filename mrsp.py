@@ -709,6 +709,8 @@ def sync_weights(model, engine_model):
     if missing:
         raise KeyError(f"sync_weights: the policy has no {missing[:3]}... (different architectures?)")
     for k, v in dst.items():
+        if v.is_meta:   # a part this copy does not hold (rl.py --engine=vllm drops the HF copy's LLM); same on all ranks
+            continue
         src = sd[k].full_tensor() if hasattr(sd[k], "full_tensor") else sd[k]
         v.copy_(src.to(v.device, v.dtype))
     return len(dst)

@@ -596,6 +596,11 @@ if __name__ == "__main__":
     frozen_dtype = "bfloat16" if device.type == "cuda" else "float32"
     policy, processor = load_model(model, "float32", device)
     rollout_model = load_model(model, frozen_dtype, device)[0].eval()
+    if engine == "vllm":
+        # vLLM generates; the HF copy only encodes videos, so its LLM goes to the meta device: ~15 GB a rank less for a
+        # 7B in bf16 (what mrsp.estimate_memory counts: a replicated vision tower next to vLLM's own full copy)
+        rollout_model.model.language_model.to("meta")
+        rollout_model.lm_head.to("meta")
     prepare_model(policy, mesh, freeze_vision=freeze_vision, activation_checkpointing=activation_checkpointing)
     policy.train()
     ref = None
@@ -617,7 +622,8 @@ if __name__ == "__main__":
     draws = extra["draws"] if extra else start          # prompt batches drawn so far (> steps with dynamic sampling)
 
     def sync_engines():   # collective under FSDP: all ranks call
-        sync_weights(policy, rollout_model)
+        if llm is None or not freeze_vision:   # with vLLM the HF copy holds only the vision tower: synced if trained
+            sync_weights(policy, rollout_model)
         if llm is not None:
             vllm_sync_weights(llm, policy)
 
@@ -738,6 +744,8 @@ if __name__ == "__main__":
             break
     else:
         # --- export a standard HF checkpoint (model + processor) for eval.py / vLLM
+        if llm is not None:   # the HF copy has no LLM weights: export through a full copy on the CPU
+            rollout_model = load_model(model, frozen_dtype, "cpu")[0]
         export_hf(policy, rollout_model, processor, out_dir, cfg, master_process)
     if world > 1:
         dist.barrier()

@@ -94,4 +94,12 @@ def test_rl_loop_with_vllm_engine(tiny_ckpt, synth_dir, tmp_path):
     assert all(r["grad_norm"] > 0 for r in steps)
     gaps = [r["logp_gap"] for r in steps]
     assert max(gaps) < 1e-2, gaps
-    assert os.path.isfile(tmp_path / "rl" / "hf" / "model.safetensors")
+    # the export (through a fresh full copy: the HF engine copy holds no LLM weights under vLLM) carries the trained
+    # LLM and the frozen vision tower
+    from safetensors.torch import load_file
+    before, after = load_file(os.path.join(tiny_ckpt, "model.safetensors")), load_file(tmp_path / "rl" / "hf" /
+                                                                                          "model.safetensors")
+    assert before.keys() == after.keys()
+    changed = {k for k in before if not (before[k] == after[k]).all()}
+    assert changed and all("visual" not in k for k in changed), sorted(changed)[:5]
+    assert any("layers.0.mlp" in k for k in changed)
