@@ -688,13 +688,14 @@ def _sp_logprobs(model, seq, group, impl, logit_chunk, temperature, return_entro
 
 # -----------------------------------------------------------------------------
 # weight sync: trained (possibly FSDP-sharded) policy -> the rollout engine's own full copy
-def full_state_dict(model):
-    """Full (unsharded) state dict on every rank; plain state_dict when the model is not sharded.
-    This is a collective under FSDP: every rank must call it."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    if any(hasattr(m, "reshard") for m in model.modules()):   # an FSDP2 module
-        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
-    return model.state_dict()
+def full_tensors(model, dtype=None):
+    """Yield (name, full tensor) for every entry of the model's state dict, one at a time: under FSDP2 each DTensor
+    shard is all-gathered in turn (a collective: every rank must walk the whole state dict in the same order), so at
+    most one gathered tensor exists at once; dtype: cast each as it is gathered (a 7B's full fp32 state dict would be
+    ~30 GB a rank, in bf16 ~15 GB)."""
+    for k, v in model.state_dict().items():
+        v = (v.full_tensor() if hasattr(v, "full_tensor") else v).detach()
+        yield k, v if dtype is None else v.to(dtype)
 
 
 @torch.no_grad()
@@ -703,17 +704,17 @@ def sync_weights(model, engine_model):
     number of tensors copied. Under FSDP2 the policy's state dict holds DTensor shards: each is all-gathered in
     turn (full_tensor: a collective, every rank walks the same keys in the same order), so one full tensor exists at
     a time instead of a second full model next to the engine's (~30 GB for a 7B in fp32)."""
-    sd = model.state_dict()
     dst = engine_model.state_dict()
-    missing = [k for k in dst if k not in sd]
+    missing = [k for k in dst if k not in model.state_dict()]
     if missing:
         raise KeyError(f"sync_weights: the policy has no {missing[:3]}... (different architectures?)")
-    for k, v in dst.items():
-        if v.is_meta:   # a part this copy does not hold (rl.py --engine=vllm drops the HF copy's LLM); same on all ranks
-            continue
-        src = sd[k].full_tensor() if hasattr(sd[k], "full_tensor") else sd[k]
-        v.copy_(src.to(v.device, v.dtype))
-    return len(dst)
+    n = 0
+    for k, src in full_tensors(model):   # every rank gathers every tensor (collective), copies what it holds
+        v = dst.get(k)
+        if v is not None and not v.is_meta:   # meta: a part this copy does not hold (rl.py --engine=vllm: its LLM)
+            v.copy_(src.to(v.device, v.dtype))
+            n += 1
+    return n
 
 
 # -----------------------------------------------------------------------------
@@ -958,14 +959,15 @@ def vllm_rollout(llm, prompts, n=1, temperature=1.0, top_p=1.0, top_k=0, max_new
 @torch.no_grad()
 def vllm_sync_weights(llm, model, reset_prefix_cache=True):
     """Load the policy's weights into the vLLM engine in place. model: the (possibly FSDP-sharded) HF model -- then
-    this is a collective, every rank calls it (full_state_dict) -- or a state dict with HF names. lm_head.weight is
+    this is a collective, every rank calls it (full_tensors, cast to the engine's dtype as gathered: no full fp32
+    copy of the model next to the engine's) -- or a state dict with HF names. lm_head.weight is
     always sent (vLLM wants it even when tied). Afterwards the engine's caches are reset:
       * the prefix cache: its KV blocks were computed with the old weights and would be reused for the same prompts;
       * the encoder cache, scheduler side (vLLM 0.32's reload_weights clears only the worker's copy; the next prompt
         with the same embeddings then dies with "Encoder cache miss") and the multimodal input caches.
     -> number of tensors sent."""
     _import_vllm()
-    sd = dict(model) if isinstance(model, dict) else full_state_dict(model)
+    sd = dict(model) if isinstance(model, dict) else dict(full_tensors(model, getattr(llm, "mrsp", {}).get("dtype")))
     if "lm_head.weight" not in sd:
         emb = [k for k in sd if k.endswith("embed_tokens.weight")]
         if len(emb) != 1:

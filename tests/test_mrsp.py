@@ -495,13 +495,22 @@ def _sync_worker(ckpt, seq):
     n = sync_weights(model, engine)
     full = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in model.state_dict().items()}
     diff = max((engine.state_dict()[k] - full[k]).abs().max().item() for k in full)
-    return n, diff, (engine.lm_head.weight - before).abs().max().item()
+    # a copy that holds only the vision tower (rl.py --engine=vllm): the gathers still run on every rank, only the
+    # tensors it holds are copied
+    vis, _ = load_model(ckpt)
+    vis.model.language_model.to("meta")
+    vis.lm_head.to("meta")
+    n_vis = sync_weights(model, vis)
+    held = [k for k, v in vis.state_dict().items() if not v.is_meta]
+    vis_diff = max((vis.state_dict()[k] - full[k]).abs().max().item() for k in held)
+    return n, diff, (engine.lm_head.weight - before).abs().max().item(), n_vis, len(held), vis_diff
 
 
 def test_sync_weights_from_fsdp_policy(tiny_ckpt, synth_dir):
     seq = _sft_seq(tiny_ckpt, synth_dir)
-    for n, diff, moved in run_distributed(_sync_worker, 2, args=(tiny_ckpt, seq)):
+    for n, diff, moved, n_vis, held, vis_diff in run_distributed(_sync_worker, 2, args=(tiny_ckpt, seq)):
         assert n > 20 and diff == 0.0 and moved > 1e-4      # the copy changed and now equals the policy
+        assert 0 < n_vis == held < n and vis_diff == 0.0
 
 
 def test_setup_dist_gives_cpu_collectives_gloo_on_gpus(monkeypatch):

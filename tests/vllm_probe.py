@@ -9,7 +9,7 @@ transformers 5.24 and no vllm. So the check runs in three steps, two interpreter
      so the cached embeddings stay valid), and B's weights; saved to case.pt.
   2. vLLM side (vLLM venv), `python tests/vllm_probe.py --driver CASE OUT`: vllm_start on A, greedy and seeded
      sampled rollouts, vllm_sleep / vllm_wake, vllm_sync_weights(B), rollouts again; saved to OUT. This imports
-     mrsp.py and data.py under transformers 5.19 (only the vllm_* functions and full_state_dict run there).
+     mrsp.py and data.py under transformers 5.19 (only the vllm_* functions and full_tensors run there).
   3. HF side, check(): vLLM's greedy tokens == the HF engine's (canonical mrope positions), before and after the
      sync (and different between A and B); every sampled token's log-prob == a teacher-forced HF forward at the
      sampling temperature (< --tol); same seed -> same samples; sleep/wake changes nothing.
