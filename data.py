@@ -740,7 +740,13 @@ if __name__ == "__main__":
     apply_overrides(globals(), sys.argv[1:])
     cfg = config_of(globals())
     print("config:", json.dumps(cfg))
-    if os.path.exists(os.path.join(out, "meta.json")):
+    mine = os.path.exists(os.path.join(out, "meta.json"))
+    theirs = [f for f in ("train.jsonl", "val.jsonl", "test.jsonl") if os.path.exists(os.path.join(out, f))]
+    if theirs and not mine:   # a dataset data.py did not write: never overwrite it
+        raise SystemExit(f"data.py: --out={out} already holds {', '.join(theirs)} without the meta.json that data.py "
+                         "writes: refusing to overwrite a dataset it did not generate (pick another --out; to run the "
+                         "demo on it, pass --model=CHECKPOINT too)")
+    if mine:
         with open(os.path.join(out, "meta.json")) as f:
             have = json.load(f)
         keys = [k for k in cfg if k not in ("out", "workers")]

@@ -7,15 +7,34 @@
 # recompute logp.detach(); same gradient, a quarter less time a step.)
 # Run it through `bash run.sh` (installs requirements first) or directly inside the venv.
 #
-# Knobs (environment):  NPROC=2 SP=2 SFT_SP=1 FRAMES=16 SFT_STEPS=1500 RL_STEPS=20 RL_PROMPTS=32 RL_LR=3e-4 SEED=0
-#                        OUT=out DATA=data/synth
+# Knobs, as flags (--key=value) or environment variables (KEY=value), flags win:
+#   --nproc=2 --sp=2 --sft_sp=1 --frames=16 --sft_steps=1500 --rl_steps=20 --rl_prompts=32 --rl_lr=3e-4 --seed=0
+#   --out=out --data=data/synth --eval_n=128 --eval_tokens=80 --sft_args="..." --rl_args="..."
+#   --dry_run=1 prints each stage's command instead of running it
 # (RL: 32-prompt steps; with 8 prompts a step the gradient noise wins on this tiny model -- BENCHMARKS.md)
-# A real checkpoint and dataset on GPUs (skips the synthetic data and the tiny model; see README):
-#   MODEL=/ckpt/Qwen2.5-VL-7B-Instruct TRAIN=/data/lvr/train.jsonl VAL=/data/lvr/val.jsonl TEST=/data/lvr/eval.jsonl \
-#   NPROC=8 SP=4 FRAMES=256 SFT_ARGS="--lr=1e-5 --batch_size=32 --activation_checkpointing=1 --keep_gathered=0" \
-#   RL_ARGS="--lr=1e-6 --prompts_per_step=32 --max_new_tokens=1024 --keep_gathered=0 --engine=vllm" bash demo.sh
+# A real checkpoint and dataset on GPUs: --model=DIR (a local HF Qwen2-VL / Qwen2.5-VL checkpoint) skips the synthetic
+# data and the tiny model; --data=DIR then holds train.jsonl, val.jsonl and test.jsonl (or give --train= --val=
+# --test= files; see README and data.py for the record formats):
+#   bash run.sh --model=/ckpt/Qwen2.5-VL-7B-Instruct --data=/data/lvr --nproc=8 --sp=4 --frames=256 \
+#     --sft_args="--lr=1e-5 --batch_size=32 --activation_checkpointing=1 --keep_gathered=0" \
+#     --rl_args="--lr=1e-6 --prompts_per_step=32 --max_new_tokens=1024 --keep_gathered=0 --engine=vllm"
 set -euo pipefail
 cd "$(dirname "$0")"
+KNOBS="MODEL DATA TRAIN VAL TEST NPROC SP SFT_SP FRAMES SFT_STEPS RL_STEPS RL_PROMPTS RL_LR SEED OUT EVAL_N EVAL_TOKENS
+       SFT_ARGS RL_ARGS DRY_RUN"
+for arg in "$@"; do
+  case "$arg" in
+    -h|--help) awk 'NR > 1 && /^#/ { print; next } NR > 1 { exit }' "$0"; exit 0 ;;
+    --*=*) key=$(echo "${arg%%=*}" | sed 's/^--//' | tr 'a-z-' 'A-Z_')
+           if ! echo " $(echo $KNOBS) " | grep -q " $key "; then
+             echo "demo.sh: unknown flag ${arg%%=*} (known: $(echo $KNOBS | tr 'A-Z_' 'a-z_' | sed 's/\([a-z_]*\)/--\1/g'))" >&2
+             exit 2
+           fi
+           export "$key=${arg#*=}" ;;
+    *) echo "demo.sh: unexpected argument '$arg': expected --key=value, e.g. --model=/ckpt/qwen --data=/data/lvr" >&2
+       exit 2 ;;
+  esac
+done
 NPROC=${NPROC:-2}
 SP=${SP:-2}
 FRAMES=${FRAMES:-16}
@@ -31,49 +50,58 @@ RL_LR=${RL_LR:-3e-4}
 EVAL_N=${EVAL_N:-128}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 RUN="torchrun --standalone --nproc_per_node=$NPROC"
+x() { if [ "${DRY_RUN:-0}" = 1 ]; then echo "+ $*"; else "$@"; fi; }   # run a stage (or print it: --dry_run=1)
 T0=$SECONDS
 stamp() { echo "== [$(( (SECONDS - T0) / 60 ))m$(( (SECONDS - T0) % 60 ))s] $*"; }
 
-if [ -z "${MODEL:-}" ]; then
+USER_MODEL=${MODEL:-}
+if [ -z "$USER_MODEL" ]; then
   stamp "1/7 synthetic long-video QA (256 frames per video) -> $DATA"
-  python data.py --out="$DATA"
+  x python data.py --out="$DATA"
   MODEL=$OUT/tiny
   stamp "2/7 tiny Qwen2.5-VL checkpoint -> $MODEL"
   # 8 heads / rope base 1e4: the variant that learned to read the synthetic videos in our runs (BENCHMARKS.md)
-  [ -f "$MODEL/config.json" ] || python mrsp.py --init_tiny="$MODEL" --data="$DATA" --tiny_heads=8 --tiny_rope_theta=1e4
+  [ -f "$MODEL/config.json" ] || x python mrsp.py --init_tiny="$MODEL" --data="$DATA" --tiny_heads=8 --tiny_rope_theta=1e4
 fi
 TRAIN=${TRAIN:-$DATA/train.jsonl}
 VAL=${VAL:-$DATA/val.jsonl}
 TEST=${TEST:-$DATA/test.jsonl}
+if [ -n "$USER_MODEL" ] || [ "${DRY_RUN:-0}" != 1 ]; then   # (a dry run of the synthetic demo creates nothing)
+  [ -d "$MODEL" ] || { echo "demo.sh: --model=$MODEL: no such checkpoint directory" >&2; exit 2; }
+  for f in "$TRAIN" "$VAL" "$TEST"; do
+    [ -f "$f" ] || { echo "demo.sh: $f not found: --data=DIR must hold train.jsonl, val.jsonl and test.jsonl (or" \
+                          "pass --train= --val= --test=)" >&2; exit 2; }
+  done
+fi
 EVAL="eval.py --data=$TEST --frames=$FRAMES --max_samples=$EVAL_N --max_new_tokens=${EVAL_TOKENS:-80}"
 SAMPLED="eval.py --data=$TEST --frames=$FRAMES --max_samples=$EVAL_N --max_new_tokens=${EVAL_TOKENS:-80} \
   --temperature=1 --samples=8"
 
 stamp "3/7 eval before SFT"
-$RUN $EVAL --model="$MODEL" --out_dir="$OUT/eval/base"
+x $RUN $EVAL --model="$MODEL" --out_dir="$OUT/eval/base"
 
 stamp "4/7 CoT-SFT ($SFT_STEPS steps, SP=$SFT_SP, frozen vision tower, cached video embeddings)"
-$RUN sft.py --model="$MODEL" --data="$TRAIN" --val_data="$VAL" --out_dir="$OUT/sft" --sp="$SFT_SP" --frames="$FRAMES" \
+x $RUN sft.py --model="$MODEL" --data="$TRAIN" --val_data="$VAL" --out_dir="$OUT/sft" --sp="$SFT_SP" --frames="$FRAMES" \
   --steps="$SFT_STEPS" --lr=1e-2 --warmup_steps=20 --batch_size=8 --freeze_vision=1 --eval_every=500 \
   --eval_samples=32 --max_new_tokens=80 --save_every=500 --seed="$SEED" --log_every=50 ${SFT_ARGS:-}
 
 stamp "5/7 eval after SFT (greedy on test; 8 sampled answers per test question, T=1: RL's objective)"
-$RUN $EVAL --model="$OUT/sft/hf" --out_dir="$OUT/eval/sft"
-$RUN $SAMPLED --model="$OUT/sft/hf" --out_dir="$OUT/eval/sft_sampled"
+x $RUN $EVAL --model="$OUT/sft/hf" --out_dir="$OUT/eval/sft"
+x $RUN $SAMPLED --model="$OUT/sft/hf" --out_dir="$OUT/eval/sft_sampled"
 
 stamp "6/7 GRPO with MR-SP ($RL_STEPS steps, SP=$SP)"
 # (--val_data= : no in-loop greedy evals; the evals around this stage measure it)
-$RUN rl.py --model="$OUT/sft/hf" --data="$TRAIN" --val_data= --out_dir="$OUT/rl" --sp="$SP" --frames="$FRAMES" \
+x $RUN rl.py --model="$OUT/sft/hf" --data="$TRAIN" --val_data= --out_dir="$OUT/rl" --sp="$SP" --frames="$FRAMES" \
   --steps="$RL_STEPS" --prompts_per_step="$RL_PROMPTS" --group_size=8 --max_new_tokens=80 --lr="$RL_LR" \
   --kl_coef=0 --recompute_old=0 --save_every=10 --seed="$SEED" ${RL_ARGS:-}
 
 stamp "7/7 eval after RL"
-$RUN $EVAL --model="$OUT/rl/hf" --out_dir="$OUT/eval/rl"
-$RUN $SAMPLED --model="$OUT/rl/hf" --out_dir="$OUT/eval/rl_sampled"
+x $RUN $EVAL --model="$OUT/rl/hf" --out_dir="$OUT/eval/rl"
+x $RUN $SAMPLED --model="$OUT/rl/hf" --out_dir="$OUT/eval/rl_sampled"
 
 stamp "results (held-out test split, $FRAMES frames per video, greedy)"
-python eval.py --stages "before SFT=$OUT/eval/base" "after SFT=$OUT/eval/sft" "after RL=$OUT/eval/rl" \
+x python eval.py --stages "before SFT=$OUT/eval/base" "after SFT=$OUT/eval/sft" "after RL=$OUT/eval/rl" \
   --reward_curve="$OUT/rl/metrics.jsonl"
 stamp "RL's objective: held-out test split, 8 sampled answers per question at T=1 (avg@8; bench/rl_lift.py: CIs)"
-python eval.py --stages "after SFT=$OUT/eval/sft_sampled" "after RL=$OUT/eval/rl_sampled"
+x python eval.py --stages "after SFT=$OUT/eval/sft_sampled" "after RL=$OUT/eval/rl_sampled"
 stamp "demo: done"
