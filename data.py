@@ -134,12 +134,19 @@ def _check_file(path):
     return path
 
 
-def _decord_read(path, num_frames, fps, min_frames, max_frames):
+def _part(seq, subset, path=""):
+    """seq[start:end] for subset=(start, end), all of seq for None."""
+    if subset is not None and subset[1] > len(seq):
+        raise VideoError(f"{path}: subset={tuple(subset)} reaches past the {len(seq)} sampled frame(s)")
+    return seq if subset is None else seq[subset[0]:subset[1]]
+
+
+def _decord_read(path, num_frames, fps, min_frames, max_frames, subset):
     import decord  # optional dependency
     vr = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
     total, video_fps = len(vr), float(vr.get_avg_fps())
     idx = sample_frame_indices(total, video_fps, num_frames, fps, min_frames, max_frames)
-    frames = vr.get_batch(idx).asnumpy()
+    frames = vr.get_batch(_part(idx, subset, path)).asnumpy()
     return frames, total, video_fps, idx
 
 
@@ -152,7 +159,7 @@ def _pyav_count(container, stream):
     return n
 
 
-def _pyav_read(path, num_frames, fps, min_frames, max_frames):
+def _pyav_read(path, num_frames, fps, min_frames, max_frames, subset):
     import av
     with av.open(path) as container:
         if not container.streams.video:
@@ -162,11 +169,12 @@ def _pyav_read(path, num_frames, fps, min_frames, max_frames):
         video_fps = float(rate) if rate else None
         total = _pyav_count(container, stream)
         idx = sample_frame_indices(total, video_fps, num_frames, fps, min_frames, max_frames)
-        want, frames, i = {}, [], -1
-        for j, k in enumerate(idx):
+        sel = _part(idx, subset, path)
+        want, i = {}, -1
+        for j, k in enumerate(sel):
             want.setdefault(k, []).append(j)
-        out = [None] * len(idx)
-        last = idx[-1]
+        out = [None] * len(sel)
+        last = max(sel)
         for i, frame in enumerate(container.decode(stream)):
             if i in want:
                 arr = frame.to_ndarray(format="rgb24")
@@ -181,21 +189,27 @@ def _pyav_read(path, num_frames, fps, min_frames, max_frames):
 
 
 def load_video(path, num_frames=None, fps=FPS, min_frames=FPS_MIN_FRAMES, max_frames=FPS_MAX_FRAMES,
-               backend=None):
+               backend=None, subset=None):
     """Decode the sampled frames of a video.
 
     Returns frames (T, H, W, 3) uint8 and info {video_fps, total_frames, indices, duration,
-    sampled_fps, backend}. backend: None (decord, then PyAV), "decord" or "pyav".
+    sampled_fps, backend, subset}. backend: None (decord, then PyAV), "decord" or "pyav".
+    subset=(start, end): decode only sampled frames start..end-1 (MR-SP: each SP rank decodes its share);
+    info still describes the whole sampling (indices, sampled_fps), so the time scale stays that of the video.
     Raises VideoError (a ValueError) naming the path for missing/empty/corrupt/truncated files.
     """
     path = _check_file(path)
+    if subset is not None:
+        start, end = subset
+        if not 0 <= start < end:
+            raise ValueError(f"{path}: subset={subset}: expected (start, end) with 0 <= start < end")
     errors = []
     for name in ([backend] if backend else ["decord", "pyav"]):
         reader = {"decord": _decord_read, "pyav": _pyav_read}.get(name)
         if reader is None:
             raise ValueError(f"backend={name!r}: expected 'decord' or 'pyav'")
         try:
-            frames, total, video_fps, idx = reader(path, num_frames, fps, min_frames, max_frames)
+            frames, total, video_fps, idx = reader(path, num_frames, fps, min_frames, max_frames, subset)
         except ImportError as e:
             errors.append(f"{name}: not installed ({e})")
             continue
@@ -207,14 +221,42 @@ def load_video(path, num_frames=None, fps=FPS, min_frames=FPS_MIN_FRAMES, max_fr
         except Exception as e:  # noqa: BLE001 - decoders raise many types; we name the file
             errors.append(f"{name}: {type(e).__name__}: {e}")
             continue
-        if frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] != len(idx):
+        n = len(_part(idx, subset))
+        if frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] != n:
             raise VideoError(f"{path}: decoder returned frames of shape {frames.shape}, expected "
-                             f"({len(idx)}, H, W, 3)")
+                             f"({n}, H, W, 3)")
         duration = total / video_fps if video_fps else None
         info = dict(video_fps=video_fps, total_frames=total, indices=idx, duration=duration,
-                    sampled_fps=(len(idx) / duration if duration else None), backend=name)
+                    sampled_fps=(len(idx) / duration if duration else None), backend=name, subset=subset)
         return frames, info
     raise VideoError(f"{path}: cannot decode video ({'; '.join(errors)})")
+
+
+def sampled_frame_count(path, num_frames=None, fps=FPS, min_frames=FPS_MIN_FRAMES, max_frames=FPS_MAX_FRAMES):
+    """How many frames load_video samples from this video, read from the header (nothing decoded): the plan of
+    MR-SP's parallel decoding, made before any rank decodes its share."""
+    path = _check_file(path)
+    try:
+        import decord
+        vr = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
+        total, video_fps = len(vr), float(vr.get_avg_fps())
+    except Exception:  # noqa: BLE001 - no decord, or decord cannot read it: PyAV (load_video does the same)
+        import av
+        try:
+            with av.open(path) as container:
+                if not container.streams.video:
+                    raise VideoError(f"{path}: no video stream")
+                stream = container.streams.video[0]
+                rate = stream.average_rate or stream.guessed_rate
+                total, video_fps = _pyav_count(container, stream), (float(rate) if rate else None)
+        except VideoError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise VideoError(f"{path}: cannot read the video header ({type(e).__name__}: {e})") from e
+    try:
+        return len(sample_frame_indices(total, video_fps, num_frames, fps, min_frames, max_frames))
+    except VideoError as e:
+        raise VideoError(f"{path}: {e}") from None
 
 
 # -----------------------------------------------------------------------------
@@ -452,7 +494,8 @@ def video_metadata(info):
     (without it the processor assumes 24 fps and second_per_grid_ts is wrong)."""
     from transformers.video_utils import VideoMetadata
     return VideoMetadata(total_num_frames=info["total_frames"], fps=info["video_fps"],
-                         frames_indices=list(info["indices"]), duration=info["duration"])
+                         frames_indices=list(_part(info["indices"], info.get("subset"))),
+                         duration=info["duration"])
 
 
 def process_video(processor, frames, info):

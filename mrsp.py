@@ -303,13 +303,33 @@ def _split_even(n, parts):
     return bounds
 
 
-def encode_videos(model, pixel_values_videos, video_grid_thw, group=None):
+def patch_runs(num_patches, parts):
+    """The work plan of parallel encoding: the temporal patches of all videos (num_patches[i] for video i), laid
+    end to end and split into `parts` contiguous, equal shares. -> runs[r] = [[video, t0, t1], ...], rank r's
+    share as runs of consecutive patches of one video."""
+    units = [(i, t) for i, T in enumerate(num_patches) for t in range(T)]
+    bounds = _split_even(len(units), parts)
+    plan = []
+    for r in range(parts):
+        runs = []
+        for i, t in units[bounds[r]:bounds[r + 1]]:
+            if runs and runs[-1][0] == i:
+                runs[-1][2] = t + 1
+            else:
+                runs.append([i, t, t + 1])
+        plan.append(runs)
+    return plan
+
+
+def encode_videos(model, pixel_values_videos, video_grid_thw, group=None, local=False):
     """Vision tower over a batch of videos with the work split across the ranks of `group`.
 
     The unit of work is one temporal patch (2 frames) of one video: Qwen2.5-VL's vision tower attends
     within a temporal patch and its rotary depends on (h, w) only, so encoding contiguous runs of
     patches separately and concatenating is exact (DESIGN.md §3). Each rank encodes a contiguous,
-    equal share of all the videos' patches, then the merged embeddings are all-gathered.
+    equal share of all the videos' patches (patch_runs), then the merged embeddings are all-gathered.
+    pixel_values_videos: all the videos' pixel rows, or with local=True only this rank's share (its runs'
+    rows in plan order: what get_video_embeds decodes when each rank reads its own frames).
     -> (sum_i t_i*h_i*w_i / merge^2, D) on every rank, identical to one-rank encoding.
     Differentiable (autograd all-gather) when the vision tower is trainable."""
     rank, P = _group_info(group)
@@ -320,33 +340,28 @@ def encode_videos(model, pixel_values_videos, video_grid_thw, group=None):
     offsets = [0]
     for (t, h, w) in grid:
         offsets.append(offsets[-1] + t * h * w)
-    units = [(i, t) for i, (T, _, _) in enumerate(grid) for t in range(T)]
-    bounds = _split_even(len(units), P)
-
-    def plan(r):  # the runs (video, t0, t1) that rank r encodes
-        runs = []
-        for i, t in units[bounds[r]:bounds[r + 1]]:
-            if runs and runs[-1][0] == i:
-                runs[-1][2] = t + 1
-            else:
-                runs.append([i, t, t + 1])
-        return runs
-
-    runs = plan(rank)
+    plan = patch_runs([t for t, _, _ in grid], P)
+    runs = plan[rank]
     D = inner.config.vision_config.out_hidden_size
+    if local:
+        want = sum((t1 - t0) * rows[i] for i, t0, t1 in runs)
+        if pixel_values_videos.shape[0] != want:
+            raise ValueError(f"encode_videos(local=True): rank {rank} got {pixel_values_videos.shape[0]} pixel rows, "
+                             f"its share of the videos {grid} over {P} ranks is {want}")
     if runs:
-        pix = torch.cat([pixel_values_videos[offsets[i] + t0 * rows[i]: offsets[i] + t1 * rows[i]] for i, t0, t1 in runs])
+        pix = pixel_values_videos if local else torch.cat(
+            [pixel_values_videos[offsets[i] + t0 * rows[i]: offsets[i] + t1 * rows[i]] for i, t0, t1 in runs])
         # on the pixels' device: the vision tower builds its rotary positions on the grid's device
         sub_grid = torch.tensor([[t1 - t0, grid[i][1], grid[i][2]] for i, t0, t1 in runs], device=pix.device)
-        local = torch.cat(inner.get_video_features(pix, sub_grid).pooler_output)     # (n_local, D)
+        local_emb = torch.cat(inner.get_video_features(pix, sub_grid).pooler_output)     # (n_local, D)
     else:  # more ranks than temporal patches: this rank idles
-        local = pixel_values_videos.new_zeros(0, D, dtype=inner.visual.dtype)
+        local_emb = pixel_values_videos.new_zeros(0, D, dtype=inner.visual.dtype)
     if P == 1:
-        return local
-    counts = [sum((t1 - t0) * rows[i] // merge2 for i, t0, t1 in plan(r)) for r in range(P)]
-    assert counts[rank] == local.shape[0]
-    pad = local.new_zeros(max(counts) - local.shape[0], local.shape[1])
-    padded = torch.cat([local, pad])                         # gloo/nccl all_gather needs equal sizes
+        return local_emb
+    counts = [sum((t1 - t0) * rows[i] // merge2 for i, t0, t1 in plan[r]) for r in range(P)]
+    assert counts[rank] == local_emb.shape[0]
+    pad = local_emb.new_zeros(max(counts) - local_emb.shape[0], local_emb.shape[1])
+    padded = torch.cat([local_emb, pad])                     # gloo/nccl all_gather needs equal sizes
     if padded.requires_grad:
         from torch.distributed.nn.functional import all_gather as all_gather_autograd
         parts = all_gather_autograd(padded, group=group)
@@ -425,29 +440,67 @@ def vision_is_sharded(model):
     return isinstance(model.model.visual, FSDPModule)
 
 
+def _decode_share(processor, records, num_frames, group):
+    """Parallel decoding: this rank decodes and processes only the frames of its share of the videos' temporal
+    patches (patch_runs), so no rank holds a whole video's pixels. The frame sampling is read from each header;
+    the grids (h, w and time scale) of videos this rank has no patch of come from the others (a sync point).
+    -> (pixel rows of this rank's runs in plan order, video_grid_thw (n, 3), second_per_grid_ts list)."""
+    from data import VideoError, load_video, process_video, sampled_frame_count
+    rank, P = _group_info(group)
+    tp = processor.video_processor.temporal_patch_size
+    n = [sampled_frame_count(r["video"], num_frames=num_frames) for r in records]
+    assert all(k % tp == 0 for k in n), (n, tp)
+    pix, meta, error = [], {}, None
+    try:
+        for i, t0, t1 in patch_runs([k // tp for k in n], P)[rank]:
+            frames, info = load_video(records[i]["video"], num_frames=num_frames, subset=(t0 * tp, t1 * tp))
+            p = process_video(processor, frames, info)
+            assert p["video_grid_thw"][0, 0].item() == t1 - t0, (p["video_grid_thw"], t0, t1)
+            pix.append(p["pixel_values_videos"])
+            meta[i] = (p["video_grid_thw"][0, 1:].tolist(), p["second_per_grid_ts"])
+    except Exception as e:  # noqa: BLE001 - a file broken in one rank's frames must stop every rank, not hang them
+        error = e
+    parts = [None] * P
+    dist.all_gather_object(parts, (meta, error and f"{type(error).__name__}: {error}"), group=group)
+    if error is not None:
+        raise error
+    for r, (m, err) in enumerate(parts):
+        if err is not None:
+            raise VideoError(f"SP rank {r} could not decode its share of the frames: {err}")
+        meta.update(m)
+    grid = torch.tensor([[k // tp, *meta[i][0]] for i, k in enumerate(n)])
+    return torch.cat(pix) if pix else None, grid, [meta[i][1] for i in range(len(records))]
+
+
 def get_video_embeds(model, processor, records, cache=None, num_frames=None, group=None, version=0, device="cpu"):
     """Video embeddings for records (one video each), through the cache when given. Misses are
-    decoded, processed and encoded together with parallel encoding over `group`.
+    encoded together with parallel encoding over `group`: each SP rank decodes, processes and encodes only its
+    share of the frames, then the embeddings are all-gathered (every rank ends with all of them).
     -> (list of value dicts as stored in the cache, number of videos encoded)."""
     from data import load_video, process_video
     keys = [EmbeddingCache.key(r["video"], num_frames, version=version) for r in records]
     found = {k: cache.get(k) for k in dict.fromkeys(keys)} if cache is not None else {k: None for k in keys}
     todo = [(k, r) for k, r in dict(zip(keys, records)).items() if found[k] is None]
     if todo:
-        procs = []
-        for _, r in todo:  # every SP rank decodes the video (cheap next to the vision tower)
-            frames, info = load_video(r["video"], num_frames=num_frames)
-            procs.append(process_video(processor, frames, info))
-        grid = torch.cat([p["video_grid_thw"] for p in procs])
-        pix = torch.cat([p["pixel_values_videos"] for p in procs]).to(device)
+        parallel = _group_info(group)[1] > 1
+        if parallel:   # parallel decoding: this rank's frames only
+            pix, grid, ts = _decode_share(processor, [r for _, r in todo], num_frames, group)
+        else:
+            procs = [process_video(processor, *load_video(r["video"], num_frames=num_frames)) for _, r in todo]
+            pix = torch.cat([p["pixel_values_videos"] for p in procs])
+            grid = torch.cat([p["video_grid_thw"] for p in procs])
+            ts = [p["second_per_grid_ts"] for p in procs]
+        if pix is None:                 # more ranks than temporal patches: this rank idles (encodes 0 rows)
+            pix = torch.zeros(0, 0)
         with torch.no_grad():
+            args = (pix.to(device), grid.to(device), group, parallel)
             if vision_is_sharded(model):   # FSDP-sharded (trainable) tower: enter through the root (collective)
-                emb = root_call(model, encode_videos, model, pix, grid.to(device), group)
+                emb = root_call(model, encode_videos, model, *args)
             else:                          # replicated tower: no FSDP collective, only the SP all-gather
-                emb = encode_videos(model, pix, grid.to(device), group)
+                emb = encode_videos(model, *args)
         sizes = (grid.prod(-1) // (processor.video_processor.merge_size ** 2)).tolist()
-        for (k, _), p, e in zip(todo, procs, emb.split(sizes)):
-            found[k] = dict(embeds=e, video_grid_thw=p["video_grid_thw"], second_per_grid_ts=p["second_per_grid_ts"])
+        for (k, _), g, t, e in zip(todo, grid, ts, emb.split(sizes)):
+            found[k] = dict(embeds=e, video_grid_thw=g[None].clone(), second_per_grid_ts=t)
             if cache is not None:
                 cache.put(k, found[k])
     return [found[k] for k in keys], len(todo)

@@ -8,7 +8,7 @@ import pytest
 
 import data
 from data import (CATEGORIES, LETTERS, RecordError, VideoError, apply_overrides, load_records, load_video,
-                  sample_frame_indices)
+                  sample_frame_indices, sampled_frame_count)
 
 
 # ----------------------------------------------------------------------------- frame sampling
@@ -103,6 +103,31 @@ def test_decode_fps_sampling_path(videos):
     frames, info = load_video(path)
     assert len(info["indices"]) == 10 and frames.shape[0] == 10
     assert info["sampled_fps"] == pytest.approx(10 / (40 / 7.5))
+
+
+@pytest.mark.parametrize("backend", ["pyav", "decord", None])
+def test_decode_a_subset_of_the_sampled_frames(videos, backend):
+    """subset=(s, e): frames s..e-1 of the sampling (what one MR-SP rank decodes), the sampling itself unchanged."""
+    path, fps, _ = videos["a.mp4"]
+    full, info = load_video(path, num_frames=8, backend=backend)
+    assert sampled_frame_count(path, num_frames=8) == 8 and sampled_frame_count(path) == len(load_video(path)[1]["indices"])
+    for s, e in [(0, 2), (2, 6), (6, 8), (0, 8)]:
+        part, pinfo = load_video(path, num_frames=8, backend=backend, subset=(s, e))
+        assert np.array_equal(part, full[s:e])
+        assert pinfo["indices"] == info["indices"] and pinfo["sampled_fps"] == info["sampled_fps"]
+        assert pinfo["subset"] == (s, e)
+    with pytest.raises(VideoError, match=r"a.mp4: subset=\(6, 10\) reaches past the 8 sampled frame"):
+        load_video(path, num_frames=8, backend=backend, subset=(6, 10))
+    with pytest.raises(ValueError, match=r"subset=\(4, 4\): expected \(start, end\)"):
+        load_video(path, num_frames=8, backend=backend, subset=(4, 4))
+
+
+def test_sampled_frame_count_names_bad_files(tmp_path):
+    (tmp_path / "corrupt.mp4").write_bytes(os.urandom(4096))
+    with pytest.raises(VideoError, match="corrupt.mp4"):
+        sampled_frame_count(tmp_path / "corrupt.mp4", num_frames=8)
+    with pytest.raises(VideoError, match="missing.mp4: no such file"):
+        sampled_frame_count(tmp_path / "missing.mp4")
 
 
 def test_bad_video_files_raise_video_error(tmp_path, videos):

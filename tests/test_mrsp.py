@@ -98,6 +98,55 @@ def test_parallel_encoding_gradients_match(tiny_ckpt, synth_dir):
     assert (g - ref).abs().max() <= 1e-5 * max(1.0, ref.abs().max().item())
 
 
+def _decode_share_worker(ckpt, synth_dir, n_recs, frames, fail_rank=None):
+    """get_video_embeds over all ranks; records which frames this rank decoded."""
+    import torch.distributed as dist
+    import data
+    model, processor = load_model(ckpt)
+    recs = load_records(os.path.join(synth_dir, "val.jsonl"))[:n_recs]
+    decoded, load = [], data.load_video
+
+    def spy(path, num_frames=None, subset=None, **kw):
+        if dist.get_rank() == fail_rank:
+            raise VideoError(f"{path}: truncated (injected)")
+        decoded.append((recs.index(next(r for r in recs if r["video"] == path)), subset))
+        return load(path, num_frames=num_frames, subset=subset, **kw)
+
+    data.load_video = spy
+    try:
+        vals, n = get_video_embeds(model, processor, recs, EmbeddingCache(), num_frames=frames, group=dist.group.WORLD)
+    except VideoError as e:
+        return str(e)
+    return vals, n, decoded
+
+
+@pytest.mark.parametrize("world,n_recs,frames", [(2, 3, 6), (3, 2, 2)])
+def test_parallel_decoding_equals_one_rank(tiny_ckpt, synth_dir, world, n_recs, frames):
+    """Each rank decodes only its share of the frames; embeddings, grids and time scales equal one rank's, including
+    videos a rank has no frame of (their grid comes from the others) and idle ranks (3 ranks, 2 patches)."""
+    model, processor = load_model(tiny_ckpt)
+    recs = load_records(os.path.join(synth_dir, "val.jsonl"))[:n_recs]
+    ref, n_ref = get_video_embeds(model, processor, recs, None, num_frames=frames)
+    outs = run_distributed(_decode_share_worker, world, args=(tiny_ckpt, synth_dir, n_recs, frames))
+    for vals, n, _ in outs:
+        assert n == n_ref == n_recs
+        for v, r in zip(vals, ref):
+            assert torch.equal(v["video_grid_thw"], r["video_grid_thw"])
+            assert torch.equal(v["second_per_grid_ts"], r["second_per_grid_ts"])
+            assert v["embeds"].shape == r["embeds"].shape and (v["embeds"] - r["embeds"]).abs().max() <= 1e-5
+    # the decoded frames: disjoint shares covering every sampled frame exactly once
+    seen = sorted((i, f) for _, _, dec in outs for i, (s, e) in dec for f in range(s, e))
+    assert seen == [(i, f) for i in range(n_recs) for f in range(frames)]
+    assert max(sum(e - s for _, (s, e) in dec) for _, _, dec in outs) <= -(-n_recs * frames // (2 * world)) * 2
+
+
+def test_parallel_decoding_error_on_one_rank_stops_all(tiny_ckpt, synth_dir):
+    """A file that fails in one rank's frames raises on every rank (naming it), instead of hanging the others."""
+    outs = run_distributed(_decode_share_worker, 2, args=(tiny_ckpt, synth_dir, 2, 8, 1), timeout=120)
+    assert "truncated (injected)" in outs[1] and outs[1].endswith(".mp4: truncated (injected)")
+    assert outs[0].startswith("SP rank 1 could not decode its share of the frames: VideoError:") and ".mp4" in outs[0]
+
+
 # ----------------------------------------------------------------------------- cache
 def _val(n_tokens, d=8):
     return dict(embeds=torch.zeros(n_tokens, d), video_grid_thw=torch.tensor([[2, 4, 4]]),
