@@ -386,7 +386,35 @@ def print_memory(res):
               f"{ratio} |")
         out_rows.append(dict(frames=r["frames"], naive_gb=r["naive"]["peak_gb"], mrsp_gb=r["mrsp"]["peak_gb"],
                              naive_growth=gn, mrsp_growth=gm))
+    # every budget between the smallest and the largest measured peak, not one picked to tell a story
+    lo, hi = min(r["naive"]["peak_gb"] for r in rows), max(r["naive"]["peak_gb"] for r in rows)
+    print("\nframes that fit a per-rank memory budget (peak interpolated linearly between the measured frame counts; "
+          f"'>= {rows[-1]['frames']}' = fits the longest run, nothing measured beyond)")
+    print("| budget GB/rank | naive: most frames | MR-SP: most frames | MR-SP / naive |")
+    print("|---|---|---|---|")
+    for B in [lo + (hi - lo) * k / 5 for k in range(1, 6)]:
+        fn, fm = (frames_under([(r["frames"], r[m]["peak_gb"]) for r in rows], B) for m in ("naive", "mrsp"))
+        top = rows[-1]["frames"]
+        show = lambda f: "none" if f is None else (f">= {f}" if f == top else f"{f:.0f}")
+        if fn is None or fm is None or fn == top:
+            ratio = "-"
+        else:   # MR-SP at the longest run: it fits at least that much
+            ratio = (">= " if fm == top else "") + f"{fm / fn:.2f}x"
+        print(f"| {B:.2f} | {show(fn)} | {show(fm)} | {ratio} |")
+        out_rows.append(dict(budget_gb=B, naive_frames=fn, mrsp_frames=fm))
     return out_rows
+
+
+def frames_under(points, budget):
+    """Most frames whose peak stays within budget, from measured (frames, peak) points in increasing frames: the
+    first crossing of the piecewise-linear peak curve. None if even the first point is over, the last frame count
+    if no point is."""
+    if points[0][1] > budget:
+        return None
+    for (f0, p0), (f1, p1) in zip(points, points[1:]):
+        if p1 > budget:
+            return f0 + (f1 - f0) * (budget - p0) / (p1 - p0)
+    return points[-1][0]
 
 
 def print_calibration(cal):
