@@ -467,7 +467,15 @@ def _decode_share(processor, records, num_frames, group):
     for r, (m, err) in enumerate(parts):
         if err is not None:
             raise VideoError(f"SP rank {r} could not decode its share of the frames: {err}")
-        meta.update(m)
+        for i, (hw, ts) in m.items():
+            # a processor that resizes by frame count (total-pixel budgets) would give shares different grids:
+            # parallel decoding would then be wrong, so say so instead of encoding mismatched patches
+            if i in meta and (meta[i][0] != hw or not torch.equal(meta[i][1], ts)):
+                raise ValueError(f"{records[i]['video']}: SP ranks processed their frame shares to different grids "
+                                 f"({meta[i][0]} vs {hw}, time scale {meta[i][1].tolist()} vs {ts.tolist()}); this "
+                                 "video processor's resizing depends on the frame count, which parallel decoding "
+                                 "does not support")
+            meta[i] = (hw, ts)
     grid = torch.tensor([[k // tp, *meta[i][0]] for i, k in enumerate(n)])
     return torch.cat(pix) if pix else None, grid, [meta[i][1] for i in range(len(records))]
 

@@ -147,6 +147,34 @@ def test_parallel_decoding_error_on_one_rank_stops_all(tiny_ckpt, synth_dir):
     assert outs[0].startswith("SP rank 1 could not decode its share of the frames: VideoError:") and ".mp4" in outs[0]
 
 
+def _skewed_grid_worker(ckpt, synth_dir):
+    """Rank 1's processor resizes its share differently (as one with a frame-count-dependent pixel budget would)."""
+    import torch.distributed as dist
+    import data
+    model, processor = load_model(ckpt)
+    rec = load_records(os.path.join(synth_dir, "val.jsonl"))[0]
+    process = data.process_video
+
+    def skewed(*a, **kw):
+        p = process(*a, **kw)
+        if dist.get_rank() == 1:
+            p["video_grid_thw"] = p["video_grid_thw"] * torch.tensor([[1, 2, 1]])
+        return p
+
+    data.process_video = skewed
+    try:
+        get_video_embeds(model, processor, [rec], None, num_frames=6, group=dist.group.WORLD)
+    except ValueError as e:
+        return str(e)
+    return "no error"
+
+
+def test_parallel_decoding_refuses_shares_with_different_grids(tiny_ckpt, synth_dir):
+    for out in run_distributed(_skewed_grid_worker, 2, args=(tiny_ckpt, synth_dir), timeout=120):
+        assert ".mp4: SP ranks processed their frame shares to different grids" in out, out
+        assert "depends on the frame count" in out
+
+
 # ----------------------------------------------------------------------------- cache
 def _val(n_tokens, d=8):
     return dict(embeds=torch.zeros(n_tokens, d), video_grid_thw=torch.tensor([[2, 4, 4]]),
