@@ -141,10 +141,15 @@ def _part(seq, subset, path=""):
     return seq if subset is None else seq[subset[0]:subset[1]]
 
 
-def _decord_read(path, num_frames, fps, min_frames, max_frames, subset):
+def _decord_open(path):
+    """-> (reader, total frames, fps) from the header."""
     import decord  # optional dependency
     vr = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
-    total, video_fps = len(vr), float(vr.get_avg_fps())
+    return vr, len(vr), float(vr.get_avg_fps())
+
+
+def _decord_read(path, num_frames, fps, min_frames, max_frames, subset):
+    vr, total, video_fps = _decord_open(path)
     idx = sample_frame_indices(total, video_fps, num_frames, fps, min_frames, max_frames)
     frames = vr.get_batch(_part(idx, subset, path)).asnumpy()
     return frames, total, video_fps, idx
@@ -159,15 +164,19 @@ def _pyav_count(container, stream):
     return n
 
 
+def _pyav_header(container, path):
+    """-> (video stream, total frames, fps or None) of an open container."""
+    if not container.streams.video:
+        raise VideoError(f"{path}: no video stream")
+    stream = container.streams.video[0]
+    rate = stream.average_rate or stream.guessed_rate
+    return stream, _pyav_count(container, stream), (float(rate) if rate else None)
+
+
 def _pyav_read(path, num_frames, fps, min_frames, max_frames, subset):
     import av
     with av.open(path) as container:
-        if not container.streams.video:
-            raise VideoError(f"{path}: no video stream")
-        stream = container.streams.video[0]
-        rate = stream.average_rate or stream.guessed_rate
-        video_fps = float(rate) if rate else None
-        total = _pyav_count(container, stream)
+        stream, total, video_fps = _pyav_header(container, path)
         idx = sample_frame_indices(total, video_fps, num_frames, fps, min_frames, max_frames)
         sel = _part(idx, subset, path)
         want, i = {}, -1
@@ -237,18 +246,12 @@ def sampled_frame_count(path, num_frames=None, fps=FPS, min_frames=FPS_MIN_FRAME
     MR-SP's parallel decoding, made before any rank decodes its share."""
     path = _check_file(path)
     try:
-        import decord
-        vr = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
-        total, video_fps = len(vr), float(vr.get_avg_fps())
+        _, total, video_fps = _decord_open(path)
     except Exception:  # noqa: BLE001 - no decord, or decord cannot read it: PyAV (load_video does the same)
         import av
         try:
             with av.open(path) as container:
-                if not container.streams.video:
-                    raise VideoError(f"{path}: no video stream")
-                stream = container.streams.video[0]
-                rate = stream.average_rate or stream.guessed_rate
-                total, video_fps = _pyav_count(container, stream), (float(rate) if rate else None)
+                _, total, video_fps = _pyav_header(container, path)
         except VideoError:
             raise
         except Exception as e:  # noqa: BLE001

@@ -766,7 +766,8 @@ def sync_weights(model, engine_model):
     turn (full_tensor: a collective, every rank walks the same keys in the same order), so one full tensor exists at
     a time instead of a second full model next to the engine's (~30 GB for a 7B in fp32)."""
     dst = engine_model.state_dict()
-    missing = [k for k in dst if k not in model.state_dict()]
+    have = model.state_dict().keys()   # built once: state_dict() walks the whole module tree
+    missing = [k for k in dst if k not in have]
     if missing:
         raise KeyError(f"sync_weights: the policy has no {missing[:3]}... (different architectures?)")
     n = 0
