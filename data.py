@@ -27,11 +27,17 @@ import sys
 import numpy as np
 
 # -----------------------------------------------------------------------------
-# constants (qwen-vl-utils conventions, DESIGN.md §4)
+# constants (qwen-vl-utils 0.0.14 conventions, the frame pipeline Qwen2-VL / Qwen2.5-VL were trained with)
 FRAME_FACTOR = 2          # Qwen2.5-VL's temporal patch: frame counts are multiples of 2
 FPS = 2.0                 # default sampling rate when no frame count is given
 FPS_MIN_FRAMES = 4
 FPS_MAX_FRAMES = 768
+# frame sizes are counted in merged tokens of factor x factor pixels (factor = patch 14 x merge 2 = 28 for Qwen2.5-VL)
+VIDEO_MIN_TOKENS = 128    # per-frame pixel floor: 128 * 28 * 28
+VIDEO_MAX_TOKENS = 768    # per-frame pixel ceiling: 768 * 28 * 28
+IMAGE_MIN_TOKENS, IMAGE_MAX_TOKENS = 4, 16384   # smart_resize's own default range (used for resized_height/width)
+MODEL_SEQ_LEN = 128000    # total video budget: 90% of this many tokens' pixels, shared by all frames
+MAX_RATIO = 200           # the widest aspect ratio smart_resize accepts
 LETTERS = "ABCDEFGHIJ"
 CATEGORIES = ("temporal", "goal", "spatial", "plot")  # LongVideo-Reason-eval categories
 INSTRUCTION = ("Think step by step inside <think> </think> tags, then give only the letter of the "
@@ -95,30 +101,118 @@ def _floor_by(x, f): return math.floor(x / f) * f
 def _ceil_by(x, f): return math.ceil(x / f) * f
 
 
-def sample_frame_indices(total_frames, video_fps, num_frames=None, fps=FPS,
-                         min_frames=FPS_MIN_FRAMES, max_frames=FPS_MAX_FRAMES):
-    """Indices of the frames to decode, uniform over the whole video.
+def frame_range(total_frames, video_fps, video_start=None, video_end=None):
+    """(first, last) frame, inclusive, of the clip video_start..video_end seconds (None: the video's start / end),
+    as qwen-vl-utils' calculate_video_frame_range: both times clamped to the video, the start rounded up to a
+    frame and the end down; a clip of fewer than 2 frames is an error."""
+    if video_start is None and video_end is None:
+        return 0, total_frames - 1
+    if video_fps is None or video_fps <= 0:
+        raise VideoError(f"cannot cut video_start={video_start} / video_end={video_end} (seconds): "
+                         f"the video's fps is unknown ({video_fps})")
+    duration = total_frames / video_fps
+    first = 0 if video_start is None else math.ceil(max(0.0, min(video_start, duration)) * video_fps)
+    last = (total_frames - 1 if video_end is None else
+            min(math.floor(max(0.0, min(video_end, duration)) * video_fps), total_frames - 1))
+    if first >= last:
+        raise VideoError(f"video_start={video_start} / video_end={video_end} s select frames {first}..{last} of a "
+                         f"{total_frames}-frame video at {video_fps:g} fps ({duration:.2f} s): expected a clip of at "
+                         f"least {FRAME_FACTOR} frames")
+    return first, last
+
+
+def _num_sampled(count, video_fps, num_frames, fps, min_frames, max_frames):
+    """qwen-vl-utils' smart_nframes for a clip of `count` frames."""
+    if num_frames is not None:
+        n = _round_by(num_frames, FRAME_FACTOR)
+        if not FRAME_FACTOR <= n <= count:
+            raise VideoError(f"num_frames={num_frames} (rounded to {n}) must lie in "
+                             f"[{FRAME_FACTOR}, total_frames={count}]")
+        return n
+    if video_fps is None or video_fps <= 0:
+        raise VideoError(f"cannot sample at fps={fps}: the video's fps is unknown ({video_fps})")
+    lo = _ceil_by(min_frames, FRAME_FACTOR)
+    hi = _floor_by(min(max_frames, count), FRAME_FACTOR)   # floor2(min(a, b)) == min(floor2(a), floor2(b)): as theirs
+    n = _floor_by(min(max(count / video_fps * fps, lo), hi), FRAME_FACTOR)
+    if n < FRAME_FACTOR:
+        raise VideoError(f"cannot sample {n} frames from a {count}-frame video")
+    return n
+
+
+def sample_frame_indices(total_frames, video_fps, num_frames=None, fps=FPS, min_frames=FPS_MIN_FRAMES,
+                         max_frames=FPS_MAX_FRAMES, video_start=None, video_end=None):
+    """Indices of the frames to decode, uniform over the clip video_start..video_end s (default: the whole video).
 
     num_frames given: rounded to a multiple of 2 (LongVILA-R1 style fixed frame count).
-    Otherwise: n = floor2(clamp(total / video_fps * fps, ceil2(min_frames), floor2(min(max_frames, total)))).
+    Otherwise: n = floor2(clamp(count / video_fps * fps, ceil2(min_frames), floor2(min(max_frames, count)))),
+    count = the clip's frames. Indices = linspace(first, last, n) rounded half to even.
+    qwen-vl-utils computes that linspace in float32 (torch.linspace), which misrounds a value lying within float32
+    precision of .5 by one frame (e.g. 768 of 12,342 frames, 512 of 16,481: one index each); float64 gives the
+    exact rounding here, so we keep it.
     """
     if total_frames < FRAME_FACTOR:
         raise VideoError(f"video has {total_frames} frame(s); at least {FRAME_FACTOR} are needed")
-    if num_frames is not None:
-        n = _round_by(num_frames, FRAME_FACTOR)
-        if not FRAME_FACTOR <= n <= total_frames:
-            raise VideoError(f"num_frames={num_frames} (rounded to {n}) must lie in "
-                             f"[{FRAME_FACTOR}, total_frames={total_frames}]")
-    else:
-        if video_fps is None or video_fps <= 0:
-            raise VideoError(f"cannot sample at fps={fps}: the video's fps is unknown ({video_fps})")
-        lo = _ceil_by(min_frames, FRAME_FACTOR)
-        hi = _floor_by(min(max_frames, total_frames), FRAME_FACTOR)
-        n = total_frames / video_fps * fps
-        n = _floor_by(min(max(n, lo), hi), FRAME_FACTOR)
-        if n < FRAME_FACTOR:
-            raise VideoError(f"cannot sample {n} frames from a {total_frames}-frame video")
-    return np.linspace(0, total_frames - 1, n).round().astype(int).tolist()
+    first, last = frame_range(total_frames, video_fps, video_start, video_end)
+    n = _num_sampled(last - first + 1, video_fps, num_frames, fps, min_frames, max_frames)
+    return np.linspace(first, last, n).round().astype(int).tolist()
+
+
+def sampled_fps(n, total_frames, video_fps, video_start=None, video_end=None):
+    """Frames per second of an n-frame sampling of the clip: qwen-vl-utils' sample_fps (n / clip frames * video fps),
+    which sets the mrope time scale second_per_grid_ts = temporal_patch_size / sampled_fps. None if fps is unknown."""
+    if not video_fps:
+        return None
+    first, last = frame_range(total_frames, video_fps, video_start, video_end)
+    return n / (last - first + 1) * video_fps
+
+
+def smart_resize(height, width, factor=28, min_pixels=None, max_pixels=None):
+    """(h, w): multiples of `factor` with h * w within [min_pixels, max_pixels] (default: IMAGE_MIN_TOKENS ..
+    IMAGE_MAX_TOKENS factor-squares), aspect ratio kept as well as possible -- qwen-vl-utils' smart_resize, except
+    where it floors a side to 0 (a very wide frame under a small max_pixels, e.g. 30x5000 under 128 * 28^2): we clamp
+    that side to `factor`, as transformers' smart_resize does, so the frame may exceed max_pixels by less than one
+    factor-wide strip instead of crashing the resize. Bad sizes raise ValueError naming them."""
+    min_pixels = IMAGE_MIN_TOKENS * factor ** 2 if min_pixels is None else min_pixels
+    max_pixels = IMAGE_MAX_TOKENS * factor ** 2 if max_pixels is None else max_pixels
+    if not (height > 0 and width > 0):
+        raise ValueError(f"frame size {height}x{width}: expected positive height and width")
+    if max_pixels < min_pixels:
+        raise ValueError(f"max_pixels={max_pixels} < min_pixels={min_pixels}: expected max_pixels >= min_pixels")
+    if max(height, width) / min(height, width) > MAX_RATIO:
+        raise ValueError(f"frame size {height}x{width}: aspect ratio {max(height, width) / min(height, width):.1f} "
+                         f"is over {MAX_RATIO}, the most Qwen-VL's smart_resize accepts")
+    h, w = max(factor, _round_by(height, factor)), max(factor, _round_by(width, factor))
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h, w = max(factor, _floor_by(height / beta, factor)), max(factor, _floor_by(width / beta, factor))
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h, w = _ceil_by(height * beta, factor), _ceil_by(width * beta, factor)
+    return h, w
+
+
+def frame_size(height, width, nframes, factor=28, min_pixels=None, max_pixels=None, total_pixels=None,
+               resized_height=None, resized_width=None):
+    """(h, w) of every frame of an nframes-frame sampling of height x width video, as qwen-vl-utils' fetch_video:
+    per frame at least min_pixels (default VIDEO_MIN_TOKENS factor-squares) and at most the smallest of
+    VIDEO_MAX_TOKENS factor-squares, an even share of total_pixels per temporal patch (total_pixels / nframes * 2,
+    default 90% of MODEL_SEQ_LEN tokens' pixels; floored at 1.05 * min_pixels) and max_pixels (which can only lower
+    it). resized_height/resized_width (both or neither) replace all of that: smart_resize of them alone.
+
+    nframes is the whole sampling's frame count, never one SP rank's share of it: the size must not depend on who
+    processes the frames. qwen-vl-utils reads MODEL_SEQ_LEN from the environment; here total_pixels is an explicit
+    option, so a run's frame sizes follow from its flags and records alone."""
+    if (resized_height is None) != (resized_width is None):
+        raise ValueError(f"resized_height={resized_height}, resized_width={resized_width}: give both or neither")
+    if resized_height is not None:
+        return smart_resize(resized_height, resized_width, factor)
+    if not (isinstance(nframes, (int, np.integer)) and nframes >= 1):
+        raise ValueError(f"nframes={nframes!r}: expected the sampled frame count, a positive integer")
+    min_pixels = VIDEO_MIN_TOKENS * factor ** 2 if min_pixels is None else min_pixels
+    total_pixels = MODEL_SEQ_LEN * factor ** 2 * 0.9 if total_pixels is None else total_pixels
+    cap = max(min(VIDEO_MAX_TOKENS * factor ** 2, total_pixels / nframes * FRAME_FACTOR), int(min_pixels * 1.05))
+    max_pixels = cap if max_pixels is None else min(max_pixels, cap)
+    return smart_resize(height, width, factor, min_pixels, max_pixels)
 
 
 # -----------------------------------------------------------------------------
@@ -148,9 +242,17 @@ def _decord_open(path):
     return vr, len(vr), float(vr.get_avg_fps())
 
 
-def _decord_read(path, num_frames, fps, min_frames, max_frames, subset):
+def _sample(path, total, video_fps, sampling):
+    """sample_frame_indices(total, video_fps, **sampling), its errors naming the file."""
+    try:
+        return sample_frame_indices(total, video_fps, **sampling)
+    except VideoError as e:
+        raise VideoError(f"{path}: {e}") from None
+
+
+def _decord_read(path, sampling, subset):
     vr, total, video_fps = _decord_open(path)
-    idx = sample_frame_indices(total, video_fps, num_frames, fps, min_frames, max_frames)
+    idx = _sample(path, total, video_fps, sampling)
     frames = vr.get_batch(_part(idx, subset, path)).asnumpy()
     return frames, total, video_fps, idx
 
@@ -173,11 +275,11 @@ def _pyav_header(container, path):
     return stream, _pyav_count(container, stream), (float(rate) if rate else None)
 
 
-def _pyav_read(path, num_frames, fps, min_frames, max_frames, subset):
+def _pyav_read(path, sampling, subset):
     import av
     with av.open(path) as container:
         stream, total, video_fps = _pyav_header(container, path)
-        idx = sample_frame_indices(total, video_fps, num_frames, fps, min_frames, max_frames)
+        idx = _sample(path, total, video_fps, sampling)
         sel = _part(idx, subset, path)
         want, i = {}, -1
         for j, k in enumerate(sel):
@@ -198,13 +300,16 @@ def _pyav_read(path, num_frames, fps, min_frames, max_frames, subset):
 
 
 def load_video(path, num_frames=None, fps=FPS, min_frames=FPS_MIN_FRAMES, max_frames=FPS_MAX_FRAMES,
-               backend=None, subset=None):
-    """Decode the sampled frames of a video.
+               backend=None, subset=None, video_start=None, video_end=None):
+    """Decode the sampled frames of a video (sampling: sample_frame_indices; video_start/video_end in seconds
+    restrict it to a clip, as qwen-vl-utils' per-sample keys do). Frames come at the source resolution:
+    process_video sizes them.
 
-    Returns frames (T, H, W, 3) uint8 and info {video_fps, total_frames, indices, duration,
+    Returns frames (T, H, W, 3) uint8 and info {video_fps, total_frames, indices, duration (of the whole video),
     sampled_fps, backend, subset}. backend: None (decord, then PyAV), "decord" or "pyav".
     subset=(start, end): decode only sampled frames start..end-1 (MR-SP: each SP rank decodes its share);
-    info still describes the whole sampling (indices, sampled_fps), so the time scale stays that of the video.
+    info still describes the whole sampling (indices, sampled_fps), so the time scale and the frame size stay
+    those of the whole video.
     Raises VideoError (a ValueError) naming the path for missing/empty/corrupt/truncated files.
     """
     path = _check_file(path)
@@ -212,13 +317,15 @@ def load_video(path, num_frames=None, fps=FPS, min_frames=FPS_MIN_FRAMES, max_fr
         start, end = subset
         if not 0 <= start < end:
             raise ValueError(f"{path}: subset={subset}: expected (start, end) with 0 <= start < end")
+    sampling = dict(num_frames=num_frames, fps=fps, min_frames=min_frames, max_frames=max_frames,
+                    video_start=video_start, video_end=video_end)
     errors = []
     for name in ([backend] if backend else ["decord", "pyav"]):
         reader = {"decord": _decord_read, "pyav": _pyav_read}.get(name)
         if reader is None:
             raise ValueError(f"backend={name!r}: expected 'decord' or 'pyav'")
         try:
-            frames, total, video_fps, idx = reader(path, num_frames, fps, min_frames, max_frames, subset)
+            frames, total, video_fps, idx = reader(path, sampling, subset)
         except ImportError as e:
             errors.append(f"{name}: not installed ({e})")
             continue
@@ -234,16 +341,18 @@ def load_video(path, num_frames=None, fps=FPS, min_frames=FPS_MIN_FRAMES, max_fr
         if frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] != n:
             raise VideoError(f"{path}: decoder returned frames of shape {frames.shape}, expected "
                              f"({n}, H, W, 3)")
-        duration = total / video_fps if video_fps else None
-        info = dict(video_fps=video_fps, total_frames=total, indices=idx, duration=duration,
-                    sampled_fps=(len(idx) / duration if duration else None), backend=name, subset=subset)
+        info = dict(video_fps=video_fps, total_frames=total, indices=idx,
+                    duration=total / video_fps if video_fps else None,
+                    sampled_fps=sampled_fps(len(idx), total, video_fps, video_start, video_end),
+                    backend=name, subset=subset)
         return frames, info
     raise VideoError(f"{path}: cannot decode video ({'; '.join(errors)})")
 
 
-def sampled_frame_count(path, num_frames=None, fps=FPS, min_frames=FPS_MIN_FRAMES, max_frames=FPS_MAX_FRAMES):
-    """How many frames load_video samples from this video, read from the header (nothing decoded): the plan of
-    MR-SP's parallel decoding, made before any rank decodes its share."""
+def sampled_frame_count(path, num_frames=None, fps=FPS, min_frames=FPS_MIN_FRAMES, max_frames=FPS_MAX_FRAMES,
+                        video_start=None, video_end=None):
+    """How many frames load_video samples from this video (same options), read from the header (nothing decoded):
+    the plan of MR-SP's parallel decoding, made before any rank decodes its share."""
     path = _check_file(path)
     try:
         _, total, video_fps = _decord_open(path)
@@ -256,10 +365,9 @@ def sampled_frame_count(path, num_frames=None, fps=FPS, min_frames=FPS_MIN_FRAME
             raise
         except Exception as e:  # noqa: BLE001
             raise VideoError(f"{path}: cannot read the video header ({type(e).__name__}: {e})") from e
-    try:
-        return len(sample_frame_indices(total, video_fps, num_frames, fps, min_frames, max_frames))
-    except VideoError as e:
-        raise VideoError(f"{path}: {e}") from None
+    return len(_sample(path, total, video_fps, dict(num_frames=num_frames, fps=fps, min_frames=min_frames,
+                                                    max_frames=max_frames, video_start=video_start,
+                                                    video_end=video_end)))
 
 
 # -----------------------------------------------------------------------------
@@ -305,8 +413,67 @@ def _norm_options(opts):
     return out
 
 
+# per-sample video options: qwen-vl-utils' per-video keys, which a record may carry -> our option names
+_VIDEO_FIELDS = {  # record field: (option name, whole number?, smallest allowed value; video_start alone may be 0)
+    "nframes": ("num_frames", True, FRAME_FACTOR), "fps": ("fps", False, 0), "min_frames": ("min_frames", True, 1),
+    "max_frames": ("max_frames", True, FRAME_FACTOR), "video_start": ("video_start", False, 0),
+    "video_end": ("video_end", False, 0), "min_pixels": ("min_pixels", False, 0),
+    "max_pixels": ("max_pixels", False, 0), "total_pixels": ("total_pixels", False, 0),
+    "resized_height": ("resized_height", True, 1), "resized_width": ("resized_width", True, 1)}
+_FIELD_OF = {opt: field for field, (opt, _, _) in _VIDEO_FIELDS.items()}
+DECODE_OPTS = ("num_frames", "fps", "min_frames", "max_frames", "video_start", "video_end")   # load_video's
+SIZE_OPTS = ("min_pixels", "max_pixels", "total_pixels", "resized_height", "resized_width")   # process_video's
+
+
+def _value_problem(field, v):
+    """What is wrong with one video option value (None if nothing)."""
+    _, whole, least = _VIDEO_FIELDS[field]
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        return f"expected a number, got {v!r}"
+    if whole and v != int(v):
+        return f"expected a whole number, got {v!r}"
+    if field == "video_start":
+        return None if v >= 0 else f"expected seconds >= 0, got {v!r}"
+    if v <= 0 or v < least:
+        return f"expected {'a number > 0' if least == 0 else f'at least {least}'}, got {v!r}"
+    return None
+
+
+def _options_problem(opts):
+    """(field, what is wrong) for options that contradict each other (record field names), else None."""
+    if "nframes" in opts:
+        clash = [k for k in ("fps", "min_frames", "max_frames") if k in opts]
+        if clash:
+            return clash[0], f"a fixed nframes={opts['nframes']} cannot go with {clash[0]} (fps sampling only)"
+    for lo, hi in (("min_frames", "max_frames"), ("min_pixels", "max_pixels"), ("video_start", "video_end")):
+        if lo in opts and hi in opts and (opts[hi] < opts[lo] or (lo == "video_start" and opts[hi] == opts[lo])):
+            return hi, f"{hi}={opts[hi]} must be {'above' if lo == 'video_start' else 'at least'} {lo}={opts[lo]}"
+    if ("resized_height" in opts) != ("resized_width" in opts):
+        return "resized_height", "resized_height and resized_width go together: give both or neither"
+    return None
+
+
+def _record_video_opts(row, where):
+    """The qwen-vl-utils per-sample video keys of a raw row, validated (RecordError naming where and the field)."""
+    opts = {}
+    for field in _VIDEO_FIELDS:
+        if row.get(field) is None:
+            continue
+        problem = _value_problem(field, row[field])
+        if problem:
+            raise RecordError(f"{where}: field {field!r}: {problem}")
+        opts[field] = int(row[field]) if _VIDEO_FIELDS[field][1] else row[field]
+    bad = _options_problem(opts)
+    if bad:
+        raise RecordError(f"{where}: field {bad[0]!r}: {bad[1]}")
+    return opts
+
+
 def normalize_record(row, root=None, where="record"):
-    """One raw row (any supported format) -> the normalised dict. `where` names it in errors."""
+    """One raw row (any supported format) -> the normalised dict. `where` names it in errors.
+    qwen-vl-utils' optional per-sample video keys (nframes, fps, min_frames, max_frames, video_start, video_end,
+    min_pixels, max_pixels, total_pixels, resized_height, resized_width) are validated and kept in
+    rec["video_opts"] (empty when none); video_options() merges them with a stage's defaults."""
     def need(field):
         if field not in row or row[field] in (None, ""):
             raise RecordError(f"{where}: missing field {field!r}")
@@ -372,6 +539,7 @@ def normalize_record(row, root=None, where="record"):
     rec = dict(id=str(rid), video=video, question=question.strip(), options=options, answer=ans,
                reasoning=str(reasoning).strip(), category=_norm_category(category), source=source)
     rec.update({k: v for k, v in extra.items() if k not in rec})
+    rec["video_opts"] = _record_video_opts(row, where)
     return rec
 
 
@@ -427,6 +595,66 @@ def load_records(path, video_root=None, on_error=None):
     if not recs:
         raise RecordError(f"{path}: no records")
     return recs
+
+
+# -----------------------------------------------------------------------------
+# video options: stage-level defaults merged with a record's own qwen-vl-utils keys
+def video_options(record=None, **defaults):
+    """One dict of video options for a record: the stage's defaults (num_frames, fps, min_frames, max_frames,
+    video_start, video_end, min_pixels, max_pixels, total_pixels, resized_height, resized_width; None = unset)
+    overridden by the record's own video_opts, as a qwen-vl-utils per-sample dict overrides its defaults. A record
+    that asks for fps sampling (fps / min_frames / max_frames) drops the stage's fixed num_frames, and one with its
+    own nframes drops the stage's fps options. Split it with decode_opts (load_video, sampled_frame_count) and
+    size_opts (process_video); video_key(path, opts) is its cache key. ValueError for bad defaults."""
+    unknown = sorted(set(defaults) - set(_FIELD_OF))
+    if unknown:
+        raise ValueError(f"video_options: unknown option(s) {', '.join(unknown)}; known: {', '.join(_FIELD_OF)}")
+    opts = {}
+    for name, v in defaults.items():
+        if v is None:
+            continue
+        problem = _value_problem(_FIELD_OF[name], v)
+        if problem:
+            raise ValueError(f"video option {name}={v!r}: {problem}")
+        opts[name] = v
+    own = {_VIDEO_FIELDS[f][0]: v for f, v in ((record or {}).get("video_opts") or {}).items()}
+    if own.keys() & {"fps", "min_frames", "max_frames"}:
+        opts.pop("num_frames", None)
+    if "num_frames" in own:
+        for k in ("fps", "min_frames", "max_frames"):
+            opts.pop(k, None)
+    opts.update(own)
+    bad = _options_problem({_FIELD_OF[k]: v for k, v in opts.items()})
+    if bad:
+        rid = (record or {}).get("id")
+        raise ValueError(f"video options{f' of record {rid!r}' if rid is not None else ''} {opts}: {bad[1]}")
+    return opts
+
+
+def video_flags(**flags):
+    """A stage's video flags (--min_pixels=0 ...) -> video_options defaults: 0 (the flag's "unset") dropped."""
+    return {k: v for k, v in flags.items() if v}
+
+
+def decode_opts(opts):
+    """The options of video_options() that choose the frames: load_video / sampled_frame_count keyword arguments."""
+    return {k: opts[k] for k in DECODE_OPTS if opts.get(k) is not None}
+
+
+def size_opts(opts):
+    """The options of video_options() that size the frames: process_video / encode_sample keyword arguments."""
+    return {k: opts[k] for k in SIZE_OPTS if opts.get(k) is not None}
+
+
+def video_key(path, opts):
+    """A stable string naming the frames (and their size) that `opts` takes from the video at `path`: equal
+    options give equal keys whatever their order or int/float spelling (256 == 256.0); any option that changes a
+    frame or its size changes the key. For embedding caches (add the vision weights' version yourself)."""
+    def num(v):
+        return repr(int(v)) if isinstance(v, float) and v.is_integer() else repr(v)
+    parts = [os.path.abspath(os.fspath(path))]
+    parts += [f"{k}={num(opts[k])}" for k in sorted(opts) if opts[k] is not None]
+    return "|".join(parts)
 
 
 # -----------------------------------------------------------------------------
@@ -501,15 +729,86 @@ def video_metadata(info):
                          duration=info["duration"])
 
 
-def process_video(processor, frames, info):
-    """Pixels for the vision tower: pixel_values_videos (N_patches, C*2*14*14), video_grid_thw (1, 3)
-    and second_per_grid_ts (1,) (mrope time scale = temporal_patch / sampled fps)."""
-    import torch
+def processed_frame_size(processor, height, width, nframes, min_pixels=None, max_pixels=None, total_pixels=None,
+                         resized_height=None, resized_width=None):
+    """(h, w) of the frames process_video gives the vision tower for an nframes-frame sampling of a height x width
+    video: frame_size (qwen-vl-utils' sizing, factor = the processor's patch x merge), then clamped into the video
+    processor's own per-frame range size["shortest_edge"]..size["longest_edge"] by smart_resize -- the composition
+    of the reference pipeline, where qwen-vl-utils resizes and the HF processor resizes again only frames outside its
+    range (a range holds a multiple-of-factor size unchanged). The processor's frame-count cap
+    (cap_pixels_per_frame) is not applied: the total budget is total_pixels, spread over the whole sampling."""
     vp = processor.video_processor
-    out = vp(videos=[frames], video_metadata=[video_metadata(info)], return_tensors="pt")
-    sampled_fps = len(info["indices"]) / info["duration"] if info.get("duration") else 2.0
-    return dict(pixel_values_videos=out["pixel_values_videos"], video_grid_thw=out["video_grid_thw"],
-                second_per_grid_ts=torch.tensor([vp.temporal_patch_size / sampled_fps], dtype=torch.float32))
+    factor = vp.patch_size * vp.merge_size
+    h, w = frame_size(height, width, nframes, factor, min_pixels, max_pixels, total_pixels,
+                      resized_height, resized_width)
+    size = vp.size   # a SizeDict (attributes) or, in older processors, a plain dict
+    lo, hi = ((size.get("shortest_edge"), size.get("longest_edge")) if isinstance(size, dict) else
+              (getattr(size, "shortest_edge", None), getattr(size, "longest_edge", None)))
+    if not lo or not hi:
+        raise ValueError(f"video processor size={size}: expected a per-frame pixel range {{'shortest_edge': "
+                         "min pixels, 'longest_edge': max pixels} (a Qwen2-VL / Qwen2.5-VL processor)")
+    return smart_resize(h, w, factor, lo, hi)
+
+
+def _resize_frames(frames, h, w, chunk_bytes=1 << 28):
+    """(T, H, W, 3) uint8 -> (T, 3, h, w) uint8 torch, bicubic with antialias through torchvision's (v1) resize on
+    uint8 frames in this layout: the very call qwen-vl-utils makes (float math, then rounded and clamped to uint8),
+    so the pixels are bit-identical to its output and memory stays at one byte per value. (The v2 uint8 kernel that
+    the HF processor uses rounds its own way: up to 4 levels off downscaling, more upscaling.) Frames go through in
+    chunks of ~chunk_bytes of float intermediates."""
+    import torch
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as tvF
+    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)   # (T, 3, H, W), a view
+    T, _, H, W = x.shape
+    if (H, W) == (h, w):
+        return x   # bicubic to the same size is the identity
+    step = max(1, chunk_bytes // (3 * 4 * max(H * W, h * w)))
+    out = torch.empty((T, 3, h, w), dtype=torch.uint8)   # (T, 3, h, w)
+    for t in range(0, T, step):
+        out[t:t + step] = tvF.resize(x[t:t + step], [h, w], interpolation=InterpolationMode.BICUBIC, antialias=True)
+    return out
+
+
+def process_video(processor, frames, info, min_pixels=None, max_pixels=None, total_pixels=None,
+                  resized_height=None, resized_width=None):
+    """Pixels for the vision tower: pixel_values_videos (N_patches, C*2*14*14), video_grid_thw (1, 3)
+    and second_per_grid_ts (1,) (mrope time scale = temporal_patch / sampled fps, qwen-vl-utils' sample fps).
+
+    frames (T, H, W, 3) uint8 at the source resolution, all of the sampled frames or one SP rank's share of them
+    (info["subset"]). The frame size is computed once, by processed_frame_size from the source size and the WHOLE
+    sampling's frame count len(info["indices"]) (never len(frames)), with the sizing options (size_opts of
+    video_options: min_pixels, max_pixels, total_pixels, resized_height, resized_width); the frames are resized
+    once, as qwen-vl-utils does, and the processor runs with do_resize=False, so no processor option can make a
+    share's grid differ from the whole video's: each share's patches are exactly its rows of the whole video's."""
+    import torch
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        raise ValueError(f"process_video: frames of shape {frames.shape} and dtype {frames.dtype}: expected "
+                         "(T, H, W, 3) uint8 as load_video returns")
+    vp = processor.video_processor
+    n = len(info["indices"])
+    if len(frames) != len(_part(info["indices"], info.get("subset"))):
+        raise ValueError(f"process_video: {len(frames)} frames for info describing "
+                         f"{len(_part(info['indices'], info.get('subset')))} (subset={info.get('subset')})")
+    h, w = processed_frame_size(processor, frames.shape[1], frames.shape[2], n, min_pixels, max_pixels,
+                                total_pixels, resized_height, resized_width)
+    pixels = _resize_frames(frames, h, w)   # (T, 3, h, w) uint8
+    out = vp(videos=[pixels], video_metadata=[video_metadata(info)], do_resize=False, do_sample_frames=False,
+             return_tensors="pt")
+    grid = out["video_grid_thw"]
+    tp = vp.temporal_patch_size
+    assert grid.tolist() == [[-(-len(frames) // tp), h // vp.patch_size, w // vp.patch_size]], (grid, h, w)
+    fps = info.get("sampled_fps") or FPS   # unknown video fps (some headers): assume the default 2 fps sampling
+    return dict(pixel_values_videos=out["pixel_values_videos"], video_grid_thw=grid,
+                second_per_grid_ts=torch.tensor([tp / fps], dtype=torch.float32))
+
+
+def video_inputs(processor, record, **defaults):
+    """Decode + process a record's video with the stage's option defaults (num_frames, min_pixels, ...) and the
+    record's own fields: process_video's dict (pixel_values_videos, video_grid_thw, second_per_grid_ts)."""
+    opts = video_options(record, **defaults)
+    return process_video(processor, *load_video(record["video"], **decode_opts(opts)), **size_opts(opts))
 
 
 def encode_text(processor, record, video_grid_thw, with_target=True, max_length=None, truncate=False):
@@ -551,9 +850,9 @@ def encode_text(processor, record, video_grid_thw, with_target=True, max_length=
                 id=record["id"], answer=record["answer"])
 
 
-def encode_sample(processor, record, frames, info, with_target=True, max_length=None, truncate=False):
-    """One training/eval sample from decoded frames: process_video + encode_text in one dict."""
-    vid = process_video(processor, frames, info)
+def encode_sample(processor, record, frames, info, with_target=True, max_length=None, truncate=False, **sizing):
+    """One training/eval sample from decoded frames: process_video (with the sizing options) + encode_text."""
+    vid = process_video(processor, frames, info, **sizing)
     return dict(encode_text(processor, record, vid["video_grid_thw"], with_target, max_length, truncate), **vid)
 
 

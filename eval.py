@@ -43,7 +43,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from data import (CATEGORIES, RecordError, SampleTooLongError, VideoError, apply_overrides, config_of,
-                  extract_choice, load_records)
+                  extract_choice, load_records, video_flags)
 from mrsp import EmbeddingCache, build_seq, hf_rollout, load_model, print0, setup_dist
 
 __all__ = ["extract_choice", "read_records", "check_videos", "evaluate", "gather_rows", "summarize", "format_table",
@@ -56,6 +56,10 @@ data = "data/synth/test.jsonl"  # LongVideo-Reason(-eval) / our JSONL / Video-MM
 video_root = ""             # folder the record's video paths are relative to ("" = the data file's folder)
 out_dir = "out/eval"
 frames = "32"               # frame count, or a comma list for a sweep: "16,32,64"
+min_pixels = 0              # frame size (qwen-vl-utils rules, what Qwen-VL checkpoints were trained with):
+max_pixels = 0              #   per-frame pixel range, 0 = 128*28*28 .. 768*28*28, and a pixel budget for the whole
+total_pixels = 0            #   video shared by its frames, 0 = 90% of 128k tokens' pixels; a record's own
+                            #   min_pixels/max_pixels/total_pixels/resized_height/resized_width/video_start/... win
 max_samples = 0             # evaluate only the first N records (0 = all)
 max_new_tokens = 512        # generation budget (CoT models think before answering)
 temperature = 0.0           # 0 = greedy; > 0 samples (seeded per item: same results for any world size)
@@ -113,7 +117,7 @@ def _item_row(rec, frames, text, finish_reason):
 @torch.no_grad()
 def evaluate(model, processor, records, frames, max_new_tokens=512, temperature=0.0, top_p=1.0, cache=None, rank=0,
              world=1, device="cpu", desc="eval", skip_bad=False, seed=0, llm=None, batch_size=16, version=0,
-             samples=1):
+             samples=1, video=None):
     """Answer this rank's share of `records` at `frames` frames per video. -> list of per-item rows, each with
     "index" (position in `records`, for gather_rows); samples > 1 (temperature > 0): that many rows per item, each
     with "sample" (0..samples-1), so summarize's accuracy is the mean over all samples (avg@samples).
@@ -123,6 +127,7 @@ def evaluate(model, processor, records, frames, max_new_tokens=512, temperature=
     video) so questions sharing a video share one vision pass. No collectives: ranks need no lockstep, and `model`
     must be a whole (unsharded) copy, e.g. rl.py's rollout engine model. Then gather_rows + summarize on rank 0.
     llm: a vLLM engine from mrsp.vllm_start (prompts sent `batch_size` at a time), else the HF engine.
+    video: frame-size defaults (min_pixels, max_pixels, total_pixels: data.video_options names); records' own win.
     version: the vision weights' version for the cache key (bump it if the vision tower trained since the last call)."""
     was_training = model.training
     model.eval()
@@ -140,7 +145,7 @@ def evaluate(model, processor, records, frames, max_new_tokens=512, temperature=
         for i, rec in todo[c:c + chunk]:
             try:
                 seqs.append((i, rec, build_seq(rec, processor, model, cache, frames=frames, device=device,
-                                               with_target=False, version=version)))
+                                               with_target=False, version=version, **(video or {}))))
             except (VideoError, RecordError, SampleTooLongError) as e:
                 if not skip_bad:
                     raise EvalError(f"record {rec['id']!r} (video {rec['video']}, frames={frames}): {e} "
@@ -470,7 +475,8 @@ if __name__ == "__main__":
         try:
             rows = evaluate(net, processor, records, F, max_new_tokens=max_new_tokens, temperature=temperature,
                             top_p=top_p, cache=cache, rank=rank, world=world, device=device, desc=f"eval F={F}",
-                            skip_bad=skip_bad, seed=seed, llm=llm, batch_size=batch_size, samples=samples)
+                            skip_bad=skip_bad, seed=seed, llm=llm, batch_size=batch_size, samples=samples,
+                            video=video_flags(min_pixels=min_pixels, max_pixels=max_pixels, total_pixels=total_pixels))
         except EvalError as e:
             raise SystemExit(f"eval.py: {e}") from None
         rows = gather_rows(rows, world)   # a sync point: every rank must reach it

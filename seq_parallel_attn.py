@@ -16,8 +16,10 @@ r and 2P-1-r, so every rank gets the same amount of causal work. Padding (to 2P*
 end of the global sequence; pass total_len=N and padded keys are never attended, padded query rows give 0.
 "contiguous" (rank r holds chunk r of P) is kept for comparison: causal work then grows with r.
 
-Other pieces: ulysses_attn (all-to-all over heads), remat_aware() (activation checkpointing without re-running
-the ring forward, LightSeq's rematerialization-aware checkpointing), register_hf (transformers AttentionInterface).
+Other pieces: ulysses_attn (all-to-all over heads), remat_contexts() / remat_aware() (activation checkpointing
+without re-running the ring forward, LightSeq's rematerialization-aware checkpointing), register_hf (transformers
+AttentionInterface), check_same (what must agree across the group, checked once per sequence: ring_attn itself only
+checks its local inputs, the cross-rank comparison costs a collective per call and runs only with check=True).
 Only causal or full (no padding) masks are supported: that is what sequence-parallel training needs.
 
     python -m pytest -q tests/test_seq_parallel_attn.py       # CPU, gloo, 1-4 processes
@@ -26,6 +28,7 @@ Only causal or full (no padding) masks are supported: that is what sequence-para
 import contextlib
 import inspect
 import math
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -400,41 +403,128 @@ def _ring_backward(dout, q, k, v, out, lse, causal, scale, group, P, rank, N, la
 
 
 # ----------------------------------------------------------------------------------------------------------
-# rematerialization-aware checkpointing
+# rematerialization-aware checkpointing (LightSeq): the checkpoint sits at the attention output
+#
+# Activation checkpointing re-runs a layer's forward in backward to rebuild its saved tensors. For a ring layer that
+# would mean P-1 more K/V transfers and the kernels again. Instead the forward keeps the attention's (out, lse) and
+# the recompute returns them: the ring forward runs once per layer per step. Memory is honest: the kept output is one
+# (B, S_local, Hq, D) tensor + an fp32 (B, Hq, S_local) lse per layer -- in LightSeq's scheme this IS the checkpoint's
+# own saved activation (the checkpoint is at the attention output, next to the layer input), not a copy: `out` is
+# the tensor the forward returned, kept alive until the recompute consumes it.
 
-_REMAT = None   # {key: (out, lse)} while inside remat_aware()
+REMAT = True        # False: checkpointed layers re-run the ring forward in backward (plain checkpointing, to compare)
+_REMAT = None       # (slot, phase) while a remat context is entered; see _RematSlot
+_SLOTS = weakref.WeakSet()   # every slot still alive, for remat_kept()
+
+
+class _RematSlot:
+    """The attention outputs one forward keeps for its recompute: {("ring", remat_key): (out, lse, out._version)}.
+    remat_contexts() makes one slot per checkpointed call, held by that checkpoint's recompute closure, i.e. by the
+    autograd graph: consumed entries are popped, and a forward never followed by its backward (an exception, a
+    dropped loss) frees its slot with its graph. Slots are never shared, so no later forward can see a stale entry."""
+    __slots__ = ("kept", "__weakref__")
+
+    def __init__(self):
+        self.kept = {}
+        _SLOTS.add(self)
+
+
+class _RematPhase:
+    """Makes `slot` current: phase "forward" keeps outputs, "recompute" reuses them, "auto" (remat_aware) tells the
+    two apart by whether the autograd engine is running. A class, not @contextmanager: checkpoint enters the same
+    recompute context again on each backward through a retained graph."""
+
+    def __init__(self, slot, phase, hf_config=None):
+        self.slot, self.phase, self.saved = slot, phase, []
+        # HF picks the attention function by config name at CALL time, and the recompute runs inside
+        # loss.backward(), after the block that selected the SP attention has exited: replay the forward's choice
+        self.hf_config = hf_config
+        self.attn = hf_config._attn_implementation if hf_config is not None else None
+
+    def __enter__(self):
+        global _REMAT
+        self.saved.append((_REMAT, self.hf_config._attn_implementation if self.hf_config is not None else None))
+        _REMAT = (self.slot, self.phase)
+        if self.hf_config is not None:
+            self.hf_config._attn_implementation = self.attn
+
+    def __exit__(self, *exc):
+        global _REMAT
+        _REMAT, attn = self.saved.pop()
+        if self.hf_config is not None:
+            self.hf_config._attn_implementation = attn
+        return False
+
+
+def remat_contexts(hf_config=None):
+    """context_fn for torch.utils.checkpoint.checkpoint(fn, ..., use_reentrant=False, context_fn=remat_contexts):
+    inside fn, ring_attn(..., remat_key=k) keeps its (out, lse) in the forward and the recompute reuses them instead
+    of running the ring again. checkpoint calls this once per checkpointed call, so every call gets its own slot
+    (layers cannot collide, nothing outlives the graph). hf_config: a transformers config whose
+    _attn_implementation the recompute must see as the forward saw it (functools.partial it in). With HF:
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs=dict(use_reentrant=False,
+    context_fn=functools.partial(remat_contexts, hf_config=model.config)))."""
+    slot = _RematSlot()
+    return _RematPhase(slot, "forward"), _RematPhase(slot, "recompute", hf_config)
 
 
 @contextlib.contextmanager
 def remat_aware():
-    """Inside this context, ring_attn(..., remat_key=k) keeps its (out, lse); when activation checkpointing
-    recomputes the layer during backward, the attention returns the kept output instead of running the ring
-    again (LightSeq: the checkpoint sits at the attention output). Keys must be unique per forward
-    (e.g. the layer index); run backward before the next forward with the same keys."""
-    global _REMAT
-    prev, _REMAT = _REMAT, {}
-    try:
-        yield _REMAT
-    finally:
-        _REMAT = prev
+    """Scoped variant for code that calls checkpoint itself without a context_fn: inside this block, ring_attn(...,
+    remat_key=k) keeps its output and a recompute (detected as running inside the autograd engine) reuses it. Run
+    the forward AND its backward inside the block, one forward per key before its backward; the kept outputs are
+    dropped on exit. Training code should prefer remat_contexts (per-checkpoint, survives the forward's scope)."""
+    slot = _RematSlot()
+    with _RematPhase(slot, "auto"):
+        yield slot.kept
+
+
+def remat_kept():
+    """Attention outputs kept for a recompute that has not run yet, over all live slots (0 between steps)."""
+    return sum(len(s.kept) for s in _SLOTS)
 
 
 def _in_backward():
     return torch._C._current_graph_task_id() != -1   # checkpoint recomputes from inside the autograd engine
 
 
+def _remat_plan(q, k, v, remat_key):
+    """-> (kept, keep): the (out, lse) to return instead of running the ring (a recompute), or the (dict, key) where
+    this forward keeps its output. Only a forward whose backward will come keeps anything: grad enabled (checked
+    here, outside the autograd.Function, where grad mode is still the caller's) and an input that requires grad."""
+    if remat_key is None or _REMAT is None or not REMAT:
+        return None, None
+    slot, phase = _REMAT
+    key = ("ring", remat_key)                   # namespaced: other attention kinds may keep outputs too
+    if phase == "recompute" or (phase == "auto" and _in_backward()):
+        hit = slot.kept.pop(key, None)          # freed once consumed
+        if hit is None:                         # e.g. a second backward through a retained graph: run the ring
+            return None, None
+        out, lse, version = hit
+        if out._version != version or out.shape != q.shape:
+            raise RuntimeError(f"ring_attn(remat_key={remat_key!r}): the attention output kept by the forward was "
+                               f"modified in place (or reshaped to {tuple(out.shape)}, q is {tuple(q.shape)}) before "
+                               "the recompute; do not modify attention outputs in place under remat")
+        return (out, lse), None
+    if not (torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))):
+        return None, None                       # no-grad prefill / rollout: no backward will consume it
+    if key in slot.kept:
+        raise ValueError(f"ring_attn: remat_key={remat_key!r} used twice before its recompute (keys must be unique "
+                         "within one checkpointed call, and under remat_aware() each forward needs its backward "
+                         "before the next forward)")
+    return None, (slot.kept, key)
+
+
 class _RingAttn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, causal, scale, group, P, rank, N, layout, overlap, backend, remat_key):
-        cache = _REMAT if remat_key is not None else None
-        hit = cache.pop(remat_key, None) if cache is not None and _in_backward() else None
-        if hit is not None:
-            out, lse = hit[0].clone(), hit[1]
+    def forward(ctx, q, k, v, causal, scale, group, P, rank, N, layout, overlap, backend, kept=None, keep=None):
+        if kept is not None:                    # recompute under remat: the forward's output, no ring pass
+            out, lse = kept
             STATS["remat_hits"] += 1
         else:
             out, lse = _ring_forward(q, k, v, causal, scale, group, P, rank, N, layout, overlap, backend)
-            if cache is not None and not _in_backward():
-                cache[remat_key] = (out.detach(), lse)
+            if keep is not None:                # the same storage the forward returns: no copy
+                keep[0][keep[1]] = (out.detach(), lse, out._version)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.args = (causal, scale, group, P, rank, N, layout, overlap, backend)
         ctx.mark_non_differentiable(lse)
@@ -444,11 +534,15 @@ class _RingAttn(torch.autograd.Function):
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = _ring_backward(dout.contiguous(), q, k, v, out, lse, *ctx.args)
-        return (dq, dk, dv) + (None,) * 10
+        return (dq, dk, dv) + (None,) * 11
 
 
 # ----------------------------------------------------------------------------------------------------------
-# input checks: local ones, then one small all_gather so every rank sees every rank's metadata
+# input checks: the local ones on every call (no communication); the cross-rank comparison only when asked
+
+CHECK_RANKS = False   # True: every ring/Ulysses call all-gathers its input metadata (a collective + a host sync per
+                      # layer per forward; a debugging aid). Off, a bad shard on one rank raises there while its
+                      # peers wait in the ring: callers check what must agree once per sequence (check_same)
 
 _DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
@@ -470,28 +564,40 @@ def _local_error(q, k, v):
     return None
 
 
-def _check_inputs(q, k, v, causal, N, layout, group, P):
+def _gather_ints(values, group, P, device):
+    """all_gather of a few ints -> P rows (lists), in group rank order. CPU (gloo) unless the group is NCCL-only."""
+    on = (device if device is not None and device.type == "cuda" else "cuda") if dist.get_backend(group) == "nccl" \
+        else "cpu"
+    mine = torch.tensor(values, dtype=torch.long, device=on)
+    rows = [torch.empty_like(mine) for _ in range(P)]
+    dist.all_gather(rows, mine, group=group)
+    return torch.stack(rows).tolist()
+
+
+def _check_ranks(q, k, err, causal, N, group, P):
+    """Every rank sees every rank's metadata: a mismatch, or a local error on another rank, raises on EVERY rank
+    instead of leaving the peers waiting in the ring."""
+    fields = ["error", "q.shape", "k.shape", "dtype", "device", "causal", "total_len"]
+    meta = [int(err is not None)]
+    meta += list(q.shape) + list(k.shape) if err is None else [0] * 8
+    meta += [_DTYPES.index(q.dtype) if err is None else -1, q.device.type == "cuda", int(causal), N]
+    rows = _gather_ints(meta, group, P, q.device)
+    if err is None and any(r[0] for r in rows):
+        bad = [i for i, r in enumerate(rows) if r[0]]
+        raise ValueError(f"bad attention inputs on rank(s) {bad} of the group (see their error)")
+    if err is None:
+        spans = [(0, 1), (1, 5), (5, 9), (9, 10), (10, 11), (11, 12), (12, 13)]
+        for i, r in enumerate(rows):
+            for f, (a, b) in zip(fields, spans):
+                if r[a:b] != rows[0][a:b]:
+                    raise ValueError(f"{f} differs between ranks: rank 0 has {rows[0][a:b]}, rank {i} has "
+                                     f"{r[a:b]}; every rank must hold an equal-size shard (use shard_seq)")
+
+
+def _check_inputs(q, k, v, causal, N, layout, group, P, check):
     err = _local_error(q, k, v)
-    if P > 1:
-        fields = ["error", "q.shape", "k.shape", "dtype", "device", "causal", "total_len"]
-        meta = [int(err is not None)]
-        meta += list(q.shape) + list(k.shape) if err is None else [0] * 8
-        meta += [_DTYPES.index(q.dtype) if err is None else -1, q.device.type == "cuda", int(causal), N]
-        on = q.device if dist.get_backend(group) == "nccl" else "cpu"
-        mine = torch.tensor(meta, dtype=torch.long, device=on)
-        rows = [torch.empty_like(mine) for _ in range(P)]
-        dist.all_gather(rows, mine, group=group)
-        rows = [r.tolist() for r in rows]
-        if err is None and any(r[0] for r in rows):
-            bad = [i for i, r in enumerate(rows) if r[0]]
-            raise ValueError(f"bad attention inputs on rank(s) {bad} of the group (see their error)")
-        if err is None:
-            spans = [(0, 1), (1, 5), (5, 9), (9, 10), (10, 11), (11, 12), (12, 13)]
-            for i, r in enumerate(rows):
-                for f, (a, b) in zip(fields, spans):
-                    if r[a:b] != rows[0][a:b]:
-                        raise ValueError(f"{f} differs between ranks: rank 0 has {rows[0][a:b]}, rank {i} has "
-                                         f"{r[a:b]}; every rank must hold an equal-size shard (use shard_seq)")
+    if P > 1 and (CHECK_RANKS if check is None else check):
+        _check_ranks(q, k, err, causal, N, group, P)
     if err is not None:
         raise ValueError(err)
     want = _positions(N, P, 0, layout).numel()
@@ -500,19 +606,39 @@ def _check_inputs(q, k, v, causal, N, layout, group, P):
                          f"(expected S_local={want}); shard inputs with shard_seq")
 
 
+def check_same(group, what, device=None, **values):
+    """ValueError on every rank unless each int in `values` is equal on all ranks of `group`, naming the field, the
+    ranks and their values. One small all_gather (every rank must call it): for what must agree across the
+    sequence-parallel group, checked once per sequence instead of in every attention call. device: the tensor's
+    device when the group is NCCL-only (gloo and mixed groups take CPU tensors)."""
+    P, _ = _world(group)
+    if P == 1 or not values:
+        return
+    rows = _gather_ints([int(x) for x in values.values()], group, P, device)
+    for j, name in enumerate(values):
+        col = [r[j] for r in rows]
+        if len(set(col)) > 1:
+            have = ", ".join(f"rank {i} has {x}" for i, x in enumerate(col))
+            raise ValueError(f"{what}: {name} differs across the {P} ranks of the sequence-parallel group ({have}); "
+                             "every rank of the group must get the same sequence")
+
+
 def ring_attn(q, k, v, causal=True, group=None, scale=None, total_len=None, return_lse=False,
-              layout="zigzag", overlap=None, backend=None, remat_key=None):
+              layout="zigzag", overlap=None, backend=None, remat_key=None, check=None):
     """Exact attention of local queries against the whole (sharded) sequence.
     q (B, S_local, Hq, D), k/v (B, S_local, Hkv, D) from shard_seq -> out (B, S_local, Hq, D)
-    [, lse (B, Hq, S_local) fp32]. total_len: real sequence length (default P*S_local, no padding)."""
+    [, lse (B, Hq, S_local) fp32]. total_len: real sequence length (default P*S_local, no padding).
+    remat_key: keep/reuse the output under remat_contexts() / remat_aware() (e.g. the layer index).
+    check: also compare the inputs' metadata across ranks (one all_gather; default CHECK_RANKS, off)."""
     P, rank = _world(group)
     if layout not in LAYOUTS:
         raise ValueError(f"layout={layout!r}, expected one of {LAYOUTS}")
     N = P * q.shape[1] if total_len is None else int(total_len)
-    _check_inputs(q, k, v, causal, N, layout, group, P)
+    _check_inputs(q, k, v, causal, N, layout, group, P, check)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     overlap = OVERLAP if overlap is None else overlap
-    out, lse = _RingAttn.apply(q, k, v, bool(causal), scale, group, P, rank, N, layout, overlap, backend, remat_key)
+    kept, keep = _remat_plan(q, k, v, remat_key)
+    out, lse = _RingAttn.apply(q, k, v, bool(causal), scale, group, P, rank, N, layout, overlap, backend, kept, keep)
     return (out, lse) if return_lse else out
 
 
@@ -546,12 +672,15 @@ class _AllToAll(torch.autograd.Function):
         return _a2a(grad.contiguous(), group, P, not to_heads), None, None, None
 
 
-def ulysses_attn(q, k, v, causal=True, group=None, scale=None, total_len=None, layout="zigzag", backend=None):
+def ulysses_attn(q, k, v, causal=True, group=None, scale=None, total_len=None, layout="zigzag", backend=None,
+                 check=None):
     """Same inputs and outputs as ring_attn, computed with two all-to-alls per tensor: each rank attends over
-    the whole sequence for Hq/P query heads and Hkv/P kv heads (so both must divide by P)."""
+    the whole sequence for Hq/P query heads and Hkv/P kv heads (so both must divide by P). Not remat-aware: a
+    checkpoint recompute re-runs its all-to-alls and attention (its backward needs the head-sharded q, k, v and
+    output: keeping them would cost 2-4x what the ring keeps)."""
     P, rank = _world(group)
     N = P * q.shape[1] if total_len is None else int(total_len)
-    _check_inputs(q, k, v, causal, N, layout, group, P)
+    _check_inputs(q, k, v, causal, N, layout, group, P, check)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if P == 1:
         return _RingAttn.apply(q, k, v, bool(causal), scale, None, 1, 0, N, layout, False, backend, None)[0]
@@ -582,8 +711,9 @@ def register_hf(name="ring", group=None, impl="ring", total_len=None, layout="zi
     """Register sequence-parallel attention with transformers under `name`; then
     model.set_attn_implementation(name) (or model.config._attn_implementation = name) and feed the model local
     shards: input_ids/inputs_embeds and position_ids from shard_seq. total_len (or the per-call model kwarg
-    sp_total_len=N) is the real sequence length when shard_seq padded. Under remat_aware(), layers reuse the
-    attention output kept from the checkpointed forward (key: module.layer_idx)."""
+    sp_total_len=N) is the real sequence length when shard_seq padded. Under remat_contexts() (the checkpoint's
+    context_fn) or remat_aware(), a checkpointed layer's recompute reuses the ring output its forward kept (key:
+    module.layer_idx); Ulysses re-runs."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
     if impl not in ("ring", "ulysses"):

@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from data import CATEGORIES, apply_overrides, config_of, encode_text, extract_choice, load_records
+from data import CATEGORIES, apply_overrides, config_of, encode_text, extract_choice, load_records, video_flags
 from mrsp import (EmbeddingCache, build_seq, fsdp_gathered, get_video_embeds, hf_rollout, load_model, prepare_model,
                   print0, setup_dist, setup_mesh, sp_logprobs, sync_weights)
 
@@ -46,6 +46,10 @@ data = "data/synth/train.jsonl"
 val_data = "data/synth/val.jsonl"   # "" to skip validation
 out_dir = "out/sft"
 frames = 32                 # frames sampled uniformly per video
+min_pixels = 0              # frame size (qwen-vl-utils rules, what Qwen-VL checkpoints were trained with):
+max_pixels = 0              #   per-frame pixel range, 0 = 128*28*28 .. 768*28*28, and a pixel budget for the whole
+total_pixels = 0            #   video shared by its frames, 0 = 90% of 128k tokens' pixels; a record's own
+                            #   min_pixels/max_pixels/total_pixels/resized_height/resized_width/video_start/... win
 sp = 1                      # sequence-parallel group size (divides the world size)
 attn = "ring"               # ring | ulysses
 batch_size = 8              # sequences per optimizer step, global (divisible by the DP size)
@@ -97,10 +101,15 @@ def lr_at(step):
     return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
 
 
+def video_kw():
+    """The frame flags as get_video_embeds / build_seq keyword arguments (a record's own fields win)."""
+    return video_flags(min_pixels=min_pixels, max_pixels=max_pixels, total_pixels=total_pixels)
+
+
 def make_seq(rec, processor, policy, cache, group, device, with_target=True):
     """One training sequence: cached video embeddings (frozen vision) or pixels (trainable), plus tokens."""
     return build_seq(rec, processor, policy if freeze_vision else None, cache, frames=frames, group=group,
-                     device=device, with_target=with_target, max_length=max_length, truncate=truncate)
+                     device=device, with_target=with_target, max_length=max_length, truncate=truncate, **video_kw())
 
 
 def peak_memory_gb(world=1):
@@ -214,8 +223,12 @@ def export_hf(policy, export, processor, out_dir, cfg, master_process):
 
 
 @torch.no_grad()
-def validate(val, processor, policy, engine, cache, mesh, device, world, rank):
-    """Validation loss (SP forward, DP-split) and greedy answer accuracy (rollout copy, all ranks split)."""
+def validate(val, processor, policy, engine, cache, answer_cache, mesh, device, world, rank):
+    """Validation loss (SP forward, DP-split) and greedy answer accuracy (rollout copy, all ranks split).
+    cache: the training cache -- the loss pass runs in lockstep over the SP group, so its SP ranks keep identical
+    cache histories. answer_cache: this rank's own cache for the answers, which split the records over ALL ranks:
+    putting those in the training cache would leave SP ranks with different contents, and their next parallel
+    decode would meet in mismatched collectives (get_video_embeds checks the histories and says so)."""
     policy.eval()
     n = len(val) - len(val) % mesh.dp_size                 # equal work per DP rank: FSDP collectives match
     tot = torch.zeros(2, dtype=torch.float64)
@@ -230,8 +243,8 @@ def validate(val, processor, policy, engine, cache, mesh, device, world, rank):
     eos = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
     counts = torch.zeros(2 * len(CATEGORIES) + 2, dtype=torch.float64)
     for rec in val[rank::world]:                            # generation is per rank: no lockstep needed
-        vals, _ = get_video_embeds(engine, processor, [rec], cache if freeze_vision else None, num_frames=frames,
-                                   device=device)
+        vals, _ = get_video_embeds(engine, processor, [rec], answer_cache, num_frames=frames, device=device,
+                                   **video_kw())
         t = encode_text(processor, rec, vals[0]["video_grid_thw"], with_target=False)
         out = hf_rollout(engine, [dict(t, **vals[0])], n=1, temperature=0, max_new_tokens=max_new_tokens, eos_id=eos,
                          tokenizer=processor.tokenizer)
@@ -282,6 +295,7 @@ if __name__ == "__main__":
     prepare_model(policy, mesh, freeze_vision=freeze_vision, activation_checkpointing=activation_checkpointing)
     policy.train()
     cache = EmbeddingCache(cache_bytes) if freeze_vision else None
+    answer_cache = EmbeddingCache(cache_bytes) if freeze_vision and val else None   # per rank: see validate
 
     # --- optim
     params = [p for p in policy.parameters() if p.requires_grad]
@@ -328,7 +342,7 @@ if __name__ == "__main__":
         if cache is not None:
             row.update(cache_hits=cache.stats["hits"], cache_misses=cache.stats["misses"])
         if val and ((step + 1) % eval_every == 0 or step + 1 == steps):
-            row.update(validate(val, processor, policy, engine, cache, mesh, device, world, rank))
+            row.update(validate(val, processor, policy, engine, cache, answer_cache, mesh, device, world, rank))
         log(row)
         if master_process and (step + 1) % log_every == 0:
             msg = " ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "step" and isinstance(v, float))

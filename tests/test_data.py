@@ -216,6 +216,343 @@ def test_duplicate_ids_and_missing_file(tmp_path):
         load_records(tmp_path / "nope.jsonl")
 
 
+# ----------------------------------------------------------------------------- qwen-vl-utils 0.0.14 parity
+# Real Qwen2-VL / Qwen2.5-VL checkpoints were trained on frames chosen and sized by qwen-vl-utils: these tests run
+# its own code (installed from requirements.txt) on broad grids and require the same frames, sizes and fps.
+import sys                                   # noqa: E402
+from types import SimpleNamespace            # noqa: E402
+
+from data import (decode_opts, frame_size, process_video, size_opts, smart_resize, video_key,  # noqa: E402
+                  video_options)
+
+
+@pytest.fixture(scope="module")
+def qvu():
+    from importlib.metadata import version
+    from qwen_vl_utils import vision_process
+    assert version("qwen-vl-utils") == "0.0.14"
+    assert vision_process.MODEL_SEQ_LEN == data.MODEL_SEQ_LEN   # its env override (MODEL_SEQ_LEN) is not set
+    return vision_process
+
+
+class _FakeVideo:
+    def __init__(self, n, fps):
+        self.n, self.fps = n, fps
+
+    def __len__(self):
+        return self.n
+
+    def get_avg_fps(self):
+        return self.fps
+
+    def get_batch(self, idx):
+        return SimpleNamespace(asnumpy=lambda: np.zeros((len(idx), 2, 2, 3), np.uint8))
+
+
+class _FakeDecord:
+    """Stands in for the decord module: a 'video' of `total` frames at `fps`, so qwen-vl-utils' decord reader and ours
+    run their real sampling code on any (length, fps) without encoding videos."""
+    def __init__(self):
+        self.total, self.fps = 2, 1.0
+
+    def cpu(self, _):
+        return None
+
+    def VideoReader(self, path, ctx=None, num_threads=0):  # noqa: N802 - decord's name
+        return _FakeVideo(self.total, self.fps)
+
+
+@pytest.fixture
+def fake_decord(monkeypatch, tmp_path):
+    fake = _FakeDecord()
+    monkeypatch.setitem(sys.modules, "decord", fake)
+    path = tmp_path / "fake.mp4"
+    path.write_bytes(b"not read: the fake decord answers")
+    return fake, str(path)
+
+
+def _exact_indices(first, last, n):
+    """round-half-even(first + i * (last - first) / (n - 1)) in integer arithmetic: the exact linspace indices."""
+    i = np.arange(n, dtype=np.int64)
+    num, den = i * (last - first), n - 1
+    q, r = num // den, num % den
+    return (first + q + ((2 * r > den) | ((2 * r == den) & (q % 2 == 1)))).tolist()
+
+
+FPSS = (1.0, 7.5, 24000 / 1001, 25.0, 30000 / 1001, 30.0, 60.0)
+TOTALS = (2, 3, 5, 8, 31, 100, 301, 1000, 1799, 7201, 10800, 12342, 40000)
+SAMPLINGS = ({}, {"nframes": 2}, {"nframes": 7}, {"nframes": 16}, {"nframes": 33}, {"nframes": 256},
+             {"nframes": 768}, {"fps": 0.5}, {"fps": 1.0}, {"fps": 4.0}, {"min_frames": 8}, {"max_frames": 64},
+             {"max_frames": 3}, {"fps": 1.0, "min_frames": 16, "max_frames": 32}, {"video_start": 2.5},
+             {"video_end": 5.0}, {"video_start": 1.0, "video_end": 3.3}, {"video_start": 10, "video_end": 100},
+             {"video_start": 0.4, "video_end": 0.5}, {"nframes": 16, "video_start": 1.5, "video_end": 9.0})
+
+
+def test_frame_sampling_matches_qwen_vl_utils(qvu, fake_decord):
+    """Indices and sample fps of qwen-vl-utils' decord reader (calculate_video_frame_range + smart_nframes +
+    linspace) == load_video's, over lengths x fps x options; the only difference allowed is the documented
+    float32-linspace one (one frame, where the exact value lies within float32 precision of .5)."""
+    fake, path = fake_decord
+    compared = errors = float32_diffs = 0
+    for total in TOTALS:
+        for fps in FPSS:
+            fake.total, fake.fps = total, fps
+            for opts in SAMPLINGS:
+                try:
+                    _, meta, their_fps = qvu._read_video_decord({"video": path, **opts})
+                except ValueError:
+                    with pytest.raises(VideoError):
+                        load_video(path, backend="decord", **decode_opts(video_options({"video_opts": opts})))
+                    errors += 1
+                    continue
+                _, info = load_video(path, backend="decord", **decode_opts(video_options({"video_opts": opts})))
+                ours, theirs = info["indices"], meta["frames_indices"]
+                first, last = ours[0], ours[-1]
+                assert ours == _exact_indices(first, last, len(ours)), (total, fps, opts)
+                assert info["sampled_fps"] == their_fps and len(ours) == len(theirs), (total, fps, opts)
+                for k in np.flatnonzero(np.array(ours) != np.array(theirs)):
+                    x = Fraction(first) + Fraction(int(k) * (last - first), len(ours) - 1)
+                    assert abs(ours[k] - theirs[k]) == 1 and abs(x - int(x) - Fraction(1, 2)) < last * 2 ** -23
+                    float32_diffs += 1
+                compared += 1
+    assert compared > 1200 and errors > 50 and float32_diffs > 0   # the grid reaches all three outcomes
+
+
+def test_float32_linspace_difference_is_one_frame(qvu, fake_decord):
+    """The documented difference, pinned: 768 of 12,342 frames differ in exactly one index, by one frame, and ours
+    is the exact rounding."""
+    fake, path = fake_decord
+    fake.total, fake.fps = 12342, 30.0
+    _, meta, _ = qvu._read_video_decord({"video": path, "nframes": 768})
+    ours = load_video(path, num_frames=768, backend="decord")[1]["indices"]
+    diff = [k for k, (a, b) in enumerate(zip(ours, meta["frames_indices"])) if a != b]
+    assert len(diff) == 1 and abs(ours[diff[0]] - meta["frames_indices"][diff[0]]) == 1
+    assert ours == _exact_indices(0, 12341, 768)
+
+
+RESOLUTIONS = [(144, 256), (240, 426), (360, 640), (480, 854), (720, 1280), (1080, 1920), (1440, 2560),
+               (2160, 3840), (50, 50), (1080, 1080), (333, 777), (100, 3000), (30, 5000)]
+RESOLUTIONS += [(w, h) for h, w in RESOLUTIONS if h != w]   # portrait
+NFRAMES = (2, 4, 8, 16, 30, 64, 128, 256, 500, 512, 768)
+SIZINGS = ({}, {"min_pixels": 3136}, {"min_pixels": 256 * 784}, {"max_pixels": 200000}, {"max_pixels": 50000},
+           {"max_pixels": 50000, "min_pixels": 3136}, {"total_pixels": 20_000_000},
+           {"total_pixels": 1e6, "min_pixels": 3136}, {"total_pixels": 500_000_000},
+           {"resized_height": 300, "resized_width": 500}, {"resized_height": 1000, "resized_width": 64})
+
+
+def test_frame_size_matches_qwen_vl_utils(qvu, monkeypatch):
+    """Per-video frame size of qwen-vl-utils' fetch_video (its own code, run on a zero-copy stand-in video; the
+    resize is captured instead of run) == frame_size, 144p..4K, portrait and landscape, 2..768 frames, the pixel
+    options, patch 14 (Qwen2.5-VL) and 16 (Qwen3-VL). Where it would floor a side to 0 we give `factor` (documented)."""
+    import torch
+    shape, got = {}, {}
+    monkeypatch.setitem(qvu.VIDEO_READER_BACKENDS, "decord", lambda ele: (
+        torch.zeros(1, 3, 1, 1, dtype=torch.uint8).expand(shape["n"], 3, shape["h"], shape["w"]), {}, 2.0))
+    monkeypatch.setattr(qvu, "get_video_reader_backend", lambda: "decord")
+    monkeypatch.setattr(qvu, "transforms", SimpleNamespace(functional=SimpleNamespace(
+        resize=lambda video, size, **kw: got.update(size=tuple(size)) or video[:0])))
+    compared = zero_sides = errors = 0
+    for patch in (14, 16):
+        factor = 2 * patch
+        for h, w in RESOLUTIONS:
+            for n in NFRAMES:
+                for opts in SIZINGS:
+                    shape.update(h=h, w=w, n=n)
+                    try:
+                        qvu.fetch_video({"video": "v.mp4", **opts}, image_patch_size=patch)
+                    except (ValueError, AssertionError):   # aspect ratio over 200, max_pixels under min_pixels
+                        with pytest.raises(ValueError):
+                            frame_size(h, w, n, factor, **opts)
+                        errors += 1
+                        continue
+                    ours = frame_size(h, w, n, factor, **opts)
+                    if 0 in got["size"]:
+                        assert ours == tuple(v or factor for v in got["size"]), (h, w, n, opts)
+                        zero_sides += 1
+                    else:
+                        assert ours == got["size"], (patch, h, w, n, opts)
+                    compared += 1
+    assert compared > 5000 and zero_sides > 0 and errors > 0
+
+
+def test_smart_resize_bad_input_names_the_values():
+    with pytest.raises(ValueError, match=r"frame size 10x3000: aspect ratio 300.0 is over 200"):
+        smart_resize(10, 3000)
+    with pytest.raises(ValueError, match=r"max_pixels=1000 < min_pixels=3136"):
+        smart_resize(100, 100, 28, 3136, 1000)
+    with pytest.raises(ValueError, match=r"frame size 0x100"):
+        smart_resize(0, 100)
+    with pytest.raises(ValueError, match="resized_height=300, resized_width=None: give both or neither"):
+        frame_size(100, 100, 8, resized_height=300)
+    assert smart_resize(30, 5000, 28, 3136, 128 * 784) == (28, 4088)   # qwen-vl-utils: (0, 4088)
+
+
+@pytest.fixture(scope="module")
+def gradient_mp4(tmp_path_factory, T=48, H=360, W=640, fps=24):
+    """A moving gradient with hard edges (2 s): resizing it exercises interpolation, rounding and clamping."""
+    import av
+    path = tmp_path_factory.mktemp("gradient") / "g.mp4"
+    yy, xx = np.mgrid[:H, :W]
+    with av.open(str(path), "w") as out:
+        st = out.add_stream("libx264", rate=fps)
+        st.width, st.height, st.pix_fmt = W, H, "yuv420p"
+        for t in range(T):
+            f = np.stack([(xx + 5 * t) % 256, (yy * 2) % 256, ((xx // 40 + yy // 40 + t) % 2) * 255], -1)
+            for p in st.encode(av.VideoFrame.from_ndarray(f.astype(np.uint8), format="rgb24")):
+                out.mux(p)
+        for p in st.encode():
+            out.mux(p)
+    return str(path)
+
+
+def _checkpoint_processor(**kw):
+    """A Qwen2.5-VL checkpoint's video processor: per-frame range 3136..12845056 pixels (its min/max_pixels)."""
+    from transformers import Qwen2VLVideoProcessor
+    return SimpleNamespace(video_processor=Qwen2VLVideoProcessor(
+        **dict(dict(min_pixels=3136, max_pixels=12845056, cap_pixels_per_frame=False), **kw)))
+
+
+@pytest.mark.parametrize("opts", [{}, {"nframes": 16, "total_pixels": 1_000_000},
+                                  {"fps": 4.0, "video_start": 0.5, "video_end": 1.8, "min_pixels": 3136,
+                                   "max_pixels": 80000},
+                                  {"min_pixels": 400_000}, {"resized_height": 200, "resized_width": 300}])
+def test_decoded_video_matches_qwen_vl_utils_pipeline(qvu, monkeypatch, gradient_mp4, opts):
+    """A real mp4 through qwen-vl-utils' fetch_video (decord reader) and the checkpoint's processor, the reference
+    pipeline, vs load_video + process_video: same frames, size, sample fps, and pixel values."""
+    import torch
+    monkeypatch.setattr(qvu, "FORCE_QWENVL_VIDEO_READER", "decord")
+    qvu.get_video_reader_backend.cache_clear()
+    path = gradient_mp4
+    try:
+        (video, meta), their_fps = qvu.fetch_video({"video": path, **opts}, return_video_sample_fps=True,
+                                                   return_video_metadata=True)
+    finally:
+        qvu.get_video_reader_backend.cache_clear()
+    proc = _checkpoint_processor()
+    ref = proc.video_processor(videos=[video], return_tensors="pt")   # (float frames, already sized: no resize)
+    vopts = video_options({"video_opts": opts})
+    frames, info = load_video(path, backend="decord", **decode_opts(vopts))
+    ours = process_video(proc, frames, info, **size_opts(vopts))
+    assert info["indices"] == meta["frames_indices"] and info["sampled_fps"] == their_fps
+    assert (ours["video_grid_thw"][0, 1:] * 14).tolist() == list(video.shape[-2:])
+    assert torch.equal(ours["video_grid_thw"], ref["video_grid_thw"])
+    assert torch.equal(ours["pixel_values_videos"], ref["pixel_values_videos"])
+    assert ours["second_per_grid_ts"].item() == pytest.approx(2 / their_fps, rel=1e-6)
+
+
+def _info(n, subset=None, video_fps=8.0, step=4):
+    total = n * step
+    return dict(video_fps=video_fps, total_frames=total, indices=list(range(0, total, step)),
+                duration=total / video_fps, sampled_fps=n / total * video_fps, subset=subset)
+
+
+def test_720p_512_frames_token_budget():
+    """Regression figure: 512 frames of 720p are 420x784 frames, 107,520 video tokens, under qwen-vl-utils' total
+    budget, where a checkpoint's plain HF processor (per-frame range only) makes them 560x1008, 184,320 tokens."""
+    from transformers import Qwen2VLVideoProcessor
+    assert frame_size(720, 1280, 512) == (420, 784)
+    plain = Qwen2VLVideoProcessor(cap_pixels_per_frame=False)          # size range 128..768 tokens per frame
+    assert plain.get_num_of_video_patches(512, 720, 1280, {}) // 4 == 184_320
+    # process_video sizes from the whole sampling even when handed two frames of it (one SP rank's share)
+    out = process_video(SimpleNamespace(video_processor=plain), np.zeros((2, 720, 1280, 3), np.uint8),
+                        _info(512, subset=(0, 2)))
+    t, gh, gw = out["video_grid_thw"][0].tolist()
+    assert (t, gh * 14, gw * 14) == (1, 420, 784) and 512 // 2 * gh * gw // 4 == 107_520
+
+
+def test_process_video_share_gets_the_whole_videos_size():
+    """MR-SP parallel decoding: a share of the frames is processed to the whole video's grid h, w and exactly its
+    rows of the whole video's patches, even with a processor whose own cap depends on the frame count it is given
+    (cap_pixels_per_frame=True; the old process_video gave 8 of these 16 frames a bigger per-frame budget)."""
+    import torch
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, (16, 360, 640, 3), dtype=np.uint8)
+    proc = _checkpoint_processor(max_pixels=768 * 784, cap_pixels_per_frame=True, max_video_tokens=2000)
+    full = process_video(proc, frames, _info(16))
+    rows = int(full["video_grid_thw"][0, 1:].prod())    # patches per temporal patch
+    for s, e in [(0, 8), (8, 16), (2, 6)]:
+        part = process_video(proc, frames[s:e], _info(16, subset=(s, e)))
+        assert part["video_grid_thw"][0].tolist() == [(e - s) // 2, *full["video_grid_thw"][0, 1:].tolist()]
+        assert torch.equal(part["pixel_values_videos"], full["pixel_values_videos"][s // 2 * rows:e // 2 * rows])
+        assert torch.equal(part["second_per_grid_ts"], full["second_per_grid_ts"])
+    with pytest.raises(ValueError, match=r"3 frames for info describing 4 \(subset=\(0, 4\)\)"):
+        process_video(proc, frames[:3], _info(16, subset=(0, 4)))
+
+
+def test_tiny_checkpoint_keeps_its_grid(tiny_ckpt, synth_dir):
+    """The embedded tiny checkpoint (processor range: 56x56 only) still gets 56x56 frames, the grid and token count
+    its processor alone gives. Pixels: qwen-vl-utils' resize kernel, within a few levels of the processor's own."""
+    from transformers import AutoProcessor
+    proc = AutoProcessor.from_pretrained(tiny_ckpt)
+    for rec in load_records(os.path.join(synth_dir, "val.jsonl"))[:4]:
+        frames, info = load_video(rec["video"], num_frames=16)
+        out = process_video(proc, frames, info)
+        ref = proc.video_processor(videos=[frames], video_metadata=[data.video_metadata(info)], return_tensors="pt")
+        assert out["video_grid_thw"].tolist() == ref["video_grid_thw"].tolist() == [[8, 4, 4]]
+        levels = (out["pixel_values_videos"] - ref["pixel_values_videos"]).abs().max().item() * 0.27 * 255
+        assert levels < 8, levels
+
+
+# ----------------------------------------------------------------------------- per-sample video options
+def _row(**kw):
+    return dict({"id": "a", "video": "x.mp4", "question": "Q", "options": ["a", "b"], "answer": "A"}, **kw)
+
+
+def test_record_video_fields_land_in_video_opts(tmp_path):
+    good = dict(nframes=64.0, min_pixels=3136, max_pixels=200000, total_pixels=9e6, resized_height=280,
+                resized_width=420, video_start=0, video_end=12.5)
+    plain, full, fps = load_records(_jsonl(tmp_path / "o.jsonl", [
+        _row(), _row(id="b", **good), _row(id="c", fps=1.0, min_frames=8, max_frames=64)]))
+    assert plain["video_opts"] == {}
+    assert full["video_opts"] == dict(good, nframes=64) and isinstance(full["video_opts"]["nframes"], int)
+    assert fps["video_opts"] == dict(fps=1.0, min_frames=8, max_frames=64)
+
+
+@pytest.mark.parametrize("bad,field,why", [
+    ({"nframes": 0}, "nframes", "at least 2"), ({"nframes": "16"}, "nframes", "expected a number"),
+    ({"nframes": 15.5}, "nframes", "whole number"), ({"fps": -1}, "fps", "> 0"),
+    ({"fps": float("nan")}, "fps", "number"),
+    ({"total_pixels": True}, "total_pixels", "expected a number"), ({"video_start": -1}, "video_start", ">= 0"),
+    ({"video_start": 5, "video_end": 3}, "video_end", "above video_start=5"),
+    ({"video_start": 5, "video_end": 5}, "video_end", "above video_start=5"),
+    ({"min_pixels": 5000, "max_pixels": 4000}, "max_pixels", "at least min_pixels=5000"),
+    ({"min_frames": 9, "max_frames": 8}, "max_frames", "at least min_frames=9"),
+    ({"resized_height": 100}, "resized_height", "give both or neither"),
+    ({"nframes": 16, "fps": 2}, "fps", "cannot go with fps"),
+])
+def test_bad_record_video_fields_name_file_line_and_field(tmp_path, bad, field, why):
+    path = _jsonl(tmp_path / "bad.jsonl", [_row(), _row(id="b", **bad)])
+    with pytest.raises(RecordError) as e:
+        load_records(path)
+    assert f"{path}:2: field {field!r}" in str(e.value) and why in str(e.value), str(e.value)
+
+
+def test_video_options_merge_record_over_stage_defaults():
+    stage = dict(num_frames=64, min_pixels=3136, total_pixels=None)
+    assert video_options(None, **stage) == dict(num_frames=64, min_pixels=3136)
+    assert video_options({"video_opts": {}}, **stage) == dict(num_frames=64, min_pixels=3136)
+    rec = {"id": "r", "video_opts": {"fps": 1.0, "min_pixels": 6272, "video_end": 30}}   # fps sampling wins
+    opts = video_options(rec, **stage)
+    assert opts == dict(fps=1.0, min_pixels=6272, video_end=30)
+    assert decode_opts(opts) == dict(fps=1.0, video_end=30) and size_opts(opts) == dict(min_pixels=6272)
+    assert video_options({"video_opts": {"nframes": 16}}, fps=4.0, max_frames=32) == dict(num_frames=16)
+    with pytest.raises(ValueError, match=r"video option num_frames=0: expected at least 2"):
+        video_options(None, num_frames=0)
+    with pytest.raises(ValueError, match=r"unknown option\(s\) frames"):
+        video_options(None, frames=8)
+    with pytest.raises(ValueError, match=r"record 'r'.*max_pixels=5000 must be at least min_pixels=6272"):
+        video_options(rec, max_pixels=5000)
+
+
+def test_video_key_is_stable_and_tells_options_apart(tmp_path):
+    a = video_key("v.mp4", dict(num_frames=256, min_pixels=3136))
+    assert a == video_key(os.path.abspath("v.mp4"), dict(min_pixels=3136.0, num_frames=256, max_pixels=None))
+    assert a.startswith(os.path.abspath("v.mp4") + "|")
+    others = [video_key("v.mp4", o) for o in (dict(num_frames=128, min_pixels=3136), dict(num_frames=256),
+                                              dict(num_frames=256, min_pixels=3136, video_start=1.5))]
+    assert len({a, *others}) == 4 and a != video_key("w.mp4", dict(num_frames=256, min_pixels=3136))
+
+
 # ----------------------------------------------------------------------------- synthetic set
 def test_synthetic_is_balanced_long_and_decodes(synth_dir):
     meta = json.load(open(os.path.join(synth_dir, "meta.json")))

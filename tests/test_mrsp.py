@@ -147,32 +147,70 @@ def test_parallel_decoding_error_on_one_rank_stops_all(tiny_ckpt, synth_dir):
     assert outs[0].startswith("SP rank 1 could not decode its share of the frames: VideoError:") and ".mp4" in outs[0]
 
 
-def _skewed_grid_worker(ckpt, synth_dir):
-    """Rank 1's processor resizes its share differently (as one with a frame-count-dependent pixel budget would)."""
+def _diverged_cache_worker(ckpt, synth_dir):
+    """Rank 0's cache already holds the first video (e.g. from an eval loop that split records over all ranks),
+    rank 1's does not: their to-do lists differ, so a parallel decode would meet in mismatched collectives."""
     import torch.distributed as dist
-    import data
     model, processor = load_model(ckpt)
-    rec = load_records(os.path.join(synth_dir, "val.jsonl"))[0]
-    process = data.process_video
-
-    def skewed(*a, **kw):
-        p = process(*a, **kw)
-        if dist.get_rank() == 1:
-            p["video_grid_thw"] = p["video_grid_thw"] * torch.tensor([[1, 2, 1]])
-        return p
-
-    data.process_video = skewed
+    recs = load_records(os.path.join(synth_dir, "val.jsonl"))[:2]
+    cache = EmbeddingCache()
+    if dist.get_rank() == 0:
+        get_video_embeds(model, processor, recs[:1], cache, num_frames=8)      # no group: this rank alone
     try:
-        get_video_embeds(model, processor, [rec], None, num_frames=6, group=dist.group.WORLD)
-    except ValueError as e:
+        get_video_embeds(model, processor, recs, cache, num_frames=8, group=dist.group.WORLD)
+    except RuntimeError as e:
         return str(e)
     return "no error"
 
 
-def test_parallel_decoding_refuses_shares_with_different_grids(tiny_ckpt, synth_dir):
-    for out in run_distributed(_skewed_grid_worker, 2, args=(tiny_ckpt, synth_dir), timeout=120):
-        assert ".mp4: SP ranks processed their frame shares to different grids" in out, out
-        assert "depends on the frame count" in out
+def test_diverged_sp_caches_fail_loudly_instead_of_hanging(tiny_ckpt, synth_dir):
+    for rank, msg in enumerate(run_distributed(_diverged_cache_worker, 2, args=(tiny_ckpt, synth_dir), timeout=120)):
+        assert msg.startswith("get_video_embeds: the ranks of a sequence-parallel group disagree"), msg
+        assert f"this rank is {rank}" in msg
+        assert "group rank 0: cache_history=" in msg and "to_encode=1" in msg and "to_encode=2" in msg
+
+
+def test_cache_history_is_the_key_sequence():
+    a, b = EmbeddingCache(), EmbeddingCache()
+    for c in (a, b):
+        c.get("x"); c.put("x", _val(2)); c.get("x")
+    assert a.history == b.history != 0
+    b.get("y")                                      # one more look-up: the histories differ, contents do not
+    assert a.history != b.history and a.summary()["entries"] == b.summary()["entries"]
+    c = EmbeddingCache()
+    c.put("x", _val(2)); c.get("x"); c.get("x")     # same keys, other order: another history
+    assert c.history != a.history
+
+
+# a frame-count-dependent pixel budget: the processor's own cap switched on, and a stage total_pixels that binds.
+# Sized from the whole 16-frame sampling, frames are 28x28 (grid h, w = 2); sized from an 8-frame share (what each
+# SP=2 rank holds) they would be 56x56 -- the bug where SP=2 silently encoded another resolution than SP=1.
+BUDGET = dict(min_pixels=28 * 28, total_pixels=32 * 28 * 28 * 0.9)
+
+
+def _capped(processor):
+    vp = processor.video_processor
+    vp.size = {"shortest_edge": 28 * 28, "longest_edge": 768 * 28 * 28}
+    vp.cap_pixels_per_frame, vp.max_video_tokens = True, 32
+    return processor
+
+
+def _budget_worker(ckpt, synth_dir):
+    import torch.distributed as dist
+    model, processor = load_model(ckpt)
+    rec = load_records(os.path.join(synth_dir, "val.jsonl"))[0]
+    (v,), _ = get_video_embeds(model, _capped(processor), [rec], None, num_frames=16, group=dist.group.WORLD, **BUDGET)
+    return v
+
+
+def test_parallel_decoding_sizes_every_share_from_the_whole_video(tiny_ckpt, synth_dir):
+    model, processor = load_model(tiny_ckpt)
+    rec = load_records(os.path.join(synth_dir, "val.jsonl"))[0]
+    (ref,), _ = get_video_embeds(model, _capped(processor), [rec], None, num_frames=16, **BUDGET)
+    assert ref["video_grid_thw"].tolist() == [[8, 2, 2]]
+    for v in run_distributed(_budget_worker, 2, args=(tiny_ckpt, synth_dir), timeout=120):
+        assert torch.equal(v["video_grid_thw"], ref["video_grid_thw"])
+        assert (v["embeds"] - ref["embeds"]).abs().max() <= 1e-5
 
 
 # ----------------------------------------------------------------------------- cache
@@ -201,8 +239,10 @@ def test_cache_hits_misses_and_lru_eviction(tmp_path):
 
 def test_cache_key_separates_sampling_and_version():
     k = EmbeddingCache.key
-    assert k("v.mp4", 32) == k("./v.mp4", 32)
-    assert len({k("v.mp4", 32), k("v.mp4", 64), k("v.mp4", 32, version=1), k("w.mp4", 32)}) == 4
+    n32 = dict(num_frames=32)
+    assert k("v.mp4", n32) == k("./v.mp4", n32)
+    assert len({k("v.mp4", n32), k("v.mp4", dict(num_frames=64)), k("v.mp4", n32, version=1), k("w.mp4", n32),
+                k("v.mp4", dict(n32, total_pixels=1e6))}) == 5
 
 
 def test_get_video_embeds_encodes_once(tiny_ckpt, synth_dir):

@@ -103,15 +103,19 @@ def _raises(fn):
 
 
 def _error_cases():
+    """check=True: the cross-rank comparison (off by default, a collective per call) makes mismatches between ranks
+    raise on every rank instead of hanging the ring."""
     g, r = dist.group.WORLD, dist.get_rank()
     q, k, v, _ = _inputs(0, 1, 8, 4, 2)
     ql, kl, vl = (spa.shard_seq(x, g) for x in (q, k, v))
     bad_len = torch.randn(1, ql.shape[1] + 2 * r, 4, 8)
     return dict(
         no_group=_raises(lambda: spa.ring_attn(ql, kl, vl)),
-        shape_mismatch=_raises(lambda: spa.ring_attn(bad_len, bad_len[:, :, :2], bad_len[:, :, :2], group=g)),
-        dtype_mismatch=_raises(lambda: spa.ring_attn(*(x.double() if r else x for x in (ql, kl, vl)), group=g)),
-        one_rank_3d=_raises(lambda: spa.ring_attn(ql[0] if r else ql, kl, vl, group=g)),
+        shape_mismatch=_raises(lambda: spa.ring_attn(bad_len, bad_len[:, :, :2], bad_len[:, :, :2], group=g,
+                                                     check=True)),
+        dtype_mismatch=_raises(lambda: spa.ring_attn(*(x.double() if r else x for x in (ql, kl, vl)), group=g,
+                                                     check=True)),
+        one_rank_3d=_raises(lambda: spa.ring_attn(ql[0] if r else ql, kl, vl, group=g, check=True)),
         gqa=_raises(lambda: spa.ring_attn(ql[:, :, :3], kl, vl, group=g)),
         total_len=_raises(lambda: spa.ring_attn(ql, kl, vl, group=g, total_len=40)),
         gather_len=_raises(lambda: spa.gather_seq(ql, 40, g)),
@@ -133,8 +137,44 @@ def _comm_volume():
                 want_bwd=(P - 1) * kv_block + (P - 1) * kv_block)      # K/V again + dK/dV partial sums (fp32)
 
 
+def _collectives():
+    """Collectives (all_gather & co; the ring's own P2P batches are not counted) per ring / Ulysses call, forward +
+    backward: none by default, the metadata all_gather with check=True or the module's CHECK_RANKS."""
+    g, names, counts = dist.group.WORLD, ("all_gather", "all_gather_into_tensor", "all_reduce", "broadcast",
+                                          "barrier", "all_gather_object"), []
+    real = {n: getattr(dist, n) for n in names}
+
+    def counted(fn):
+        def call(*a, **kw):
+            counts[-1] += 1
+            return fn(*a, **kw)
+        return call
+    P = dist.get_world_size()
+    q, k, v, do = _inputs(9, 2, 13, 2 * P, P)                          # Ulysses: heads divisible by P
+    ql, kl, vl = (spa.shard_seq(x, g).requires_grad_() for x in (q, k, v))
+    res = {}
+    for n in names:
+        setattr(dist, n, counted(real[n]))
+    try:
+        for mode in ("ring", "ring_check", "ring_flag", "ulysses"):
+            counts.append(0)
+            spa.CHECK_RANKS = mode == "ring_flag"
+            if mode == "ulysses":
+                out = spa.ulysses_attn(ql, kl, vl, group=g, total_len=13)
+            else:
+                out = spa.ring_attn(ql, kl, vl, group=g, total_len=13, check=True if mode == "ring_check" else None)
+            out.backward(spa.shard_seq(do, g))
+            res[mode] = counts[-1]
+    finally:
+        spa.CHECK_RANKS = False
+        for n in names:
+            setattr(dist, n, real[n])
+    return res
+
+
 def _remat():
-    """Checkpointed layer: with remat_aware() the ring forward runs once, without it twice; grads equal."""
+    """Checkpointed layer: with remat_aware() or remat_contexts the ring forward runs once (and sends its K/V once),
+    without them twice; grads equal."""
     from torch.utils.checkpoint import checkpoint
     g, N = dist.group.WORLD, 13
     torch.manual_seed(0)
@@ -146,17 +186,18 @@ def _remat():
         return spa.ring_attn(q, k, v, group=g, total_len=N, remat_key="layer0").sum(-1)
 
     res = {}
-    for mode in ("plain", "ckpt", "ckpt_remat"):
+    for mode in ("plain", "ckpt", "ckpt_remat", "ckpt_contexts"):
         spa.reset_stats()
         xl = spa.shard_seq(x, g)
+        kw = dict(context_fn=spa.remat_contexts) if mode == "ckpt_contexts" else {}
         with spa.remat_aware() if mode == "ckpt_remat" else torch.enable_grad():
-            y = layer(xl) if mode == "plain" else checkpoint(layer, xl, use_reentrant=False)
+            y = layer(xl) if mode == "plain" else checkpoint(layer, xl, use_reentrant=False, **kw)
             y.pow(2).sum().backward()
-        res[mode] = dict(fwd=spa.STATS["ring_fwd"], hits=spa.STATS["remat_hits"],
+        res[mode] = dict(fwd=spa.STATS["ring_fwd"], hits=spa.STATS["remat_hits"], bytes=spa.STATS["bytes_sent"],
                          grads=[w.grad.clone() for w in (wq, wk, wv)])
         for w in (wq, wk, wv):
             w.grad = None
-    return {m: dict(fwd=r["fwd"], hits=r["hits"],
+    return {m: dict(fwd=r["fwd"], hits=r["hits"], bytes=r["bytes"],
                     gerr=max((a - b).abs().max().item() for a, b in zip(r["grads"], res["plain"]["grads"])))
             for m, r in res.items()}
 
@@ -265,7 +306,7 @@ def _shard_roundtrip():
 
 def _job(world):
     out = dict(ring=_ring_cases(), ulysses=_ulysses_cases(), errors=_error_cases(), roundtrip=_shard_roundtrip(),
-               p2p=_p2p_order())
+               p2p=_p2p_order(), collectives=_collectives())
     if world == 2:
         out.update(comm=_comm_volume(), remat=_remat(), hf=_hf(), hf_autocast=_hf_autocast())
     if world == 4:
@@ -403,6 +444,13 @@ def test_errors_are_clear_on_every_rank(jobs):
             assert e["still_works"]
 
 
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_no_collective_per_attention_call_by_default(jobs, world):
+    """The cross-rank input check is off the hot path: no collective per layer per forward unless asked for."""
+    for res in jobs[world]:
+        assert res["collectives"] == dict(ring=0, ring_check=1, ring_flag=1, ulysses=0), res["collectives"]
+
+
 def test_shard_gather_roundtrip(jobs):
     for world in (2, 3, 4):
         assert all(r["roundtrip"]["back"] and r["roundtrip"]["positions"] and r["roundtrip"]["grad"]
@@ -420,8 +468,10 @@ def test_remat_runs_attention_forward_once(jobs):
     for res in jobs[2]:
         r = res["remat"]
         assert r["plain"]["fwd"] == 1 and r["ckpt"]["fwd"] == 2           # checkpoint alone reruns the ring
-        assert r["ckpt_remat"]["fwd"] == 1 and r["ckpt_remat"]["hits"] == 1
-        assert r["ckpt"]["gerr"] <= TOL and r["ckpt_remat"]["gerr"] == 0.0
+        for mode in ("ckpt_remat", "ckpt_contexts"):                     # scoped and per-checkpoint variants
+            assert r[mode]["fwd"] == 1 and r[mode]["hits"] == 1 and r[mode]["gerr"] == 0.0, r
+            assert r[mode]["bytes"] == r["plain"]["bytes"] < r["ckpt"]["bytes"], r   # no K/V resent for a rerun
+        assert r["ckpt"]["gerr"] <= TOL
 
 
 def test_hf_qwen2_matches_single_device(jobs):

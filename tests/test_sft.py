@@ -94,6 +94,19 @@ def test_resume_gives_the_same_next_losses(tmp_path, tiny_ckpt, synth_dir):
         ["step_000002", "step_000004"]                             # keep_checkpoints=2
 
 
+def test_sp2_validation_with_a_small_cache(tmp_path, tiny_ckpt, synth_dir):
+    """Validation under SP=2 with a cache that evicts: the answer pass splits the val records over all ranks, and
+    before the fix it shared the training cache, so the SP ranks' caches diverged and the next parallel decode met
+    in mismatched collectives (gloo: a crash; NCCL: a hang). 8 frames -> 8,220 bytes an entry: room for 10."""
+    out = tmp_path / "spval"
+    r = _sft(out, tiny_ckpt, synth_dir, "--sp=2", "--freeze_vision=1", f"--val_data={synth_dir}/val.jsonl",
+             "--eval_every=1", "--eval_samples=16", "--max_new_tokens=2", "--steps=3", "--cache_bytes=82200", nproc=2,
+             check=False)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    m = _metrics(out)
+    assert [row["step"] for row in m] == [1, 2, 3] and all("val_acc" in row and "val_loss" in row for row in m)
+
+
 def test_clear_errors(tmp_path, tiny_ckpt, synth_dir):
     r = _sft(tmp_path / "long", tiny_ckpt, synth_dir, "--max_length=60", check=False)
     assert r.returncode != 0 and "max_length=60" in r.stderr and "SampleTooLongError" in r.stderr

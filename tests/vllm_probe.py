@@ -7,9 +7,10 @@ transformers 5.24 and no vllm. So the check runs in three steps, two interpreter
      prompts from cached video embeddings (expanded <|video_pad|>, as the RL loop builds them), the HF engine's
      greedy rollouts under A and under B = A + noise on the LLM weights (the vision tower stays frozen, as in RL,
      so the cached embeddings stay valid), and B's weights; saved to case.pt.
-  2. vLLM side (vLLM venv), `python tests/vllm_probe.py --driver CASE OUT`: vllm_start on A, greedy and seeded
-     sampled rollouts, vllm_sleep / vllm_wake, vllm_sync_weights(B), rollouts again; saved to OUT. This imports
-     mrsp.py and data.py under transformers 5.19 (only the vllm_* functions and full_tensors run there).
+  2. vLLM side (vLLM venv), `python tests/vllm_probe.py --driver CASE OUT`: vllm_start on A (no vLLM vision tower:
+     it only gets embeddings), greedy and seeded sampled rollouts, vllm_sleep / vllm_wake, vllm_sync_weights(B)
+     (streamed: reload_weights consumes a generator in the in-process worker), rollouts again; saved to OUT.
+     This imports mrsp.py and data.py under transformers 5.19 (only the vllm_* functions run there).
   3. HF side, check(): vLLM's greedy tokens == the HF engine's (canonical mrope positions), before and after the
      sync (and different between A and B); every sampled token's log-prob == a teacher-forced HF forward at the
      sampling temperature (< --tol); same seed -> same samples; sleep/wake changes nothing.
@@ -170,9 +171,21 @@ def check(case_path, result_path, tol=1e-4):
     if r["sampled_a_other_seed"]["token_ids"] == r["sampled_a"]["token_ids"]:
         fails.append("another seed gave the same samples")
     rep["sleep/wake: awake"] = r["awake"]
+    rep["partial wakes (weights, then kv_cache): awake"] = (r["awake_after_weights"], r["awake_after_kv"])
+    if (r["awake_after_weights"], r["awake_after_kv"]) != (False, True):
+        fails.append(f"after sleep(2): wake(weights) -> awake {r['awake_after_weights']}, then wake(kv_cache) -> "
+                     f"{r['awake_after_kv']}; expected False, then True")
     if r["greedy_after_wake"]["token_ids"] != r["greedy_a"]["token_ids"]:
         fails.append("greedy outputs changed across vllm_sleep / vllm_wake")
+    rep["vLLM's own vision-tower parameters"] = r["vllm_vision_params"]
+    if r["vllm_vision_params"]:
+        fails.append(f"vLLM built its own vision tower ({r['vllm_vision_params']} parameters): vision_tower=False")
+    from mrsp import VISION_PREFIXES
+    sd_b = case["state_dict_b"]
+    want = sum(not k.startswith(VISION_PREFIXES) for k in sd_b) + ("lm_head.weight" not in sd_b)
     rep["synced tensors"] = r["n_synced"]
+    if r["n_synced"] != want:
+        fails.append(f"vllm_sync_weights sent {r['n_synced']} tensors, expected the {want} of the LLM")
     model.load_state_dict(case["state_dict_b"])
     greedy_vs_hf("policy B (after vllm_sync_weights)", r["greedy_b"], case["hf_greedy_b"])
     rep["min greedy top1-top2 logit gap (B)"] = logprobs_vs_hf("policy B greedy", r["greedy_b"], 1.0, G)
@@ -247,9 +260,16 @@ def driver(case_path, out_path):
     vllm_sleep(llm, level=1)
     r["awake"] = vllm_wake(llm)
     r["greedy_after_wake"] = vllm_rollout(llm, prompts, **greedy)
+    # vllm_start(vision_tower=False): vLLM never built its own tower (it only gets embeddings)
+    model = llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
+    r["vllm_vision_params"] = sum(p.numel() for n, p in model.named_parameters() if "visual" in n)
+    # the RL loop's order around training (rl.VLLMEngine): sleep level 2, weights back, sync, KV cache back
+    vllm_sleep(llm, level=2)
+    r["awake_after_weights"] = vllm_wake(llm, ["weights"])
     t3 = time.time()
-    r["n_synced"] = vllm_sync_weights(llm, case["state_dict_b"])
+    r["n_synced"] = vllm_sync_weights(llm, case["state_dict_b"])   # streamed: a generator, one tensor at a time
     t_sync = time.time() - t3
+    r["awake_after_kv"] = vllm_wake(llm, ["kv_cache"])
     r["greedy_b"] = vllm_rollout(llm, prompts, **greedy)
     r["sampled_b"] = vllm_rollout(llm, prompts, **sample)
     r["timings"] = dict(import_s=round(t_import, 1), vllm_start_s=round(t_start, 1),
