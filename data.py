@@ -1,28 +1,24 @@
 """
-data.py -- long-video QA data: decoding, frame sampling, records, prompts, collation, and a
-synthetic long-video QA generator. Self-contained (numpy + PyAV/decord; torch only for collation),
-so it can be copied into another project alone.
+data.py -- long-video QA data, as a library: video decoding (decord, PyAV fallback), frame sampling and sizing with
+qwen-vl-utils' rules (what Qwen2-VL / Qwen2.5-VL checkpoints were trained with), dataset records (LongVideo-Reason as
+released, our JSONL, Video-MME), prompts and targets, answer extraction, and SFT/RL collation. numpy + PyAV/decord;
+torch/torchvision only to process frames and collate; copy it into another project alone.
 
-Generate the synthetic set (real H.264 mp4s + train/val/test JSONL with chain-of-thought):
-    python data.py --out=data/synth                      # defaults: 256 frames @ 8 fps, 112x112
-    python data.py --out=data/synth --n_train=2000 --num_frames=512 --seed=1
+    from data import load_records, video_options, load_video, process_video, decode_opts, size_opts
+    recs = load_records("data/synth/train.jsonl")          # LongVideo-Reason / ours / Video-MME rows
+    opts = video_options(recs[0], num_frames=32)           # stage defaults + the record's own qwen-vl-utils keys
+    frames, info = load_video(recs[0]["video"], **decode_opts(opts))   # (T, H, W, 3) uint8, source resolution
+    pixels = process_video(processor, frames, info, **size_opts(opts)) # sized from the whole sampling
 
-Use it as a library:
-    from data import load_records, load_video, encode_sample, collate_sft
-    recs = load_records("data/synth/train.jsonl")        # LongVideo-Reason / ours / Video-MME rows
-    frames, info = load_video(recs[0]["video"], num_frames=32)   # (T, H, W, 3) uint8
-
-Formats (DESIGN.md §5), all normalised to one dict:
+Records, all normalised to one dict:
     {id, video (absolute path), question, options ["A. ...", ...], answer "B", reasoning, category,
-     duration, domain, task_type, source}
+     duration, domain, task_type, source, video_opts {qwen-vl-utils per-sample keys}}
+The synthetic set and the tiny checkpoint are made by prepare.py.
 """
-import ast
-import contextlib
 import json
 import math
 import os
 import re
-import sys
 
 import numpy as np
 
@@ -48,50 +44,17 @@ class VideoError(ValueError):
     """A video could not be read: names the path and the cause."""
 
 
+class SamplingError(VideoError):
+    """The requested frames do not fit this video (too few frames, a clip outside it, ...): every decoder would say
+    the same, so load_video raises it at once instead of trying the next backend."""
+
+
 class RecordError(ValueError):
     """A dataset record is malformed: names the file, line and field."""
 
 
 class SampleTooLongError(ValueError):
     """A tokenised sample exceeds max_length (and truncation was not asked for)."""
-
-
-# -----------------------------------------------------------------------------
-# CLI overrides shared by every stage script: `--key=value` for any module-level config global
-def apply_overrides(config, argv):
-    """Apply `--key=value` args to `config` (a dict, usually globals()). Values are parsed as Python
-    literals when possible and must keep the default's type. Unknown keys are an error."""
-    for arg in argv:
-        if not arg.startswith("--") or "=" not in arg:
-            raise SystemExit(f"bad argument {arg!r}: expected --key=value")
-        key, val = arg[2:].split("=", 1)
-        known = config_of(config)
-        if key not in known:
-            raise SystemExit(f"unknown config key {key!r}; known keys: {', '.join(sorted(known))}")
-        default = config[key]
-        if isinstance(default, bool):
-            if val.lower() not in ("1", "0", "true", "false", "yes", "no"):
-                raise SystemExit(f"--{key}: expected a boolean (1/0/true/false), got {val!r}")
-            val = val.lower() in ("1", "true", "yes")
-        elif isinstance(default, str) or default is None:
-            pass  # strings and optional paths stay strings
-        else:
-            try:
-                val = ast.literal_eval(val)
-            except (ValueError, SyntaxError):
-                raise SystemExit(f"--{key}: expected a {type(default).__name__}, got {val!r}") from None
-            if isinstance(default, float) and isinstance(val, int):
-                val = float(val)
-            if type(val) is not type(default):
-                raise SystemExit(f"--{key}: expected a {type(default).__name__}, got {val!r}")
-        config[key] = val
-    return config
-
-
-def config_of(config):
-    """The printable/saveable part of a module's globals: plain values with public names."""
-    return {k: v for k, v in config.items() if not k.startswith("_") and k.islower()
-            and isinstance(v, (int, float, str, bool, type(None)))}
 
 
 # -----------------------------------------------------------------------------
@@ -108,14 +71,14 @@ def frame_range(total_frames, video_fps, video_start=None, video_end=None):
     if video_start is None and video_end is None:
         return 0, total_frames - 1
     if video_fps is None or video_fps <= 0:
-        raise VideoError(f"cannot cut video_start={video_start} / video_end={video_end} (seconds): "
+        raise SamplingError(f"cannot cut video_start={video_start} / video_end={video_end} (seconds): "
                          f"the video's fps is unknown ({video_fps})")
     duration = total_frames / video_fps
     first = 0 if video_start is None else math.ceil(max(0.0, min(video_start, duration)) * video_fps)
     last = (total_frames - 1 if video_end is None else
             min(math.floor(max(0.0, min(video_end, duration)) * video_fps), total_frames - 1))
     if first >= last:
-        raise VideoError(f"video_start={video_start} / video_end={video_end} s select frames {first}..{last} of a "
+        raise SamplingError(f"video_start={video_start} / video_end={video_end} s select frames {first}..{last} of a "
                          f"{total_frames}-frame video at {video_fps:g} fps ({duration:.2f} s): expected a clip of at "
                          f"least {FRAME_FACTOR} frames")
     return first, last
@@ -126,16 +89,16 @@ def _num_sampled(count, video_fps, num_frames, fps, min_frames, max_frames):
     if num_frames is not None:
         n = _round_by(num_frames, FRAME_FACTOR)
         if not FRAME_FACTOR <= n <= count:
-            raise VideoError(f"num_frames={num_frames} (rounded to {n}) must lie in "
+            raise SamplingError(f"num_frames={num_frames} (rounded to {n}) must lie in "
                              f"[{FRAME_FACTOR}, total_frames={count}]")
         return n
     if video_fps is None or video_fps <= 0:
-        raise VideoError(f"cannot sample at fps={fps}: the video's fps is unknown ({video_fps})")
+        raise SamplingError(f"cannot sample at fps={fps}: the video's fps is unknown ({video_fps})")
     lo = _ceil_by(min_frames, FRAME_FACTOR)
     hi = _floor_by(min(max_frames, count), FRAME_FACTOR)   # floor2(min(a, b)) == min(floor2(a), floor2(b)): as theirs
     n = _floor_by(min(max(count / video_fps * fps, lo), hi), FRAME_FACTOR)
     if n < FRAME_FACTOR:
-        raise VideoError(f"cannot sample {n} frames from a {count}-frame video")
+        raise SamplingError(f"cannot sample {n} frames from a {count}-frame video")
     return n
 
 
@@ -151,7 +114,7 @@ def sample_frame_indices(total_frames, video_fps, num_frames=None, fps=FPS, min_
     exact rounding here, so we keep it.
     """
     if total_frames < FRAME_FACTOR:
-        raise VideoError(f"video has {total_frames} frame(s); at least {FRAME_FACTOR} are needed")
+        raise SamplingError(f"video has {total_frames} frame(s); at least {FRAME_FACTOR} are needed")
     first, last = frame_range(total_frames, video_fps, video_start, video_end)
     n = _num_sampled(last - first + 1, video_fps, num_frames, fps, min_frames, max_frames)
     return np.linspace(first, last, n).round().astype(int).tolist()
@@ -231,7 +194,7 @@ def _check_file(path):
 def _part(seq, subset, path=""):
     """seq[start:end] for subset=(start, end), all of seq for None."""
     if subset is not None and subset[1] > len(seq):
-        raise VideoError(f"{path}: subset={tuple(subset)} reaches past the {len(seq)} sampled frame(s)")
+        raise SamplingError(f"{path}: subset={tuple(subset)} reaches past the {len(seq)} sampled frame(s)")
     return seq if subset is None else seq[subset[0]:subset[1]]
 
 
@@ -246,8 +209,8 @@ def _sample(path, total, video_fps, sampling):
     """sample_frame_indices(total, video_fps, **sampling), its errors naming the file."""
     try:
         return sample_frame_indices(total, video_fps, **sampling)
-    except VideoError as e:
-        raise VideoError(f"{path}: {e}") from None
+    except SamplingError as e:
+        raise SamplingError(f"{path}: {e}") from None
 
 
 def _decord_read(path, sampling, subset):
@@ -326,16 +289,13 @@ def load_video(path, num_frames=None, fps=FPS, min_frames=FPS_MIN_FRAMES, max_fr
             raise ValueError(f"backend={name!r}: expected 'decord' or 'pyav'")
         try:
             frames, total, video_fps, idx = reader(path, sampling, subset)
+        except SamplingError:
+            raise                     # the request does not fit this video: the next backend would say the same
         except ImportError as e:
             errors.append(f"{name}: not installed ({e})")
             continue
-        except VideoError as e:
-            if name == "decord" and "truncated" not in str(e) and "frame(s)" not in str(e):
-                errors.append(f"{name}: {e}")
-                continue
-            raise
-        except Exception as e:  # noqa: BLE001 - decoders raise many types; we name the file
-            errors.append(f"{name}: {type(e).__name__}: {e}")
+        except Exception as e:  # noqa: BLE001 - decoders raise many types (ours: VideoError); we name the file
+            errors.append(f"{name}: {e}" if isinstance(e, VideoError) else f"{name}: {type(e).__name__}: {e}")
             continue
         n = len(_part(idx, subset))
         if frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] != n:
@@ -597,6 +557,24 @@ def load_records(path, video_root=None, on_error=None):
     return recs
 
 
+def check_videos(records, where="", skip_bad=False):
+    """Missing video files, found before any model work. -> (records with a video, bad rows {"id", "reason"}).
+    Without skip_bad the first missing one raises VideoError naming `where` (e.g. "--data=train.jsonl"), the record
+    and the file."""
+    good, bad = [], []
+    for r in records:
+        if os.path.isfile(r["video"]):
+            good.append(r)
+        elif skip_bad:
+            bad.append(dict(id=r["id"], reason=f"{r['video']}: no such video file"))
+        else:
+            n = sum(not os.path.isfile(x["video"]) for x in records)
+            raise VideoError(f"{where + ': ' if where else ''}{n} record(s) name a missing video, e.g. record "
+                             f"{r['id']!r}: {r['video']}: no such file (fix the data file or the video folder; "
+                             f"eval.py can skip and count such items with --skip_bad=1)")
+    return good, bad
+
+
 # -----------------------------------------------------------------------------
 # video options: stage-level defaults merged with a record's own qwen-vl-utils keys
 def video_options(record=None, **defaults):
@@ -673,6 +651,9 @@ def build_prompt(processor, record):
 def format_target(record):
     """SFT target and the format rewarded in RL: <think>reasoning</think><answer>X</answer>."""
     return f"<think>{record['reasoning']}</think><answer>{record['answer']}</answer>"
+
+
+FORMAT_RE = re.compile(r"<think>.*?</think>\s*<answer>.*?</answer>", re.S)   # that format, as RL rewards it
 
 
 # a cue word, then the letter: "(c)" any case; "C" upper case anywhere; "c" lower case only before
@@ -857,7 +838,6 @@ def encode_sample(processor, record, frames, info, with_target=True, max_length=
 
 
 def _pad(seqs, value, left=False):
-    import torch
     n = max(s.numel() for s in seqs)
     out = seqs[0].new_full((len(seqs), n), value)
     for i, s in enumerate(seqs):
@@ -898,205 +878,9 @@ def collate_rl(samples, pad_id):
     return batch
 
 
-# -----------------------------------------------------------------------------
-# synthetic long-video QA: coloured squares and a moving ball; answers need the whole video
-COLOURS = {"red": (230, 30, 30), "green": (30, 200, 30), "blue": (40, 70, 240), "yellow": (240, 220, 30),
-           "magenta": (220, 40, 220), "cyan": (30, 220, 220), "white": (240, 240, 240), "orange": (250, 140, 20)}
-QUADRANTS = ("top-left", "top-right", "bottom-left", "bottom-right")
-PALETTE = ("red", "green", "blue", "yellow")   # the colours questions are about (the ball is white)
-ORDINALS = ("first", "last")
-
-
-def _a(word):
-    return ("an " if word[0] in "aeiou" else "a ") + word
-
-
-def _event_times(rng, n_events, T, ev_len):
-    """Start frames of n events, one per equal segment of the video: spread over its whole length."""
-    seg = T / n_events
-    assert seg >= ev_len, f"{n_events} events of {ev_len} frames do not fit in {T} frames"
-    return [int(i * seg + rng.integers(0, int(seg - ev_len) + 1)) for i in range(n_events)]
-
-
-def _quad_box(q, S, margin):
-    h = S // 2
-    y0 = 0 if q in (0, 1) else h
-    x0 = 0 if q in (0, 2) else h
-    return y0 + margin, x0 + margin, y0 + h - margin, x0 + h - margin
-
-
-def _perm_with(rng, items, value, at):
-    """A random permutation of items with `value` at position `at`."""
-    rest = [x for x in items if x != value]
-    rest = [rest[i] for i in rng.permutation(len(rest))]
-    return rest[:at] + [value] + rest[at:]
-
-
-def make_synthetic_sample(rng, category, answer_idx, T=256, S=112, fps=8.0):
-    """Build one video (T, S, S, 3) uint8 and its QA record (without id/video) for a category.
-    Options come in a fixed order (PALETTE or QUADRANTS), so the letter follows from the content; the
-    content is drawn so that the correct option is answer_idx (balanced letters are the caller's job) and
-    every colour is equally likely to be the answer (no prior to exploit). The CoT names every event of
-    the video in order (the whole video matters), then the deciding fact and the option."""
-    frames = np.zeros((T, S, S, 3), np.uint8)
-    ev_len = max(T // 12, 4)
-    margin = S // 16
-
-    def draw_square(t0, colour, quad):
-        y0, x0, y1, x1 = _quad_box(quad, S, margin)
-        frames[t0:t0 + ev_len, y0:y1, x0:x1] = COLOURS[colour]
-
-    def flash(t0, colour):  # a full-frame colour flash: the event is seen whatever the spatial resolution
-        frames[t0:t0 + ev_len, margin:S - margin, margin:S - margin] = COLOURS[colour]
-
-    options = list(QUADRANTS) if category == "spatial" else list(PALETTE)
-    answer = options[answer_idx]
-    if category == "temporal":
-        which = ORDINALS[rng.integers(0, 2)]
-        cols = _perm_with(rng, PALETTE, answer, 0 if which == "first" else 3)
-        for t0, c in zip(_event_times(rng, 4, T, ev_len), cols):
-            flash(t0, c)
-        question = f"Which colour of square appeared {which} in the video?"
-        why = [f"Squares in order: {', '.join(cols)}.", f"The {which} one is {answer}."]
-    elif category == "spatial":
-        cols = [PALETTE[i] for i in rng.permutation(4)]
-        k = int(rng.integers(0, 4))
-        quads = _perm_with(rng, range(4), answer_idx, k)
-        for t0, c, q in zip(_event_times(rng, 4, T, ev_len), cols, quads):
-            draw_square(t0, c, q)
-        colour = cols[k]
-        question = f"Where did the {colour} square appear?"
-        why = [f"Squares in order: {', '.join(f'{c} {QUADRANTS[q]}' for c, q in zip(cols, quads))}.",
-               f"The {colour} one was {answer}."]
-    elif category == "goal":
-        # four coloured boxes in the corners; a white ball travels from the centre to one of them
-        goal = int(rng.integers(0, 4))
-        cols = _perm_with(rng, PALETTE, answer, goal)
-        box = S // 6
-        corners = [(0, 0), (0, S - box), (S - box, 0), (S - box, S - box)]
-        for (y, x), c in zip(corners, cols):
-            frames[:, y:y + box, x:x + box] = COLOURS[c]
-        r = S // 14
-        c0 = np.array([S / 2, S / 2])
-        c1 = np.array(corners[goal]) + box / 2
-        wobble = rng.normal(0, S / 40, size=2)
-        yy, xx = np.ogrid[:S, :S]
-        for t in range(T):
-            a = t / (T - 1)
-            y, x = c0 + a * (c1 - c0) + math.sin(a * math.pi) * wobble
-            frames[t][(yy - y) ** 2 + (xx - x) ** 2 <= r * r] = COLOURS["white"]
-        question = "A white ball moves through the video. Which coloured box is it heading for?"
-        why = [f"Boxes: {', '.join(f'{c} {q}' for c, q in zip(cols, QUADRANTS))}.",
-               f"The ball moves to the {QUADRANTS[goal]}, so it heads for {answer}."]
-    elif category == "plot":
-        # the story: which colour keeps coming back? one colour shows 3 times, the others once each
-        seq = [answer] * 3 + [c for c in PALETTE if c != answer]
-        seq = [seq[i] for i in rng.permutation(len(seq))]
-        for t0, c in zip(_event_times(rng, len(seq), T, ev_len), seq):
-            flash(t0, c)
-        question = "Which colour of square appeared most often over the whole video?"
-        why = [f"Squares in order: {', '.join(seq)}.", f"{answer.capitalize()} appears 3 times."]
-    else:
-        raise ValueError(f"category={category!r}: expected one of {CATEGORIES}")
-    letter = LETTERS[answer_idx]
-    why.append(f"That is option {letter}.")
-    return frames, dict(question=question, options=[f"{LETTERS[i]}. {o}" for i, o in enumerate(options)],
-                        answer=letter, reasoning=" ".join(why), category=category, duration=round(T / fps, 2))
-
-
-def write_mp4(path, frames, fps):
-    """Write frames (T, H, W, 3) uint8 as H.264 mp4 (yuv420p, near-lossless, single-threaded for
-    byte-identical output per seed). Written to a temp name and renamed: no half-written videos."""
-    import av
-    from fractions import Fraction
-    tmp = path + ".tmp.mp4"
-    with av.open(tmp, "w") as out:
-        st = out.add_stream("libx264", rate=Fraction(fps).limit_denominator(1000))
-        st.width, st.height, st.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-        st.options = {"crf": "8", "preset": "fast", "threads": "1"}
-        st.codec_context.thread_count = 1
-        for f in frames:
-            for pkt in st.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
-                out.mux(pkt)
-        for pkt in st.encode():
-            out.mux(pkt)
-    os.replace(tmp, path)
-
-
-def generate_synthetic(out, n_train=640, n_val=64, n_test=128, num_frames=256, fps=8.0, size=112, seed=0,
-                       progress=True, workers=1):
-    """Write {out}/videos/*.mp4 and {out}/{train,val,test}.jsonl. Deterministic given the arguments (workers too:
-    frames are drawn in order in this process; only the H.264 encoding, ~90% of the time, runs in `workers`
-    processes). Categories and answer letters are balanced exactly within each block of 16 samples."""
-    from concurrent.futures import ProcessPoolExecutor
-    from multiprocessing import get_context
-    from tqdm import tqdm
-    os.makedirs(os.path.join(out, "videos"), exist_ok=True)
-    if num_frames < 64:
-        raise ValueError(f"num_frames={num_frames}: synthetic videos need >= 64 frames for spread-out events")
-    if size % 28 or size < 56:
-        raise ValueError(f"size={size}: expected a multiple of 28 >= 56 (Qwen-VL patch 14 x merge 2)")
-    pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn")) if workers > 1 else None
-    pending = []   # encodes in flight, bounded: each holds a (T, S, S, 3) video
-    with pool or contextlib.nullcontext():   # the pool shuts down on an encoder error too
-        for s_i, (split, n) in enumerate((("train", n_train), ("val", n_val), ("test", n_test))):
-            rng = np.random.default_rng([seed, s_i])
-            recs = []
-            for i in tqdm(range(n), desc=f"synth {split}", disable=not progress, leave=False, mininterval=1.0):
-                cat = CATEGORIES[(i // 4) % 4]
-                frames, rec = make_synthetic_sample(rng, cat, answer_idx=i % 4, T=num_frames, S=size, fps=fps)
-                vid = f"videos/{split}_{i:05d}.mp4"
-                if pool is None:
-                    write_mp4(os.path.join(out, vid), frames, fps)
-                else:
-                    pending.append(pool.submit(write_mp4, os.path.join(out, vid), frames, fps))
-                    while len(pending) > 2 * workers:
-                        pending.pop(0).result()   # re-raises an encoder error here
-                recs.append(dict(id=f"synth-{split}-{i:05d}", video=vid, **rec))
-            for f in pending:
-                f.result()
-            pending = []
-            order = rng.permutation(len(recs))
-            tmp = os.path.join(out, f"{split}.jsonl.tmp")
-            with open(tmp, "w") as f:
-                for j in order:
-                    f.write(json.dumps(recs[j]) + "\n")
-            os.replace(tmp, os.path.join(out, f"{split}.jsonl"))
-    meta = dict(n_train=n_train, n_val=n_val, n_test=n_test, num_frames=num_frames, fps=fps, size=size,
-                seed=seed, categories=list(CATEGORIES))
-    with open(os.path.join(out, "meta.json"), "w") as f:
-        json.dump(meta, f, indent=1)
-    return meta
-
-
-# -----------------------------------------------------------------------------
-# CLI: python data.py --out=data/synth [--key=value ...]
-out = "data/synth"    # output folder
-n_train = 640         # training questions (one video each)
-n_val = 64            # held-out questions for validation during training
-n_test = 128          # test questions for eval
-num_frames = 256      # frames per video (long: events spread over all of them)
-fps = 8.0             # video frame rate (256 frames -> 32 s)
-size = 112            # frame height = width (multiple of 28)
-seed = 0              # everything is deterministic given the seed
-workers = min(2, os.cpu_count() or 1)   # processes encoding the mp4s (the output does not depend on it)
-
-if __name__ == "__main__":
-    apply_overrides(globals(), sys.argv[1:])
-    cfg = config_of(globals())
-    print("config:", json.dumps(cfg))
-    mine = os.path.exists(os.path.join(out, "meta.json"))
-    theirs = [f for f in ("train.jsonl", "val.jsonl", "test.jsonl") if os.path.exists(os.path.join(out, f))]
-    if theirs and not mine:   # a dataset data.py did not write: never overwrite it
-        raise SystemExit(f"data.py: --out={out} already holds {', '.join(theirs)} without the meta.json that data.py "
-                         "writes: refusing to overwrite a dataset it did not generate (pick another --out; to run the "
-                         "demo on it, pass --model=CHECKPOINT too)")
-    if mine:
-        with open(os.path.join(out, "meta.json")) as f:
-            have = json.load(f)
-        keys = [k for k in cfg if k not in ("out", "workers")]
-        if {k: have.get(k) for k in keys} == {k: cfg[k] for k in keys}:
-            print(f"{out}: already generated with this config, skipping")
-            sys.exit(0)
-    meta = generate_synthetic(out, n_train, n_val, n_test, num_frames, fps, size, seed, workers=workers)
-    print(f"wrote {n_train}/{n_val}/{n_test} train/val/test questions to {out}")
+def model_inputs(batch, device):
+    """The tensors of a data.py batch that the HF forward takes. mm_token_type_ids must be passed:
+    without it Qwen2.5-VL silently falls back to 1-D positions (transformers 5.24; logits off by ~1e-2)."""
+    keys = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values_videos", "video_grid_thw",
+            "second_per_grid_ts", "labels")
+    return {k: batch[k].to(device) for k in keys if k in batch}

@@ -57,11 +57,11 @@ stamp() { echo "== [$(( (SECONDS - T0) / 60 ))m$(( (SECONDS - T0) % 60 ))s] $*";
 USER_MODEL=${MODEL:-}
 if [ -z "$USER_MODEL" ]; then
   stamp "1/7 synthetic long-video QA (256 frames per video) -> $DATA"
-  x python data.py --out="$DATA"
+  x python prepare.py --out="$DATA"
   MODEL=$OUT/tiny
   stamp "2/7 tiny Qwen2.5-VL checkpoint -> $MODEL"
   # 8 heads / rope base 1e4: the variant that learned to read the synthetic videos in our runs (BENCHMARKS.md)
-  [ -f "$MODEL/config.json" ] || x python mrsp.py --init_tiny="$MODEL" --data="$DATA" --tiny_heads=8 --tiny_rope_theta=1e4
+  [ -f "$MODEL/config.json" ] || x python prepare.py --tiny="$MODEL" --data="$DATA" --tiny_heads=8 --tiny_rope_theta=1e4
 fi
 TRAIN=${TRAIN:-$DATA/train.jsonl}
 VAL=${VAL:-$DATA/val.jsonl}

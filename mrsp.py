@@ -1,160 +1,40 @@
 """
-mrsp.py -- MR-SP infrastructure (Multi-modal Reinforcement Sequence Parallelism, LongVILA-R1).
+mrsp.py -- MR-SP (Multi-modal Reinforcement Sequence Parallelism, LongVILA-R1), all of it in this file.
 
-Today this file holds the foundation every stage uses: torchrun set-up, the tiny Qwen2.5-VL
-checkpoint builder, and model + processor loading from a local HF checkpoint directory (tiny or a
-real Qwen2-VL / Qwen2.5-VL). Parallel video encoding, the embedding cache, the sequence-parallel
-prefill and the rollout engines land here next (see the issue tracker).
+One RL step on long videos, in the order of this file's sections:
+  1. model + (dp, sp) mesh + FSDP2      load_model, setup_mesh, prepare_model (frozen vision tower, LightSeq's
+                                        remat-aware activation checkpointing), fsdp_gathered
+  2. parallel decode + encode           each SP rank decodes, processes and encodes only its share of a video's frames
+                                        (patch_runs, encode_videos), then the embeddings are all-gathered
+  3. the video-embedding cache          EmbeddingCache + get_video_embeds: each video encoded once, reused by every
+                                        rollout, the old-policy / reference prefills and the update
+  4. sequences and positions            build_seq, embed_with_video, 3-D mrope positions on the full sequence
+  5. sequence-parallel forward          sp_logprobs: the sequence sharded over the SP group, ring attention
+                                        (seq_parallel_attn.py), the LM head in chunks -- prefills and the update
+  6. weight sync                        trained (FSDP-sharded) policy -> the rollout engine's copy, tensor by tensor
+  7. rollout engines                    HF (prefill the long prompt once, KV replicated for the G samples) and vLLM fed
+                                        the cached embeddings (never pixels); rollout() for either; evaluate() for
+                                        held-out answers
 
-Write the tiny checkpoint (tokenizer trained on the dataset text + Qwen special tokens):
-    python mrsp.py --init_tiny=out/tiny --data=data/synth
-Run one video forward per sample (a smoke test of the whole input path), single process:
-    python mrsp.py --model=out/tiny --data=data/synth/val.jsonl --frames=32
-Same, data-parallel on N processes (CPU gloo or CUDA nccl):
-    torchrun --standalone --nproc_per_node=2 mrsp.py --model=out/tiny --data=data/synth/val.jsonl
-A real checkpoint works the same way:
-    torchrun --standalone --nproc_per_node=8 mrsp.py --model=/ckpt/Qwen2.5-VL-7B-Instruct --data=... --dtype=bfloat16
+    videos --parallel decode + encode (each SP rank its share of the frames; all-gather)-->
+         video embeddings --> EmbeddingCache (key: path + sampling/size options + vision-weights version; LRU, spill)
+              |-> rollout engine (HF: one prefill, KV replicated G times; vLLM: video_embeds)
+              |-> old-policy / reference log-probs: sequence-parallel prefill (ring attention)
+              '-> training forward/backward: sequence-parallel, FSDP2 over the (dp, sp) mesh
+
+A library: sft.py, rl.py and eval.py put it together. Works with any local Qwen2-VL / Qwen2.5-VL checkpoint
+(the tiny one from prepare.py, or a real one).
 """
 import contextlib
-import glob
 import json
-import math
 import os
-import sys
-import time
 
 import torch
 import torch.distributed as dist
 
-from data import (CATEGORIES, INSTRUCTION, apply_overrides, config_of, encode_sample, collate_sft,
-                  format_target, load_records, load_video)
+from common import agree, hash56
 
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
-                  "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
-                  "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
 SUPPORTED_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
-
-# Qwen2.5-VL's chat template (system default, <|vision_start|><|video_pad|><|vision_end|> per video).
-CHAT_TEMPLATE = (
-    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
-    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
-    "{% else %}{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
-    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
-    "<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif content['type'] == 'video' or 'video' in content %}"
-    "{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
-    "<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-
-# The tiny model (DESIGN.md §3): ~1M params, a video forward in tens of ms on one CPU core.
-TINY_TEXT = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, max_position_embeddings=32768, rms_norm_eps=1e-6,
-                 rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=[4, 6, 6]))
-TINY_VISION = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=128,
-                   patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
-                   fullatt_block_indexes=[1], tokens_per_second=2)
-TINY_PIXELS = 56 * 56  # every frame resized to 56x56 -> 4 video tokens per 2 frames
-
-
-# -----------------------------------------------------------------------------
-# distributed set-up from torchrun's environment
-def setup_dist():
-    """-> (rank, local_rank, world_size, device). World size 1 runs without torchrun or a process group."""
-    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
-        # On GPUs: NCCL for CUDA tensors AND gloo for CPU ones. The small bookkeeping all-reduces (token counts,
-        # metrics, eval counts) and the *_object collectives use CPU tensors, which NCCL alone rejects.
-        dist.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo")
-    return rank, local_rank, world, device
-
-
-def print0(*args, **kwargs):
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(*args, **kwargs, flush=True)
-
-
-# -----------------------------------------------------------------------------
-# tiny checkpoint
-def _dataset_texts(data_dir):
-    """Every string a prompt or target can contain, to train the tiny tokenizer on."""
-    texts = [INSTRUCTION, "You are a helpful assistant.", "system", "user", "assistant"]
-    files = sorted(glob.glob(os.path.join(data_dir, "*.jsonl"))) if os.path.isdir(data_dir) else [data_dir]
-    if not files:
-        raise FileNotFoundError(f"--data={data_dir}: no *.jsonl files to train the tokenizer on")
-    for f in files:
-        for r in load_records(f):
-            texts += [r["question"], "\n".join(r["options"]), format_target(r)]
-    return texts
-
-
-def train_tokenizer(texts, vocab_size=1024):
-    """A byte-level BPE in Qwen2's tokenizer class: any text encodes (bytes fall back), specials kept whole."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import Qwen2Tokenizer
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(texts, trainer)
-    return Qwen2Tokenizer(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                          errors="replace", clean_up_tokenization_spaces=False)
-
-
-def _tiny_text(heads, rope_theta):
-    """TINY_TEXT with another head count / rope base; mrope sections scale with head_dim (t:h:w = 2:3:3 eighths)."""
-    hidden = TINY_TEXT["hidden_size"]
-    if heads < 2 or hidden % heads or (hidden // heads) % 16:
-        raise ValueError(f"--tiny_heads={heads}: expected an even divisor of {hidden} with head_dim a multiple of 16")
-    if (heads, rope_theta) == (TINY_TEXT["num_attention_heads"], TINY_TEXT["rope_parameters"]["rope_theta"]):
-        return TINY_TEXT
-    half = hidden // heads // 2
-    sec = [half // 4, 3 * half // 8, half - half // 4 - 3 * half // 8]
-    return dict(TINY_TEXT, num_attention_heads=heads, num_key_value_heads=heads // 2, head_dim=hidden // heads,
-                rope_parameters=dict(rope_type="default", rope_theta=float(rope_theta), mrope_section=sec))
-
-
-def init_tiny(out_dir, data_dir, seed=0, vocab_size=1024, heads=4, rope_theta=1e6):
-    """Write a random-init Qwen2_5_VLForConditionalGeneration + processor as a standard HF checkpoint.
-    heads / rope_theta: the LM's attention heads (width 128 fixed; head_dim = 128 / heads, KV heads = heads / 2) and
-    rope base. The demo uses 8 heads and theta 1e4: in our runs that variant learned to read the synthetic videos
-    within ~1000 SFT steps, while the default (4 heads, theta 1e6, Qwen's) mostly stayed at chance (BENCHMARKS.md)."""
-    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
-                              Qwen2VLImageProcessor, Qwen2VLVideoProcessor, GenerationConfig)
-    tokenizer = train_tokenizer(_dataset_texts(data_dir), vocab_size)
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    processor = Qwen2_5_VLProcessor(
-        image_processor=Qwen2VLImageProcessor(min_pixels=TINY_PIXELS, max_pixels=TINY_PIXELS),
-        video_processor=Qwen2VLVideoProcessor(min_pixels=TINY_PIXELS, max_pixels=TINY_PIXELS,
-                                              cap_pixels_per_frame=True),
-        tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
-    vocab = (len(tokenizer) + 63) // 64 * 64  # pad the embedding table, as real checkpoints do
-    config = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=vocab, bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
-                         pad_token_id=ids["<|endoftext|>"], **_tiny_text(heads, rope_theta)),
-        vision_config=TINY_VISION, image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=True)
-    torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config)
-    model.generation_config = GenerationConfig(eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
-                                               bos_token_id=ids["<|endoftext|>"])
-    os.makedirs(out_dir, exist_ok=True)
-    model.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
-    n = sum(p.numel() for p in model.parameters())
-    return n
-
 
 # -----------------------------------------------------------------------------
 # loading a local checkpoint (tiny or real)
@@ -166,7 +46,7 @@ def load_model(path, dtype="float32", device="cpu", attn_implementation="sdpa", 
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
     if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"--model={path}: expected a local HF checkpoint directory with config.json "
-                                f"(build the tiny one with: python mrsp.py --init_tiny={path} --data=data/synth)")
+                                f"(build the tiny one with: python prepare.py --tiny={path} --data=data/synth)")
     config = AutoConfig.from_pretrained(path)
     if config.model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"--model={path}: model_type {config.model_type!r} is not supported; "
@@ -183,14 +63,6 @@ def load_model(path, dtype="float32", device="cpu", attn_implementation="sdpa", 
         model.model.visual = vision
     processor = AutoProcessor.from_pretrained(path)
     return model.to(device), processor
-
-
-def model_inputs(batch, device):
-    """The tensors of a data.py batch that the HF forward takes. mm_token_type_ids must be passed:
-    without it Qwen2.5-VL silently falls back to 1-D positions (DESIGN.md §10)."""
-    keys = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values_videos", "video_grid_thw",
-            "second_per_grid_ts", "labels")
-    return {k: batch[k].to(device) for k in keys if k in batch}
 
 
 # -----------------------------------------------------------------------------
@@ -269,6 +141,38 @@ def prepare_model(model, mesh=None, freeze_vision=True, activation_checkpointing
     return model
 
 
+def load_models(path, device, mesh=None, freeze_vision=True, activation_checkpointing=False, reference=False,
+                rollout=True, rollout_llm=True):
+    """The models of a training run -> (policy, processor, rollout_model, ref).
+    policy: fp32 master weights, FSDP2 over the mesh (prepare_model). rollout_model: an unsharded copy -- the HF
+    rollout engine, the video ENCODER of the RL loop (per SP group, so DP ranks with different cache hits never wait
+    on each other inside FSDP) and the HF export; rollout_llm=False (vLLM generates) puts its LLM on the meta device;
+    rollout=False: None (sft.py without validation: no second copy while training).
+    ref (reference=True, else None): frozen, FSDP-sharded. The copies nobody trains are bf16 on GPUs, as verl (their
+    forwards run under bf16 autocast anyway; a full fp32 7B copy costs ~30 GB a rank); CPU keeps fp32 (the exactness
+    tests rely on it). A frozen vision tower exists ONCE per rank: the policy's, never trained (no optimizer state,
+    FSDP ignores it), in that dtype, shared as the same module by the rollout copy and the reference -- for a 7B's
+    0.68B-parameter tower 1.4 GB a rank instead of 5.4 GB (fp32 + two bf16 copies)."""
+    frozen_dtype = "bfloat16" if torch.device(device).type == "cuda" else "float32"
+    policy, processor = load_model(path, "float32", device)
+    tower = policy.model.visual.to(getattr(torch, frozen_dtype)).requires_grad_(False) if freeze_vision else None
+    rollout_model = load_model(path, frozen_dtype, device, vision=tower)[0].eval() if rollout else None
+    if rollout and not rollout_llm:
+        rollout_model.model.language_model.to("meta")
+        rollout_model.lm_head.to("meta")
+    prepare_model(policy, mesh, freeze_vision=freeze_vision, activation_checkpointing=activation_checkpointing)
+    policy.train()
+    ref = None
+    if reference:
+        ref = load_model(path, frozen_dtype, device, vision=tower)[0].eval().requires_grad_(False)
+        prepare_model(ref, mesh, freeze_vision=True)
+    if tower is not None:
+        tower.eval()   # policy.train() reached it; frozen, it always runs as in inference
+        assert rollout_model is None or rollout_model.model.visual is tower
+        assert ref is None or ref.model.visual is tower
+    return policy, processor, rollout_model, ref
+
+
 def root_call(model, fn, *args, **kwargs):
     """fn(*args, **kwargs) run as the model's own forward call. FSDP2 (and any module hooks) act on
     model.__call__, so code that uses submodules directly (embedding, language model, LM head) must
@@ -345,7 +249,7 @@ def encode_videos(model, pixel_values_videos, video_grid_thw, group=None, local=
 
     The unit of work is one temporal patch (2 frames) of one video: Qwen2.5-VL's vision tower attends
     within a temporal patch and its rotary depends on (h, w) only, so encoding contiguous runs of
-    patches separately and concatenating is exact (DESIGN.md §3). Each rank encodes a contiguous,
+    patches separately and concatenating is exact (tests/test_mrsp.py checks it). Each rank encodes a contiguous,
     equal share of all the videos' patches (patch_runs), then the merged embeddings are all-gathered.
     pixel_values_videos: all the videos' pixel rows, or with local=True only this rank's share (its runs'
     rows in plan order: what get_video_embeds decodes when each rank reads its own frames).
@@ -363,10 +267,8 @@ def encode_videos(model, pixel_values_videos, video_grid_thw, group=None, local=
     runs = plan[rank]
     D = inner.config.vision_config.out_hidden_size
     if local:
-        want = sum((t1 - t0) * rows[i] for i, t0, t1 in runs)
-        if pixel_values_videos.shape[0] != want:
-            raise ValueError(f"encode_videos(local=True): rank {rank} got {pixel_values_videos.shape[0]} pixel rows, "
-                             f"its share of the videos {grid} over {P} ranks is {want}")
+        want = sum((t1 - t0) * rows[i] for i, t0, t1 in runs)   # this rank's runs, as _decode_share decoded them
+        assert pixel_values_videos.shape[0] == want, (rank, pixel_values_videos.shape[0], want, grid, P)
     if runs:
         pix = pixel_values_videos if local else torch.cat(
             [pixel_values_videos[offsets[i] + t0 * rows[i]: offsets[i] + t1 * rows[i]] for i, t0, t1 in runs])
@@ -414,9 +316,7 @@ class EmbeddingCache:
             os.makedirs(spill_dir, exist_ok=True)
 
     def _record(self, op, key):
-        import hashlib
-        h = hashlib.blake2b(f"{self.history}|{op}|{key}".encode(), digest_size=7)   # 56 bits: fits an int64
-        self.history = int.from_bytes(h.digest(), "little")
+        self.history = hash56(f"{self.history}|{op}|{key}")   # 56 bits: fits the int64 that agree() compares
 
     @staticmethod
     def key(video, opts, version=0):
@@ -463,33 +363,6 @@ class EmbeddingCache:
 
     def summary(self):
         return dict(self.stats, entries=len(self.entries), bytes=self.bytes, on_disk=len(self.on_disk))
-
-
-def _hash56(text):
-    """A stable 56-bit hash of a string (Python's hash() differs between processes)."""
-    import hashlib
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=7).digest(), "little")
-
-
-def agree(group, where, **values):
-    """Check that every rank of `group` holds the same integer `values` (one small all-gather: a sync point, every
-    rank must call it). A mismatch raises on every rank with a table of what each rank holds, naming `where` --
-    instead of letting the ranks walk into mismatched collectives, which under NCCL hang without a word."""
-    rank, P = _group_info(group)
-    if P == 1:
-        return
-    mine = torch.tensor([int(v) for v in values.values()], dtype=torch.int64)
-    rows = [torch.empty_like(mine) for _ in range(P)]
-    dist.all_gather(rows, mine, group=group)
-    rows = [r.tolist() for r in rows]
-    if any(r != rows[0] for r in rows):
-        names = list(values)
-        table = "\n".join(f"  group rank {i}: " + ", ".join(f"{n}={v}" for n, v in zip(names, r))
-                           for i, r in enumerate(rows))
-        raise RuntimeError(f"{where}: the ranks of a sequence-parallel group disagree (this rank is {rank}):\n"
-                           f"{table}\nThey must see the same inputs and cache history in the same order (a cache "
-                           "shared with per-rank work, e.g. an eval loop that splits records over all ranks, breaks "
-                           "this).")
 
 
 def vision_is_sharded(model):
@@ -555,7 +428,7 @@ def get_video_embeds(model, processor, records, cache=None, num_frames=None, gro
         # (a cache that evicted differently) would meet the others in mismatched collectives -- a hang under NCCL.
         # Compare the cache histories and the to-do lists first (one tiny all-gather) and fail loudly instead.
         agree(group, "get_video_embeds", cache_history=cache.history if cache is not None else 0,
-              videos=len(records), to_encode=len(todo), to_encode_hash=_hash56("|".join(k for k, _, _ in todo)))
+              videos=len(records), to_encode=len(todo), to_encode_hash=hash56("|".join(k for k, _, _ in todo)))
     if todo:
         if parallel:   # parallel decoding: this rank's frames only
             pix, grid, ts = _decode_share(processor, [r for _, r, _ in todo], [o for _, _, o in todo], group)
@@ -819,9 +692,11 @@ def _sp_logprobs(model, seq, group, impl, logit_chunk, temperature, return_entro
     local = h.new_zeros(1, h.shape[1], dtype=torch.float32)
     local = local.index_put((torch.zeros_like(sel), sel), torch.cat(parts) if parts else local.new_zeros(0))
     if not parts and torch.is_grad_enabled():
-        # a rank may hold no scored token (short response, many ranks); it must still join the ring backward,
-        # which is a collective: keep its hidden states in the graph with a zero contribution
-        local = local + 0.0 * h.sum()
+        # a rank may hold no scored token (a short response sits in one rank's chunk); it must still join the ring
+        # backward, which is a collective, AND give the LM head a gradient: with untied embeddings (the 7B) the head
+        # is its own FSDP parameter, and a rank without its gradient would reduce-scatter other sizes than the rest
+        # (gloo: "data size doesn't match"; NCCL: a hang). Zero contributions keep both in the graph.
+        local = local + 0.0 * (h.sum() + model.lm_head(h[0, :1]).float().sum())
     logp_pos = spa.gather_seq(local, N, group)[0]                            # (N,) by predicting position
     logp = torch.cat([logp_pos.new_zeros(1), logp_pos[:-1]])                 # (N,) by scored token
     if not return_entropy:
@@ -1089,8 +964,7 @@ def vllm_rollout(llm, prompts, n=1, temperature=1.0, top_p=1.0, top_k=0, max_new
     eos = meta["eos_id"] if eos_id is None else eos_id
     eos = [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])] if eos is not None else []
     greedy = temperature == 0
-    if isinstance(seed, (list, tuple)) and len(seed) != len(prompts):
-        raise ValueError(f"vllm_rollout: {len(seed)} seeds for {len(prompts)} prompts (one per prompt, or an int)")
+    assert not isinstance(seed, (list, tuple)) or len(seed) == len(prompts), (len(seed), len(prompts))
     common = dict(max_tokens=max_new_tokens, logprobs=0, stop_token_ids=eos, ignore_eos=True, detokenize=False)
     reqs, params, ids_list = [], [], []
     for i, p in enumerate(prompts):
@@ -1226,287 +1100,170 @@ def vllm_wake(llm, tags=None):
 
 
 # -----------------------------------------------------------------------------
-# memory / communication estimator for MR-SP RL (DESIGN.md §1, §7, §9)
-#
-# Paper check (LongVILA-R1): 3,600 frames (~256k tokens) of Qwen2.5-VL-7B RL fit on one 8x A100
-# 80GB node with SP=8, and not with SP=1. Everything is bytes per rank, computed from the config;
-# no constant below is fitted to that claim. Assumptions (conservative where it matters):
-#  * policy LLM trained with FSDP over ALL gpus: bf16 weights + fp32 master + AdamW m, v (fp32)
-#    + grads (fp32 by default: reduce_dtype fp32); the vision tower (incl. merger) is frozen
-#    (the embedding cache relies on it) and replicated in bf16 on every rank: it is ~0.7B params
-#    and every rank runs it on its own share of frames (parallel encoding);
-#  * the reference model (k3 KL on) is the LLM only, bf16, FSDP-sharded: it never sees pixels;
-#  * training: ONE sequence (video + prompt + one response) per micro-batch, split over the SP
-#    group, activation checkpointing per decoder layer, LM head chunked over response tokens;
-#  * rollout: vLLM on every rank with its own full bf16 copy (TP=1) and the FULL prompt (as in
-#    LongVILA-R1; SP does not shard the rollout KV); G responses share the prompt's KV once
-#    (prefix caching). During training vLLM sleeps (weights to CPU, KV freed), so the two phases
-#    are separate peaks; optimizer and reference shards stay on the GPU in both (no offload);
-#  * the video-embedding cache (full video, bf16) lives on every rank in both phases.
-# -----------------------------------------------------------------------------
-GiB = 1024 ** 3
-# Qwen2.5-VL-7B-Instruct's released config.json (flat legacy layout: text keys at the top level).
-QWEN25_VL_7B = dict(
-    model_type="qwen2_5_vl", hidden_size=3584, num_hidden_layers=28, num_attention_heads=28,
-    num_key_value_heads=4, intermediate_size=18944, vocab_size=152064, tie_word_embeddings=False,
-    vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14,
-                       spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=3584, window_size=112,
-                       fullatt_block_indexes=[7, 15, 23, 31], in_chans=3))
-# The embedded tiny model (DESIGN.md §3), nested layout as transformers 5 writes it.
-QWEN25_VL_TINY = dict(
-    model_type="qwen2_5_vl", tie_word_embeddings=False,
-    text_config=dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                     intermediate_size=384, vocab_size=576),
-    vision_config=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, patch_size=14,
-                       spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=128))
-PRESETS = {"qwen2.5-vl-7b": ("Qwen2.5-VL-7B", QWEN25_VL_7B), "tiny": ("Qwen2.5-VL-tiny", QWEN25_VL_TINY)}
-# 336x336 -> (336/28)^2 = 144 tokens per temporal patch (2 frames): 3,600 frames -> 259,200 video
-# tokens, the paper's "around 256k" (~71 tokens a frame). Override with height/width or tokens_per_frame_pair.
-DEFAULT_SIZE = 336
-TEXT_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
-VISION_KEYS = ("depth", "hidden_size", "intermediate_size", "patch_size", "spatial_merge_size",
-               "temporal_patch_size")
+# the engines through a run: one entry point for rollouts (HF or vLLM), vLLM asleep while the trainer works, and
+# held-out answers (the accuracy eval.py reports and sft.py / rl.py log)
+class VLLMEngine:
+    """A vLLM engine (vllm_start) with sleep mode around training, fed the policy's new weights before it generates
+    again. wake(): weights back -> the policy's weights sent, if training changed them (mark_stale) or sleep freed
+    them (level 2) -> KV cache back (verl's and TRL's order: vLLM loads into resident weights, and needs no KV cache
+    for it). sleep(): after a step's rollouts (level 0: never). wake() and the sync are collectives under FSDP, and
+    under torchrun every rollout() is a lockstep engine call: all ranks make the same calls in the same order.
+    Every engine call is appended to `calls` (rl.py logs them per step as vllm_calls): vLLM refuses sleep mode on
+    CPU, so there the calls still run (the engine pauses and resumes its scheduler, frees nothing) and their ORDER is
+    what the tests can check."""
+
+    def __init__(self, llm, policy, level):
+        assert level in (0, 1, 2), level
+        self.llm, self.policy, self.level = llm, policy, level
+        self.asleep = self.stale = False
+        self.calls, self.t_sync = [], 0.0      # since the last take_log()
+
+    def _call(self, name, fn, *args):
+        from common import tick
+        t0 = tick()
+        self.calls.append(name)
+        out = fn(self.llm, *args)
+        self.t_sync += tick() - t0
+        return out
+
+    def mark_stale(self):
+        """The policy changed: send its weights at the next wake (the engine may be asleep now)."""
+        self.stale = True
+
+    def wake(self):
+        if self.asleep:
+            self._call("wake(weights)", vllm_wake, ["weights"])
+        if self.stale:
+            self._call("sync", vllm_sync_weights, self.policy)
+            self.stale = False
+        if self.asleep:
+            self._call("wake(kv_cache)", vllm_wake, ["kv_cache"])
+            self.asleep = False
+
+    def sleep(self):
+        if self.level and not self.asleep:
+            self._call(f"sleep({self.level})", vllm_sleep, self.level)
+            self.asleep = True
+            self.stale |= self.level == 2        # the weights are gone: the next wake must send them
+
+    def rollout(self, prompts, **kw):
+        assert not (self.asleep or self.stale), "VLLMEngine.rollout: wake() first (asleep or stale weights)"
+        self.calls.append("generate")
+        return vllm_rollout(self.llm, prompts, **kw)
+
+    def stop(self):
+        vllm_stop(self.llm)
+
+    def take_log(self):
+        """-> (calls, seconds in wake/sync/sleep) since the last take_log."""
+        out = (self.calls, self.t_sync)
+        self.calls, self.t_sync = [], 0.0
+        return out
 
 
-def load_estimate_config(model):
-    """dict | preset name | dir with config.json | config.json path -> (name, normalized dict)."""
-    name = where = None
-    if isinstance(model, dict):
-        raw = model
-    elif str(model).lower() in PRESETS:
-        name, raw = PRESETS[str(model).lower()]
-    elif os.path.isdir(model) or os.path.isfile(model):
-        path = os.path.join(model, "config.json") if os.path.isdir(model) else model
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"no config.json in model directory {model!r}")
-        try:
-            with open(path) as f:
-                raw = json.load(f)
-        except ValueError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
-        name, where = os.path.basename(os.path.dirname(os.path.abspath(path))), path
-    elif os.path.sep in str(model) or str(model).endswith(".json"):   # looks like a path: say it is missing
-        raise FileNotFoundError(f"model path {model!r} does not exist")
-    else:
-        raise ValueError(f"unknown model preset {model!r} (presets: {', '.join(PRESETS)}; or a checkpoint dir)")
-    text = raw.get("text_config") or raw          # nested (transformers 5) or flat legacy layout
-    vis = raw.get("vision_config")
-    where = where or name or "config"
-    if vis is None:
-        raise ValueError(f"{where}: no 'vision_config' (not a Qwen-VL config)")
-    if "embed_dim" in vis:                         # Qwen2-VL: embed_dim = width, hidden_size = LLM width
-        vis = dict(vis, hidden_size=vis["embed_dim"], out_hidden_size=vis["hidden_size"],
-                   intermediate_size=int(vis["embed_dim"] * vis.get("mlp_ratio", 4)), gated=False)
-    for keys, d, part in ((TEXT_KEYS, text, "text"), (VISION_KEYS, vis, "vision_config")):
-        missing = [k for k in keys if k not in d]
-        if missing:
-            raise ValueError(f"{where}: {part} lacks field(s) {missing}")
-    t = {k: text[k] for k in TEXT_KEYS}
-    t["num_key_value_heads"] = text.get("num_key_value_heads", text["num_attention_heads"])  # HF default: MHA
-    t["head_dim"] = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
-    t["tie_word_embeddings"] = bool(text.get("tie_word_embeddings", raw.get("tie_word_embeddings", False)))
-    v = {k: vis[k] for k in VISION_KEYS}
-    v["out_hidden_size"] = vis.get("out_hidden_size", t["hidden_size"])
-    v["gated"] = vis.get("gated", True)          # Qwen2.5-VL vision MLP is SwiGLU (gate, up, down)
-    return name or raw.get("model_type", "model"), dict(text=t, vision=v)
+def rollout(prompts, n, seeds, temperature, max_new_tokens, tokenizer, model=None, llm=None, top_p=1.0, top_k=0):
+    """n samples for each of `prompts` (dicts carrying `embeds`: build_seq's without target, or rl.py's prompts),
+    prompt i sampled from seeds[i] -> one list of n (token_ids, finish_reason, engine logprobs) per prompt.
+    llm (a VLLMEngine): ONE engine call for them all, made even when this rank has no prompt -- under torchrun the
+    ranks' engines step in lockstep (vllm_start), so every rank must call equally often whatever its prompt count.
+    Otherwise the HF engine on `model` (an unsharded copy): one hf_rollout per prompt, its sampler seeded with the
+    prompt's seed, as vLLM seeds each request: the samples do not depend on the batching. Generation stops at
+    <|im_end|>."""
+    assert len(seeds) == len(prompts), (len(seeds), len(prompts))
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    kw = dict(n=n, temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens, eos_id=eos)
+    if llm is not None:
+        out = llm.rollout(prompts, seed=list(seeds), tokenizer=tokenizer, **kw)
+        flat = list(zip(out["token_ids"], out["finish_reasons"], out["logprobs"]))
+        assert len(flat) == n * len(prompts), (len(flat), n, len(prompts))
+        return [flat[i * n:(i + 1) * n] for i in range(len(prompts))]
+    device = next(model.parameters()).device
+    res = []
+    for p, s in zip(prompts, seeds):
+        gen = torch.Generator(device=device).manual_seed(s) if temperature > 0 else None
+        out = hf_rollout(model, [p], generator=gen, pad_id=tokenizer.pad_token_id, **kw)
+        res.append(list(zip(out["token_ids"], out["finish_reasons"], out["logprobs"])))
+    return res
 
 
-def video_tokens(frames, height=DEFAULT_SIZE, width=DEFAULT_SIZE, patch=14, merge=2, temporal=2):
-    """LLM tokens of one video: (T/2)·(H/28)·(W/28), H, W rounded to multiples of 28 (smart_resize),
-    T padded up to a multiple of 2 (Qwen repeats the last frame)."""
-    f = patch * merge
-    h, w = max(f, round(height / f) * f), max(f, round(width / f) * f)
-    return math.ceil(frames / temporal) * (h // f) * (w // f)
+def answer_row(rec, frames, text, finish_reason):
+    """One scored answer: the letter extract_choice reads, whether it is right, whether the text has the rewarded
+    <think>...</think><answer>...</answer> format, and the record's fields the reports group by."""
+    from data import FORMAT_RE, extract_choice
+    pred = extract_choice(text, len(rec["options"]), rec["options"])
+    row = dict(id=rec["id"], category=rec.get("category"), answer=rec["answer"], prediction=text, extracted=pred,
+               correct=pred == rec["answer"], format=FORMAT_RE.fullmatch(text.strip()) is not None,
+               finish_reason=finish_reason, frames=frames)
+    row.update({k: rec[k] for k in ("duration", "domain", "task_type") if rec.get(k) is not None})
+    return row
 
 
-def param_counts(c):
-    """(text LLM params, vision tower params incl. merger), counted layer by layer like the HF modules."""
-    t, v = c["text"], c["vision"]
-    d, I, V = t["hidden_size"], t["intermediate_size"], t["vocab_size"]
-    q, kv = t["num_attention_heads"] * t["head_dim"], t["num_key_value_heads"] * t["head_dim"]
-    layer = d * q + q + 2 * (d * kv + kv) + q * d + 3 * d * I + 2 * d   # q/k/v (bias), o, SwiGLU, 2 RMSNorm
-    text = V * d * (1 if t["tie_word_embeddings"] else 2) + t["num_hidden_layers"] * layer + d
-    h, Iv, m2 = v["hidden_size"], v["intermediate_size"], v["spatial_merge_size"] ** 2
-    mlp = 3 * h * Iv + 2 * Iv + h if v["gated"] else 2 * h * Iv + Iv + h
-    block = h * 3 * h + 3 * h + h * h + h + mlp + 2 * h * (1 if v["gated"] else 2)   # qkv, proj, MLP, norms
-    out = v["out_hidden_size"]   # merger: norm, Linear(h·m², h·m²), GELU, Linear(h·m², out), with biases
-    merger = h * (1 if v["gated"] else 2) + (h * m2) ** 2 + h * m2 + h * m2 * out + out
-    vision = 3 * v["temporal_patch_size"] * v["patch_size"] ** 2 * h + v["depth"] * block + merger
-    return text, vision, layer, V * d
+@torch.no_grad()
+def evaluate(model, processor, records, frames, max_new_tokens=512, temperature=0.0, top_p=1.0, cache=None, rank=0,
+             world=1, device="cpu", desc="eval", skip_bad=False, seed=0, llm=None, batch_size=16, version=0,
+             samples=1, video=None):
+    """Answer this rank's share of `records` at `frames` frames per video. -> list of per-item rows (answer_row),
+    each with "index" (position in `records`, for common.gather_rows); samples > 1 (temperature > 0): that many rows
+    per item, each with "sample" (0..samples-1), so an accuracy over the rows is the mean over all samples (avg@N).
+    A record whose video cannot be read raises RecordError naming it, or with skip_bad becomes a row
+    {"id", "index", "bad": reason}.
+    Ranks split by VIDEO (videos[rank::world]; the same as records[rank::world] when every record has its own
+    video) so questions sharing a video share one vision pass. `model` is a whole (unsharded) copy (the rollout copy):
+    it encodes the videos (no SP group: per rank) and, without llm, generates. llm: a VLLMEngine, awake; prompts go
+    `batch_size` at a time in rounds that every rank runs equally often (lockstep engines; empty calls included).
+    Sampling is seeded by the record's position (common.sample_seed): the same answers for any world size.
+    video: frame-size defaults (min_pixels, max_pixels, total_pixels: data.video_options names); records' own win.
+    version: the vision weights' version for the cache key (bump it if the vision tower trained since the last call)."""
+    import math
+    from tqdm import tqdm
+    from common import sample_seed
+    from data import RecordError, SampleTooLongError, VideoError
+    if samples > 1 and temperature <= 0:
+        raise ValueError(f"samples={samples} needs temperature > 0 (greedy answers would all be the same)")
+    was_training = model.training
+    model.eval()
+    tok = processor.tokenizer
+    videos = list(dict.fromkeys(r["video"] for r in records))
+    share = [set(videos[r::world]) for r in range(world)]
+    todo = [(i, rec) for i, rec in enumerate(records) if rec["video"] in share[rank]]
+    chunk = batch_size if llm is not None else 1
+    # every rank's number of rounds is known to all (a pure function of the records): all run the longest one
+    rounds = max(math.ceil(sum(rec["video"] in s for rec in records) / chunk) for s in share)
+    rows = []
+    for c in tqdm(range(rounds), desc=desc, disable=rank != 0, leave=False):
+        seqs = []
+        for i, rec in todo[c * chunk:(c + 1) * chunk]:
+            try:
+                seqs.append((i, rec, build_seq(rec, processor, model, cache, frames=frames, device=device,
+                                               with_target=False, version=version, **(video or {}))))
+            except (VideoError, RecordError, SampleTooLongError) as e:
+                if not skip_bad:
+                    raise RecordError(f"record {rec['id']!r} (video {rec['video']}, frames={frames}): {e} "
+                                      f"(pass --skip_bad=1 to skip and count such items)") from None
+                rows.append(dict(id=rec["id"], index=i, bad=str(e)))
+        if not seqs and llm is None:
+            continue
+        outs = rollout([s for _, _, s in seqs], samples, [sample_seed(seed, i) for i, _, _ in seqs], temperature,
+                       max_new_tokens, tok, model=model, llm=llm, top_p=top_p)
+        for (i, rec, _), answers in zip(seqs, outs):
+            for j, (ids, fin, _) in enumerate(answers):
+                row = dict(answer_row(rec, frames, tok.decode(ids, skip_special_tokens=True), fin), index=i)
+                if samples > 1:
+                    row["sample"] = j
+                rows.append(row)
+    model.train(was_training)
+    return rows
 
 
-def estimate_memory(cfg, frames, gpus=8, sp=8, height=DEFAULT_SIZE, width=DEFAULT_SIZE, tokens_per_frame_pair=None,
-             prompt_tokens=256, response_tokens=1024, group=5, kl=True, grad_dtype="fp32", logit_chunk=1024,
-             prefill_chunk=8192, gpu_mem_gib=80.0, reserve=0.10):
-    """Per-rank memory (bytes) of the training and rollout phases + per-layer SP communication."""
-    name, c = cfg if isinstance(cfg, tuple) else load_estimate_config(cfg)
-    if sp < 1 or gpus % sp:
-        raise ValueError(f"sp={sp} must divide gpus={gpus}")
-    t, v = c["text"], c["vision"]
-    L, d, I, V = t["num_hidden_layers"], t["hidden_size"], t["intermediate_size"], t["vocab_size"]
-    Hq, kv = t["num_attention_heads"], t["num_key_value_heads"] * t["head_dim"]
-    p, m, tp = v["patch_size"], v["spatial_merge_size"], v["temporal_patch_size"]
-    n_video = (math.ceil(frames / tp) * tokens_per_frame_pair if tokens_per_frame_pair
-               else video_tokens(frames, height, width, p, m, tp))
-    N = n_video + prompt_tokens + response_tokens          # one training sequence
-    n = math.ceil(N / sp)                                  # tokens per SP rank
-    P_text, P_vis, P_layer, P_emb = param_counts(c)
-    gb = {"fp32": 4, "bf16": 2}[grad_dtype]
-    bf = 2                                                 # bf16 bytes
-    unit = max(P_layer, P_emb)                             # largest FSDP unit (a layer, embeddings, LM head)
-    resident = {                                           # on the GPU in both phases
-        "policy weights (bf16, /gpus)": bf * P_text / gpus,
-        "optimizer fp32 master+m+v (/gpus)": 12 * P_text / gpus,
-        "reference LLM (bf16, /gpus)": bf * P_text / gpus if kl else 0,
-        "vision tower (bf16, replicated)": bf * P_vis,
-        "video-embedding cache": bf * n_video * v["out_hidden_size"],   # all-gathered merger output, full video
-    }
-    train = dict(resident)
-    train[f"gradients ({grad_dtype}, /gpus)"] = gb * P_text / gpus
-    # FSDP working buffers: two gathered bf16 units (current + prefetched) + one unsharded grad (--keep_gathered=0;
-    # =1 would hold every unit gathered plus the full gradient, which this estimate does not model)
-    train["FSDP gathered units"] = unit * (2 * bf + gb)
-    # checkpointed layer inputs: one (n, d) bf16 tensor per decoder layer
-    train["act: checkpointed inputs"] = L * n * d * bf
-    # one recomputed layer during backward, peak at the SwiGLU multiply's backward: saved
-    # norm-out, q_rot, attn-out, post-attn residual, post-norm (5d) + k_rot, v (2kv) + incoming
-    # grad (d); MLP: gate, silu(gate), up kept (3I) + d(product), d(silu), d(up) (3I).
-    train["act: recomputed layer"] = n * (6 * d + 2 * kv + 6 * I) * bf
-    # attention extras: lse (fp32, per query head); with a ring also K/V double buffers (bf16),
-    # dK/dV double buffers travelling in backward (fp32), fp32 out/dq accumulator for the merge.
-    ring = (2 * 2 * n * kv * bf + 2 * 2 * n * kv * 4 + n * d * 4) if sp > 1 else 0
-    train["act: attention lse + ring buffers"] = Hq * n * 4 + ring
-    # LM head on response tokens only, one chunk at a time: fp32 logits, log-softmax, gradient
-    train["act: LM-head logits chunk"] = min(logit_chunk, response_tokens) * V * 4 * 3
-    kv_tok = 2 * L * kv * bf                               # K and V, every layer, bf16, per token
-    per_pair = tokens_per_frame_pair or video_tokens(tp, height, width, p, m, tp)   # LLM tokens / temporal patch
-    n_patch = math.ceil(math.ceil(frames / tp) / sp) * per_pair * m * m   # vision patches before the 2x2 merge
-    hv, Iv = v["hidden_size"], v["intermediate_size"]
-    roll = dict(resident)
-    roll["vLLM weights (bf16, full copy)"] = bf * (P_text + P_vis)
-    # prefix sharing: the long prompt's KV once + G response KVs (full prompt on every rank)
-    roll["vLLM KV cache (prompt + G responses)"] = kv_tok * (n_video + prompt_tokens + group * response_tokens)
-    # chunked prefill, no grad: hidden, residual, norm-out, q (4d) + k, v (2kv) + gate, up, product (3I)
-    roll["vLLM prefill working set"] = min(prefill_chunk, N) * (4 * d + 2 * kv + 3 * I) * bf
-    # parallel encoding, no grad, this rank's 1/sp of the temporal patches: one vision block live
-    # (hidden, residual, norm-out: 3h; gate, up, product: 3I_v); conservatively while vLLM is awake
-    roll["vision encode (1/sp of frames)"] = n_patch * (3 * hv + 3 * Iv) * bf
-    budget = gpu_mem_gib * GiB * (1 - reserve)
-    peak_t, peak_r = sum(train.values()), sum(roll.values())
-    P = sp
-    comm = {  # per layer per rank, forward, bf16 bytes (DESIGN.md §7)
-        "ring K/V (P-1)·2·(N/P)·kv": (P - 1) * 2 * n * kv * bf,
-        # backward: K/V travel again (bf16) + dK/dV partial sums in fp32 (as seq_parallel_attn.py
-        # accumulates them) = 3x forward; 2x if dK/dV were sent in bf16
-        "ring backward K/V + fp32 dK/dV": (P - 1) * 2 * n * kv * (bf + 4),
-        # Ulysses (DESIGN §7): q, k, v scattered by head + out gathered back = 4·N·d/P per rank for
-        # MHA; with GQA k, v are kv wide, so exactly (P-1)/P·(N/P)·(2d + 2kv) -- the formula is a bound
-        "Ulysses all-to-all 4·N·d/P": 4 * n * d * bf if P > 1 else 0,
-        # Megatron TP + sequence parallel on P ranks: per layer 2 all-gathers + 2 reduce-scatters of
-        # the (N, d) activations, (P-1)/P·N·d each (same volume as plain TP's 2 all-reduces)
-        "Megatron TP-SP 2 AG + 2 RS": 4 * (P - 1) / P * N * d * bf,
-    }
-    return dict(name=name, frames=frames, height=height, width=width, tokens_per_frame_pair=tokens_per_frame_pair,
-                video_tokens=n_video, text_tokens=prompt_tokens + response_tokens, seq_tokens=N, local_tokens=n,
-                gpus=gpus, sp=sp, dp=gpus // sp, params_text=P_text, params_vision=P_vis, train=train,
-                rollout=roll, train_peak=peak_t, rollout_peak=peak_r, peak=max(peak_t, peak_r), budget=budget,
-                gpu_mem_gib=gpu_mem_gib, reserve=reserve, fits=max(peak_t, peak_r) <= budget, comm=comm,
-                ulysses_ok=P <= t["num_key_value_heads"] and t["num_key_value_heads"] % P == 0)
-
-
-def format_estimate(r):
-    """Readable per-rank table: GiB with 1 decimal (3 for sub-GiB totals), comm in MB per layer."""
-    small = r["peak"] < GiB
-    g = (lambda b: f"{b / GiB:9.3f}") if small else (lambda b: f"{b / GiB:7.1f}")
-    size = f"{r['tokens_per_frame_pair']} tok/frame-pair" if r["tokens_per_frame_pair"] else \
-        f"@{r['height']}x{r['width']}"
-    pc = lambda x: f"{x / 1e9:.2f}B" if x >= 1e8 else f"{x / 1e6:.2f}M"
-    out = [f"model {r['name']} ({pc(r['params_text'])} LLM + {pc(r['params_vision'])} vision), "
-           f"{r['frames']} frames {size} -> {r['video_tokens']:,} video tokens (+{r['text_tokens']:,} text) "
-           f"= {r['seq_tokens']:,}; gpus {r['gpus']}, sp {r['sp']}, dp {r['dp']}, "
-           f"{r['local_tokens']:,} tokens/rank"]
-    for phase, key in (("training phase", "train"), ("rollout phase (vLLM awake)", "rollout")):
-        out.append(f"  {phase:<42} GiB/rank")
-        out += [f"    {k:<40} {g(b)}" for k, b in r[key].items()]
-        out.append(f"    {'= ' + phase + ' peak':<40} {g(r[key + '_peak'])}")
-    out.append(f"  peak {g(r['peak']).strip()} GiB vs budget {g(r['budget']).strip()} GiB "
-               f"({r['gpu_mem_gib']:g} GiB - {r['reserve']:.0%} reserve): "
-               + ("FITS" if r["fits"] else "DOES NOT FIT"))
-    out.append("  communication per layer per rank, forward unless noted (MB)")
-    out += [f"    {k:<40} {b / 1e6:10.1f}" for k, b in r["comm"].items()]
-    ring = next(iter(r["comm"].values()))
-    if ring:
-        out.append(f"    Megatron / ring forward = {r['comm']['Megatron TP-SP 2 AG + 2 RS'] / ring:.1f}x")
-    if r["sp"] > 1 and not r["ulysses_ok"]:
-        out.append(f"    (Ulysses needs sp | kv heads: sp={r['sp']} would replicate K/V)")
-    return "\n".join(out)
-
-
-# -----------------------------------------------------------------------------
-# config (override with --key=value)
-init_tiny_dir = ""         # if set: write the tiny checkpoint here (needs --data) and exit
-tiny_heads = 4             # --init_tiny: LM attention heads (the demo uses 8)
-tiny_rope_theta = 1e6      # --init_tiny: LM rope base (the demo uses 1e4)
-estimate = False           # --estimate: print the memory/communication estimate for --model and exit
-data = "data/synth"        # dataset folder (for --init_tiny) or a JSONL/JSON file (for the forward check)
-model = "out/tiny"         # local HF checkpoint directory (for --estimate also a config.json or "qwen2.5-vl-7b")
-dtype = "float32"          # float32 | bfloat16 | float16
-frames = 32                # frames sampled uniformly per video
-max_samples = 8            # forward check: samples per run (split over ranks)
-gpus = 8                   # --estimate: GPUs in the job
-sp = 8                     # --estimate: sequence-parallel group size
-height = 336               # --estimate: frame size after resizing (336x336 -> 144 tokens per 2 frames)
-width = 336
-gpu_mem_gib = 80.0         # --estimate: memory per GPU
-seed = 0
-
-if __name__ == "__main__":
-    # --init_tiny=DIR is the documented spelling; map it onto the config global
-    argv = [a.replace("--init_tiny=", "--init_tiny_dir=", 1) for a in sys.argv[1:]]
-    argv = ["--estimate=1" if a == "--estimate" else a for a in argv]
-    apply_overrides(globals(), argv)
-    if estimate:  # paper arithmetic: no process group, no weights
-        print(format_estimate(estimate_memory(model, frames, gpus=gpus, sp=sp, height=height,
-                                              width=width, gpu_mem_gib=gpu_mem_gib)))
-        sys.exit(0)
-    cfg = config_of(globals())
-    rank, local_rank, world, device = setup_dist()
-    master_process = rank == 0
-    print0("config:", json.dumps(cfg))
-
-    # --- tiny checkpoint
-    if init_tiny_dir:
-        if master_process:
-            n = init_tiny(init_tiny_dir, data, seed, heads=tiny_heads, rope_theta=tiny_rope_theta)
-            print(f"wrote tiny Qwen2.5-VL ({n / 1e6:.2f}M params) to {init_tiny_dir}")
-        if world > 1:
-            dist.barrier()
-            dist.destroy_process_group()
-        sys.exit(0)
-
-    # --- forward check: each rank runs its share of the samples through the full input path
-    torch.manual_seed(seed)
-    net, processor = load_model(model, dtype, device)
-    net.eval()
-    recs = load_records(data)[:max_samples]
-    pad_id = processor.tokenizer.pad_token_id
-    losses, n_tok, t0 = [], 0, time.time()
-    for rec in recs[rank::world]:
-        video, info = load_video(rec["video"], num_frames=frames)
-        batch = collate_sft([encode_sample(processor, rec, video, info)], pad_id)
-        with torch.no_grad():
-            out = net(**model_inputs(batch, device))
-        losses.append(out.loss.item())
-        n_tok += batch["input_ids"].numel()
-        print(f"[rank {rank}] {rec['id']} ({rec['category']}): {batch['input_ids'].shape[1]} tokens "
-              f"({int((batch['mm_token_type_ids'] == 2).sum())} video), loss {losses[-1]:.4f}", flush=True)
-    stats = torch.tensor([sum(losses), len(losses), n_tok], dtype=torch.float64)
-    if world > 1:
-        dist.all_reduce(stats)  # this is a sync point: every rank must reach it
-    dt = time.time() - t0
-    print0(f"forward check: {int(stats[1])} samples on {world} rank(s), mean loss {stats[0] / max(stats[1], 1):.4f} "
-           f"(random init: ~ln(vocab)={torch.log(torch.tensor(float(net.config.text_config.vocab_size))):.2f}), "
-           f"{stats[2] / dt:.0f} tokens/s")
-    if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
+def accuracy_metrics(rows, prefix="val_"):
+    """Rows of evaluate (all ranks' rows, e.g. from gather_rows) -> {val_acc, val_format, val_acc_<category>}: what
+    sft.py and rl.py log as held-out accuracy (eval.py's summarize reports more)."""
+    from data import CATEGORIES
+    rows = [r for r in rows if "bad" not in r]
+    mean = lambda xs: sum(xs) / max(len(xs), 1)
+    out = {f"{prefix}acc": mean([r["correct"] for r in rows]), f"{prefix}format": mean([r["format"] for r in rows])}
+    for c in CATEGORIES:
+        hits = [r["correct"] for r in rows if r["category"] == c]
+        if hits:
+            out[f"{prefix}acc_{c}"] = mean(hits)
+    return out

@@ -1,13 +1,18 @@
 """
 rl.py -- stage 2: GRPO on long videos with MR-SP (LongVILA-R1, "Scaling RL to Long Videos").
 
-One step: prompts -> each video encoded ONCE (parallel over the SP group, through the embedding cache) -> G
-rollouts per prompt from the rollout engine fed the cached embeddings -> rewards (0.9 accuracy + 0.1 format) ->
-group advantages -> old-policy and reference log-probs by the sequence-parallel prefill (cached embeddings, the
-rollout temperature) -> PPO-style clipped updates with the global token-count normaliser -> optimizer step ->
-weight sync to the rollout engine. --mrsp=0 is the naive loop the paper compares against: no cache, the vision
-tower re-encodes the video for every rollout and inside every prefill / training forward, no sequence
-parallelism; the math is the same (tests/test_rl.py checks equal losses for equal rollouts).
+One step, as the paper's figure draws it and as the loop below reads: (1) collect: each prompt's video decoded and
+encoded ONCE (parallel over the SP group, through the embedding cache), G rollouts per prompt from the rollout engine
+fed the cached embeddings; (2) rewards (0.9 accuracy + 0.1 format) -> group advantages; (3) old-policy and reference
+log-probs by the sequence-parallel prefill (cached embeddings, the rollout temperature); (4) PPO-style clipped updates
+with the global token-count normaliser; (5) weight sync to the rollout engine. --loop=naive is the loop the paper
+compares against: no cache, the vision tower re-encodes the video for every rollout and inside every prefill /
+training forward, no sequence parallelism; the math is the same (tests/test_rl.py checks equal losses).
+
+How this departs from the paper's release (EasyR1-based Long-RL): one process group does everything (no Ray; the
+rollout engine is an HF copy of the model, or vLLM colocated on every rank); the reference model is the LLM only
+(it never sees pixels: the frozen tower's cached embeddings serve it too); rollouts are seeded by the prompt's data
+position, so any DP/SP layout and a resume draw the same tokens.
 
 Single process (CPU or one GPU), from an SFT checkpoint:
     python rl.py --model=out/sft/hf --data=data/synth/train.jsonl --val_data=data/synth/val.jsonl --out_dir=out/rl
@@ -17,7 +22,7 @@ Tiny CPU example (~2 s a step on 2 CPU cores at 16 frames):
     python rl.py --model=out/sft/hf --frames=16 --prompts_per_step=4 --group_size=4 --max_new_tokens=96 \
         --lr=1e-4 --steps=30 --eval_every=10 --eval_samples=16
 Naive baseline for the MR-SP speed-up benchmark (same flags plus; needs --sp=1):
-    --mrsp=0
+    --loop=naive
 Real checkpoint on 8 GPUs (the paper's release settings are the defaults: G=5, clip 0.2/0.3, k3 KL 1e-2, lr 1e-6):
     torchrun --nproc_per_node=8 rl.py --model=/ckpt/LongVILA-R1-7B-SFT --data=/data/lvr/rl.jsonl --sp=4 \
         --frames=512 --prompts_per_step=32 --max_new_tokens=1024 --activation_checkpointing=1 --keep_gathered=0 \
@@ -34,50 +39,46 @@ Resume after an interruption (same command plus):
 Design choices (and the traps they avoid):
   * The rollout engine's unsharded HF copy also ENCODES the videos: encoding through the FSDP policy would make DP
     ranks with different cache hits wait on each other's all-gathers. Parallel encoding still runs over the SP group,
-    whose ranks share prompts and cache history. A frozen vision tower exists ONCE per rank (build_models): the
-    policy's, in bf16 on GPUs, shared as the same module by the rollout copy and the reference.
-  * --engine=vllm (VLLMEngine): under torchrun one engine per rank, on its own device (mrsp.vllm_start: vLLM's
-    external launcher, the engines data-parallel). They step in lockstep, so every rank calls the engine once per
-    prompt draw and once per eval round, even with no prompt of its own. The engine sleeps after the rollouts
-    (--vllm_sleep_level, GPU) and wakes before the next rollouts or eval: weights back -> the new weights streamed in
-    tensor by tensor -> KV cache back; metrics.jsonl lists each step's engine calls (vllm_calls). vLLM builds no
-    vision tower of its own (it is only ever fed embeddings).
+    whose ranks share prompts and cache history. A frozen vision tower exists ONCE per rank: the policy's, in bf16 on
+    GPUs, shared as the same module by the rollout copy and the reference.
+  * --engine=vllm (mrsp.VLLMEngine): under torchrun one engine per rank, on its own device (vLLM's external
+    launcher, the engines data-parallel). They step in lockstep, so every rank calls the engine once per prompt draw
+    and once per eval round, even with no prompt of its own. The engine sleeps after the rollouts (--vllm_sleep_level,
+    GPU) and wakes before the next rollouts or eval: weights back -> the new weights streamed in tensor by tensor ->
+    KV cache back; metrics.jsonl lists each step's engine calls (vllm_calls). vLLM builds no vision tower of its own.
   * FSDP lockstep: every rank must run the policy forward/backward equally often. DP ranks always train the same
     number of groups; with dynamic sampling a rank short of informative groups pads with dropped ones at loss
     weight 0 (balance_groups). SP ranks hold the same sequences.
   * A sampled <|video_pad|> would be taken for a video slot by every forward: the response is cut before it and
     rewarded 0 (finish_response).
-  * Rollout sampling is seeded by the prompt's data position: SP/DP layouts, --mrsp=0/1 and --resume draw the same
-    tokens. Old-policy log-probs are recomputed by the SP prefill (recompute_old=1, as the paper's system);
-    --recompute_old=0 reuses logp.detach() when there is one update per batch.
+  * Old-policy log-probs are recomputed by the SP prefill (recompute_old=1, as the paper's system); --recompute_old=0
+    reuses logp.detach() when there is one update per batch.
   * Trainable vision (--freeze_vision=0, not the paper's RL setting): rollouts and the old-policy prefill use the
     step's fresh embeddings (cache keyed by step), the training forward and the reference re-encode pixels (cached
     embeddings carry no gradient and are not the reference's).
-  * --mrsp=0: every rollout request carries its own freshly encoded video (G encodes + G prefills per prompt, decode
-    still batched), and the old/ref prefills and training forwards take pixels; vision_passes in metrics.jsonl.
+  * --loop=naive: every rollout request carries its own freshly encoded video (G encodes + G prefills per prompt,
+    decode still batched), and the old/ref prefills and training forwards take pixels; vision_passes in metrics.jsonl.
 
 Outputs in out_dir: metrics.jsonl (one row per step: reward/accuracy/format, KL, clip fraction, entropy, time split
-encode/rollout/prefill/train/sync, vision_passes, ...; val_* rows every eval_every), config.json, step_NNNNNN/ (sharded
+encode/rollout/prefill/train/sync, vision_passes, ...; val_* every eval_every), config.json, step_NNNNNN/ (sharded
 DCP checkpoints), latest, and hf/ (a standard HF checkpoint + processor).
 """
-import contextlib
 import json
 import os
-import re
 import sys
-import time
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from data import (CATEGORIES, LETTERS, apply_overrides, config_of, encode_text, extract_choice, load_records,
-                  video_flags, video_inputs)
-from mrsp import (EmbeddingCache, encode_videos, fsdp_gathered, get_video_embeds, hf_rollout, load_model, prepare_model,
-                  print0, setup_dist, setup_mesh, sp_logprobs, sync_weights, vllm_rollout, vllm_sleep, vllm_start,
-                  vllm_stop, vllm_sync_weights, vllm_wake)
-from sft import batch_indices, export_hf, load_checkpoint, metrics_logger, peak_memory_gb, save_checkpoint
+from common import (apply_overrides, autocast, batch_indices, clip_grad, config_of, export_hf, gather_rows,
+                    load_checkpoint, metrics_logger, peak_memory_gb, print0, reduce_sum, sample_seed, save_checkpoint,
+                    setup_dist, teardown, tick)
+from data import FORMAT_RE, LETTERS, check_videos, encode_text, extract_choice, load_records, video_flags, video_inputs
+from mrsp import (EmbeddingCache, VLLMEngine, accuracy_metrics, encode_videos, evaluate, fsdp_gathered,
+                  get_video_embeds, load_model, load_models, rollout, setup_mesh, sp_logprobs, sync_weights,
+                  vllm_start)
 
 # -----------------------------------------------------------------------------
 # config (override with --key=value)
@@ -92,7 +93,7 @@ total_pixels = 0            #   video shared by its frames, 0 = 90% of 128k toke
                             #   min_pixels/max_pixels/total_pixels/resized_height/resized_width/video_start/... win
 sp = 1                      # sequence-parallel group size (divides the world size)
 attn = "ring"               # ring | ulysses (LLM attention under SP)
-mrsp = True                 # False: the naive loop (no cache, re-encode per rollout/prefill, sp must be 1)
+loop = "mrsp"               # mrsp | naive: the baseline loop (no cache: re-encode per rollout and per prefill; sp 1)
 engine = "hf"               # rollout engine: hf (an unsharded copy of the model) | vllm (needs vllm installed)
 prompts_per_step = 8        # prompts per RL step, global (divisible by the data-parallel size)
 group_size = 5              # G rollouts per prompt (paper release: 5)
@@ -128,6 +129,7 @@ steps = 100                 # RL steps (one optimizer step each, or ppo_epochs *
 eval_every = 25             # held-out greedy accuracy every N steps (and at the end); 0 = only at the end
 eval_samples = 64
 eval_first = False          # also evaluate before the first step (the baseline of a reward curve)
+eval_batch_size = 16        # --engine=vllm: held-out prompts per engine call (the HF engine answers one at a time)
 save_every = 25
 keep_checkpoints = 2
 resume = False
@@ -218,13 +220,10 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_low=0.2, clip_hig
     return loss, stats
 
 
-FORMAT_RE = re.compile(r"<think>.*?</think>\s*<answer>.*?</answer>", re.S)
-
-
 def reward_fn(text, answer, options=None, acc_weight=0.9, format_weight=0.1):
     """-> dict(accuracy, format, total). accuracy: the option letter named by the response (data.extract_choice,
     the <answer> tag first -- the extraction eval.py uses) equals `answer`; format: the stripped text fullmatches
-    <think>...</think><answer>...</answer>; total = acc_weight * accuracy + format_weight * format
+    <think>...</think><answer>...</answer> (data.FORMAT_RE); total = acc_weight * accuracy + format_weight * format
     (paper release: 0.9 / 0.1)."""
     n = len(options) if options else len(LETTERS)
     acc = float(extract_choice(text, n, options) == answer)
@@ -233,37 +232,19 @@ def reward_fn(text, answer, options=None, acc_weight=0.9, format_weight=0.1):
 
 
 # -----------------------------------------------------------------------------
-# helpers
-def tick():
-    """Wall clock once the device's queued work is done (this is a sync point on GPU: phase timings stay apart)."""
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.time()
-
-
-def autocast():
-    return torch.autocast("cuda", dtype=torch.bfloat16) if torch.cuda.is_available() else contextlib.nullcontext()
-
-
+# helpers: prompts and responses
 def lr_at(step):
     return lr * min(1.0, (step + 1) / warmup_steps) if warmup_steps else lr
-
-
-def rollout_seed(pos):
-    """Sampling seed of the G rollouts of the prompt drawn at data position `pos`: a pure function of the position,
-    so rollouts do not depend on the rank layout (SP=2 == SP=1, DP splits), match between --mrsp=1 and --mrsp=0,
-    and resume exactly."""
-    return (seed * 1_000_003 + pos) % (1 << 62)
-
-
-def load_pixels(rec, processor):
-    """Decode + process one video: pixel_values_videos, video_grid_thw (1, 3), second_per_grid_ts (1,)."""
-    return video_inputs(processor, rec, num_frames=frames, **video_kw())
 
 
 def video_kw():
     """The frame flags as get_video_embeds keyword arguments (a record's own fields win)."""
     return video_flags(min_pixels=min_pixels, max_pixels=max_pixels, total_pixels=total_pixels)
+
+
+def load_pixels(rec, processor):
+    """Decode + process one video: pixel_values_videos, video_grid_thw (1, 3), second_per_grid_ts (1,)."""
+    return video_inputs(processor, rec, num_frames=frames, **video_kw())
 
 
 def prompt_of(rec, processor, vid):
@@ -273,44 +254,26 @@ def prompt_of(rec, processor, vid):
                 video_grid_thw=vid["video_grid_thw"], second_per_grid_ts=vid["second_per_grid_ts"])
 
 
-def generate(rollout_model, llm, prompts, n, seeds, temp, tokenizer):
-    """n samples for each of `prompts` (each carrying `embeds`), prompt i seeded with seeds[i] -> one list of n
-    (token_ids, finish_reason, engine logprobs) per prompt.
-    vLLM (llm: a VLLMEngine): ONE engine call for them all, made even when this rank has no prompt -- under torchrun
-    the ranks' engines are data-parallel replicas that step in lockstep (mrsp.vllm_start), so every rank must call
-    the engine equally often whatever its number of prompts. HF: one hf_rollout per prompt, its sampler seeded with
-    the prompt's seed (vLLM seeds each request the same way: the samples do not depend on the batching)."""
-    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    kw = dict(n=n, temperature=temp, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens, eos_id=eos)
-    assert len(seeds) == len(prompts), (len(seeds), len(prompts))
+def naive_rollouts(rollout_model, llm, prompt, pixels, seed_, tokenizer, device):
+    """The naive loop's G rollouts of one prompt: every request carries its OWN freshly encoded video (G vision
+    passes). HF: the G prefixes prefilled as one batch (no prefix sharing), then the same batched decode and sampling
+    as MR-SP's, so for one seed both loops draw the same tokens (up to float ties) and only the vision and prefill
+    work differ -- a fair baseline for the speed-up. vLLM: G requests of n=1 in one engine call.
+    -> (list of G (token_ids, finish_reason, logprobs), seconds spent encoding)."""
+    embeds, t_enc = [], 0.0
+    for _ in range(group_size):
+        t0 = tick()
+        with torch.no_grad():
+            embeds.append(encode_videos(rollout_model, pixels.to(device), prompt["video_grid_thw"].to(device)))
+        t_enc += tick() - t0
     if llm is not None:
-        out = llm.rollout(prompts, seed=list(seeds), tokenizer=tokenizer, **kw)
-        flat = list(zip(out["token_ids"], out["finish_reasons"], out["logprobs"]))
-        assert len(flat) == n * len(prompts), (len(flat), n, len(prompts))
-        return [flat[i * n:(i + 1) * n] for i in range(len(prompts))]
-    res = []
-    device = next(rollout_model.parameters()).device
-    for p, s in zip(prompts, seeds):
-        gen = torch.Generator(device=device).manual_seed(s)
-        out = hf_rollout(rollout_model, [p], generator=gen, pad_id=tokenizer.pad_token_id, **kw)
-        res.append(list(zip(out["token_ids"], out["finish_reasons"], out["logprobs"])))
-    return res
-
-
-def naive_generate(rollout_model, llm, prompt, embeds, sample_seed, temp, tokenizer):
-    """The naive loop's rollouts of one prompt: G requests, each carrying its OWN freshly encoded video (`embeds`, a
-    list of G tensors). HF: mrsp.hf_rollout with per-sample videos -- G prefills in one batched forward (no prefix
-    sharing), then the same batched decode and sampling, so for one seed both loops draw the same tokens (up to
-    float ties) and only the vision and prefill work differ -- a fair baseline for the speed-up.
-    vLLM: G requests of n=1 in one call (every DP rank holds as many prompts: the calls stay in lockstep).
-    -> list of (token_ids, finish_reason, logprobs)."""
-    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    if llm is not None:
-        out = llm.rollout([dict(prompt, embeds=e) for e in embeds], n=1, temperature=temp, top_p=top_p, top_k=top_k,
-                          max_new_tokens=max_new_tokens, eos_id=eos, seed=sample_seed, tokenizer=tokenizer)
-        return list(zip(out["token_ids"], out["finish_reasons"], out["logprobs"]))
-    return generate(rollout_model, None, [dict(prompt, embeds=list(embeds))], len(embeds), [sample_seed], temp,
-                    tokenizer)[0]
+        eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+        out = llm.rollout([dict(prompt, embeds=e) for e in embeds], n=1, temperature=temperature, top_p=top_p,
+                          top_k=top_k, max_new_tokens=max_new_tokens, eos_id=eos, seed=seed_, tokenizer=tokenizer)
+        return list(zip(out["token_ids"], out["finish_reasons"], out["logprobs"])), t_enc
+    (outs,) = rollout([dict(prompt, embeds=embeds)], group_size, [seed_], temperature, max_new_tokens, tokenizer,
+                      model=rollout_model, top_p=top_p, top_k=top_k)
+    return outs, t_enc
 
 
 def finish_response(tokens, finish, logprobs, rec, tokenizer, video_token_id):
@@ -344,225 +307,6 @@ def make_item(prompt, tokens, video, engine_logp=None, weight=1.0):
                 engine_logp=torch.tensor(engine_logp if engine_logp is not None else [0.0] * len(tokens)))
 
 
-def video_source(purpose):
-    """Where a forward's video comes from: "embeds" (the cache) or "pixels" (the vision tower runs inside it).
-    MR-SP: the cached embeddings everywhere, except forwards whose vision tower is not the one that filled the cache
-    -- with a trainable vision tower the training forward needs gradients and the reference keeps its own weights.
-    Naive loop: always pixels."""
-    if not mrsp:
-        return "pixels"
-    return "embeds" if (freeze_vision or purpose == "old") else "pixels"
-
-
-def with_video(item, videos, use):
-    v = videos[item["video"]]
-    if use == "embeds":
-        return dict(item, embeds=v["embeds"])
-    return dict(item, pixel_values_videos=v["pixel_values_videos"])
-
-
-def response_logprobs(model, seq, mesh, entropy=False):
-    """(L,) log-probs of the response tokens (and their entropies) by the SP prefill, at the rollout temperature.
-    Every rank of the SP group gets the same values; every rank of the mesh must call this equally often (FSDP)."""
-    with autocast():
-        out = sp_logprobs(model, seq, group=mesh.sp_group, impl=attn, logit_chunk=logit_chunk,
-                          temperature=temperature, return_entropy=entropy)
-    lp, ent = out if entropy else (out, None)
-    m = seq["loss_mask"].to(lp.device)
-    return lp[m], (ent[m] if entropy else None)
-
-
-@torch.no_grad()
-def prefill(model, items, videos, use, mesh):
-    """Old-policy / reference log-probs of every item (no grad), -> list of (L_i,)."""
-    with fsdp_gathered(model, keep_gathered):
-        return [response_logprobs(model, with_video(it, videos, use), mesh)[0].float() for it in items]
-
-
-def global_normaliser(items, idx, mesh):
-    """This mini-batch's loss denominator summed over the DP ranks: every sequence's loss is divided by the SAME
-    global number, so the per-sequence backward passes accumulate exactly the whole batch's gradient
-    (this is a sync point)."""
-    real = [i for i in idx if items[i]["weight"] > 0]   # padding sequences count for nothing
-    x = torch.tensor([float(sum(int(items[i]["loss_mask"].sum()) for i in real)), float(len(real))],
-                     dtype=torch.float64)
-    if mesh.dp_group is not None:
-        dist.all_reduce(x, group=mesh.dp_group)
-    if agg == "token-mean":
-        return max(x[0].item(), 1.0)
-    if agg == "seq-mean":
-        return max(x[1].item(), 1.0)
-    return max(x[1].item(), 1.0) * max_new_tokens          # Dr. GRPO: a constant length (the generation budget)
-
-
-def ppo_update(policy, opt, params, items, videos, adv, old, ref, mesh, step):
-    """ppo_epochs passes over the items in mini-batches, one optimizer update each.
-    items: this rank's sequences (the SAME count on every DP rank: FSDP collectives run in lockstep; padding items,
-    weight 0, run forward and backward but add nothing to the loss, the normaliser or the stats);
-    adv (n,); old: list of (L_i,) or None (pi_old = pi_theta: logp.detach(), one update per batch); ref: list or None.
-    -> dict of local sums to reduce over DP: loss (per update, summed), clip, kl, ratio (token-weighted, all epochs),
-       ent, gap (token-weighted, epoch 0), tokens, tokens0, updates, grad_norm (summed over updates), vision."""
-    n = len(items)
-    mb = n if mini_batch == 0 else max(1, mini_batch // mesh.dp_size)
-    use = video_source("train")
-    device = next(policy.parameters()).device
-    acc = dict(loss=0.0, clip=0.0, kl=0.0, ratio=0.0, ent=0.0, gap=0.0, tokens=0.0, tokens0=0.0, updates=0,
-               grad_norm=0.0, vision=0)
-    for epoch in range(ppo_epochs):
-        shuffle = ppo_epochs > 1 or mb < n
-        order = np.random.default_rng([seed, step, epoch]).permutation(n) if shuffle else np.arange(n)
-        for c0 in range(0, n, mb):
-            idx = order[c0:c0 + mb]
-            norm = global_normaliser(items, idx, mesh)
-            loss_sum = 0.0
-            with fsdp_gathered(policy, keep_gathered) as grad_sync:
-                for k, i in enumerate(idx):
-                    it = items[i]
-                    lp, ent = response_logprobs(policy, with_video(it, videos, use), mesh, entropy=(epoch == 0))
-                    acc["vision"] += use == "pixels"
-                    lp = lp.float()
-                    o = lp.detach() if old is None else old[i].to(device)
-                    r = ref[i].to(device) if ref is not None else None
-                    L = lp.numel()
-                    loss, st = grpo_loss(lp[None], o[None], r[None] if r is not None else None, adv[i:i + 1].to(device),
-                                         torch.ones(1, L, dtype=torch.bool, device=device), clip_low=clip_low,
-                                         clip_high=clip_high, kl_coef=kl_coef, agg=agg, normalizer=norm)
-                    grad_sync(last=k == len(idx) - 1)   # one reduce-scatter per mini-batch, after its last backward
-                    (loss * it["weight"]).backward()   # weight 0 (padding): the backward's collectives still run
-                    if not it["weight"]:
-                        continue
-                    loss_sum += loss.item()
-                    acc["clip"] += st["clip_frac"].item() * L       # over every update (epoch 0 alone has ratio 1)
-                    acc["kl"] += st["kl"].item() * L
-                    acc["ratio"] += st["ratio_mean"].item() * L
-                    acc["tokens"] += L
-                    if epoch == 0:                                   # the rollout policy's own numbers
-                        acc["ent"] += ent.sum().item()
-                        acc["gap"] += (o.cpu() - it["engine_logp"]).abs().sum().item()
-                        acc["tokens0"] += L
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
-            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            acc["loss"] += loss_sum
-            acc["grad_norm"] += float(grad_norm)
-            acc["updates"] += 1
-    return acc
-
-
-# -----------------------------------------------------------------------------
-# the vLLM engine through the loop: awake for rollouts and evals, asleep while the trainer works
-class VLLMEngine:
-    """A vLLM engine (mrsp.vllm_start) with sleep mode around training, fed the policy's new weights before it
-    generates again. wake(): weights back -> the policy's weights sent, if training changed them or sleep freed them
-    (level 2) -> KV cache back (verl's and TRL's order: vLLM loads into resident weights, and needs no KV cache for
-    it). sleep(): after a step's rollouts (level 0: never). wake() and the sync are collectives under FSDP and every
-    rollout() is a lockstep engine call under torchrun: all ranks make the same calls in the same order.
-    Every engine call is appended to `calls` (rl.py logs them per step as vllm_calls): vLLM refuses sleep mode on
-    CPU, so there the calls still run (the engine pauses and resumes its scheduler, frees nothing) and their ORDER is
-    what the tests can check."""
-
-    def __init__(self, llm, policy, level):
-        assert level in (0, 1, 2), level
-        self.llm, self.policy, self.level = llm, policy, level
-        self.asleep = self.stale = False
-        self.calls, self.t_sync = [], 0.0      # since the last take_log()
-
-    def _call(self, name, fn, *args):
-        t0 = tick()
-        self.calls.append(name)
-        out = fn(self.llm, *args)
-        self.t_sync += tick() - t0
-        return out
-
-    def wake(self):
-        if self.asleep:
-            self._call("wake(weights)", vllm_wake, ["weights"])
-        if self.stale:
-            self._call("sync", vllm_sync_weights, self.policy)
-            self.stale = False
-        if self.asleep:
-            self._call("wake(kv_cache)", vllm_wake, ["kv_cache"])
-            self.asleep = False
-
-    def sleep(self):
-        if self.level and not self.asleep:
-            self._call(f"sleep({self.level})", vllm_sleep, self.level)
-            self.asleep = True
-            self.stale |= self.level == 2        # the weights are gone: the next wake must send them
-
-    def rollout(self, prompts, **kw):
-        assert not (self.asleep or self.stale), "VLLMEngine.rollout: wake() first (asleep or stale weights)"
-        self.calls.append("generate")
-        return vllm_rollout(self.llm, prompts, **kw)
-
-    def take_log(self):
-        """-> (calls, seconds in wake/sync/sleep) since the last take_log."""
-        out = (self.calls, self.t_sync)
-        self.calls, self.t_sync = [], 0.0
-        return out
-
-
-# -----------------------------------------------------------------------------
-# rollouts: encode -> generate -> reward, for this rank's prompts
-def collect(recs, positions, processor, rollout_model, llm, cache, mesh, device, version):
-    """-> (videos, groups, counters). videos[k]: the video of prompt k for the prefills (embeds and/or
-    pixel_values_videos); groups[k]: dict(rec, pos, prompt, video=k, responses=[finish_response dicts]).
-
-    MR-SP: each video is encoded once (parallel over the SP group, through the cache), the G rollouts share it (one
-    prefill, KV replicated), and the SP ranks split the prompts for generation, then exchange the results.
-    Naive: the engine re-encodes the video for every single rollout request (naive_generate)."""
-    tok = processor.tokenizer
-    vid_id = rollout_model.config.video_token_id
-    c = dict(t_encode=0.0, t_rollout=0.0, vision_passes=0)
-    t0 = tick()
-    if mrsp:
-        vals, n_enc = get_video_embeds(rollout_model, processor, recs, cache, num_frames=frames, group=mesh.sp_group,
-                                       **video_kw(),
-                                       version=version, device=device)
-        videos = [dict(v) for v in vals]
-        if not freeze_vision:   # trainable vision: the training forward / reference re-encode pixels
-            for v, r in zip(videos, recs):
-                v["pixel_values_videos"] = load_pixels(r, processor)["pixel_values_videos"]
-        c["vision_passes"] += n_enc
-    else:
-        videos = [load_pixels(r, processor) for r in recs]
-    prompts = [prompt_of(r, processor, v) for r, v in zip(recs, videos)]
-    c["t_encode"] += tick() - t0
-
-    t0, t_enc = tick(), 0.0
-    outs = [None] * len(recs)
-    if mrsp:
-        mine = list(range(mesh.sp_rank, len(recs), mesh.sp_size))   # may be none: generate() still runs
-        res = generate(rollout_model, llm, [dict(prompts[k], embeds=videos[k]["embeds"]) for k in mine], group_size,
-                       [rollout_seed(positions[k]) for k in mine], temperature, tok)
-        for k, o in zip(mine, res):
-            outs[k] = o
-        if mesh.sp_size > 1:
-            parts = [None] * mesh.sp_size
-            dist.all_gather_object(parts, {k: outs[k] for k in mine}, group=mesh.sp_group)   # this is a sync point
-            for p in parts:
-                for k, o in p.items():
-                    outs[k] = o
-    else:
-        for k, p in enumerate(prompts):
-            embs = []
-            for j in range(group_size):   # every rollout request carries its own video: G vision passes
-                te = tick()
-                with torch.no_grad():
-                    embs.append(encode_videos(rollout_model, videos[k]["pixel_values_videos"].to(device),
-                                              p["video_grid_thw"].to(device)))
-                t_enc += tick() - te
-                c["vision_passes"] += 1
-            outs[k] = naive_generate(rollout_model, llm, p, embs, rollout_seed(positions[k]), temperature, tok)
-    c["t_encode"] += t_enc
-    c["t_rollout"] += tick() - t0 - t_enc
-    groups = [dict(rec=r, pos=positions[k], prompt=prompts[k], video=k,
-                   responses=[finish_response(t, f, lp, r, tok, vid_id) for t, f, lp in outs[k]])
-              for k, r in enumerate(recs)]
-    return videos, groups, c
-
-
 def informative(group):
     """Dynamic sampling keeps a group only if its rewards differ (equal rewards -> zero advantages, no signal)."""
     return len({r["total"] for r in group["responses"]}) > 1
@@ -582,87 +326,71 @@ def balance_groups(kept, drawn, per_rank, dp_group=None):
     return kept, pad
 
 
-def reduce_sum(values, group):
-    """dict of numbers -> the same dict summed over `group` (one all-reduce; a sync point)."""
-    x = torch.tensor([float(v) for v in values.values()], dtype=torch.float64)
-    if group is not None:
-        dist.all_reduce(x, group=group)
-    return dict(zip(values, x.tolist()))
-
-
 # -----------------------------------------------------------------------------
-# held-out accuracy: greedy rollouts on the rollout engine, records split over all ranks
+# helpers: log-probs (prefills and the update) and one optimizer update
+def logprobs(model, item, videos, mesh, from_cache, entropy=False):
+    """(L,) log-probs of an item's response tokens (and their entropies) by the SP prefill, at the rollout
+    temperature; the video from the cache (from_cache: its embeddings) or from pixels (the vision tower runs inside
+    this forward). Every rank of the SP group gets the same values; every rank of the mesh must call this equally
+    often (FSDP)."""
+    v = videos[item["video"]]
+    seq = dict(item, embeds=v["embeds"]) if from_cache else dict(item, pixel_values_videos=v["pixel_values_videos"])
+    with autocast(next(model.parameters()).device):
+        out = sp_logprobs(model, seq, group=mesh.sp_group, impl=attn, logit_chunk=logit_chunk,
+                          temperature=temperature, return_entropy=entropy)
+    lp, ent = out if entropy else (out, None)
+    m = seq["loss_mask"].to(lp.device)
+    return lp[m].float(), (ent[m] if entropy else None)
+
+
 @torch.no_grad()
-def evaluate(val, processor, rollout_model, llm, cache, device, world, rank):
-    """Greedy accuracy on `val`, record i on rank i % world. All ranks call it (a collective: the vLLM engine's wake
-    may sync weights under FSDP, and the counts are all-reduced)."""
-    tok = processor.tokenizer
-    if llm is not None:
-        llm.wake()
-    counts = torch.zeros(3 + 2 * len(CATEGORIES), dtype=torch.float64)
-    # rounds of one record per rank, the last round short: with vLLM every rank calls generate once per round
-    for i in range(0, len(val), world):
-        recs = val[i + rank:i + rank + 1]   # [] on the ranks past the end
-        prompts = []
-        for rec in recs:
-            (v,), _ = get_video_embeds(rollout_model, processor, [rec], cache, num_frames=frames, device=device,
-                                       **video_kw())
-            prompts.append(dict(prompt_of(rec, processor, v), embeds=v["embeds"]))
-        for rec, ((t, f, lp),) in zip(recs, generate(rollout_model, llm, prompts, 1, [0] * len(prompts), 0.0, tok)):
-            r = finish_response(t, f, lp, rec, tok, rollout_model.config.video_token_id)
-            counts[:3] += torch.tensor([r["accuracy"], r["format"], 1.0], dtype=torch.float64)
-            if rec["category"] in CATEGORIES:
-                c = CATEGORIES.index(rec["category"])
-                counts[3 + 2 * c] += r["accuracy"]
-                counts[4 + 2 * c] += 1
-    if world > 1:
-        dist.all_reduce(counts)
-    n = counts[2].clamp(min=1)
-    res = dict(val_acc=(counts[0] / n).item(), val_format=(counts[1] / n).item())
-    for c, name in enumerate(CATEGORIES):
-        if counts[4 + 2 * c] > 0:
-            res[f"val_acc_{name}"] = (counts[3 + 2 * c] / counts[4 + 2 * c]).item()
-    return res
+def prefill(model, items, videos, mesh, from_cache):
+    """Old-policy / reference log-probs of every item (no grad), -> list of (L_i,)."""
+    with fsdp_gathered(model, keep_gathered):
+        return [logprobs(model, it, videos, mesh, from_cache)[0] for it in items]
 
 
-def frozen_dtype_of(device):
-    """The dtype of the copies nobody trains (rollout copy, reference, a frozen vision tower): bf16 on GPUs, fp32 on
-    CPU (the exactness tests rely on it)."""
-    return "bfloat16" if device.type == "cuda" else "float32"
-
-
-def build_models(device, mesh):
-    """-> (policy, processor, rollout_model, ref). The policy: FSDP2 over the mesh, fp32 master weights. The rollout
-    copy: unsharded, the HF engine; it also ENCODES the videos (per SP group, so DP ranks with different cache hits
-    never wait on each other inside FSDP); with --engine=vllm it keeps only its vision tower (its LLM goes to the
-    meta device: ~15 GB a rank less for a 7B in bf16, vLLM holds its own). The reference: frozen, FSDP-sharded, only
-    when the KL term is on (else None). Rollout copy and reference are bf16 on GPUs, as verl (their forwards run
-    under bf16 autocast anyway; a full fp32 7B copy costs ~30 GB a rank); CPU keeps fp32 (the exactness tests rely
-    on it).
-    Frozen vision (the default): ONE tower per rank, the policy's, shared as the same module by the rollout copy and
-    the reference -- never trained, so no optimizer state and no sharding (FSDP ignores it): in the frozen dtype
-    (bf16 on GPUs) it serves the policy's pixel forwards (--mrsp=0, under autocast) as well as the encoding. For a 7B
-    (0.68B-parameter tower) that is 1.4 GB instead of 5.4 GB (fp32 + two bf16 copies) a rank. Checkpoints and the
-    HF export carry it as part of the policy."""
-    frozen_dtype = frozen_dtype_of(device)
-    policy, processor = load_model(model, "float32", device)
-    tower = None
-    if freeze_vision:
-        tower = policy.model.visual.to(getattr(torch, frozen_dtype)).requires_grad_(False)
-    rollout_model = load_model(model, frozen_dtype, device, vision=tower)[0].eval()
-    if engine == "vllm":
-        rollout_model.model.language_model.to("meta")
-        rollout_model.lm_head.to("meta")
-    prepare_model(policy, mesh, freeze_vision=freeze_vision, activation_checkpointing=activation_checkpointing)
-    policy.train()
-    ref = None
-    if kl_coef > 0:
-        ref = load_model(model, frozen_dtype, device, vision=tower)[0].eval().requires_grad_(False)
-        prepare_model(ref, mesh, freeze_vision=True)
-    if tower is not None:
-        tower.eval()   # policy.train() reached it through the policy; frozen, it runs as in inference everywhere
-        assert rollout_model.model.visual is tower and (ref is None or ref.model.visual is tower)
-    return policy, processor, rollout_model, ref
+def update(policy, opt, params, items, videos, adv, old, ref, mesh, from_cache, first_epoch):
+    """ONE optimizer update on a mini-batch: per-sequence forward + backward (the global normaliser makes them add
+    up to the whole mini-batch's gradient), clip, step. items: this rank's sequences -- the SAME count on every DP rank
+    (FSDP collectives run in lockstep); padding items (weight 0) run forward and backward but add nothing to the
+    loss, the normaliser or the stats. adv (n,); old: list of (L_i,) or None (pi_old = pi_theta: logp.detach(), one
+    update per batch); ref: list or None. first_epoch: also measure entropy and the engine / trainer log-prob gap.
+    -> dict of this rank's sums: loss, clip, kl, ratio (token-weighted), ent, gap (epoch 0), tokens, tokens0,
+       grad_norm."""
+    device = next(policy.parameters()).device
+    # the loss denominator, summed over the DP ranks (a sync point): the SAME global number for every sequence
+    real = [it for it in items if it["weight"] > 0]
+    tot = reduce_sum(dict(tokens=sum(int(it["loss_mask"].sum()) for it in real), seqs=len(real)), mesh.dp_group)
+    norm = {"token-mean": max(tot["tokens"], 1.0), "seq-mean": max(tot["seqs"], 1.0)}.get(
+        agg, max(tot["seqs"], 1.0) * max_new_tokens)        # Dr. GRPO: a constant length (the generation budget)
+    acc = dict(loss=0.0, clip=0.0, kl=0.0, ratio=0.0, ent=0.0, gap=0.0, tokens=0.0, tokens0=0.0)
+    with fsdp_gathered(policy, keep_gathered) as grad_sync:
+        for k, it in enumerate(items):
+            lp, ent = logprobs(policy, it, videos, mesh, from_cache, entropy=first_epoch)
+            o = lp.detach() if old is None else old[k].to(device)
+            r = ref[k].to(device) if ref is not None else None
+            L = lp.numel()
+            loss, st = grpo_loss(lp[None], o[None], r[None] if r is not None else None, adv[k:k + 1].to(device),
+                                 torch.ones(1, L, dtype=torch.bool, device=device), clip_low=clip_low,
+                                 clip_high=clip_high, kl_coef=kl_coef, agg=agg, normalizer=norm)
+            grad_sync(last=k == len(items) - 1)   # one reduce-scatter per mini-batch, after its last backward
+            (loss * it["weight"]).backward()       # weight 0 (padding): the backward's collectives still run
+            if not it["weight"]:
+                continue
+            acc["loss"] += loss.item()
+            acc["clip"] += st["clip_frac"].item() * L     # over every update (epoch 0 alone has ratio 1)
+            acc["kl"] += st["kl"].item() * L
+            acc["ratio"] += st["ratio_mean"].item() * L
+            acc["tokens"] += L
+            if first_epoch:                                # the rollout policy's own numbers
+                acc["ent"] += ent.sum().item()
+                acc["gap"] += (o.cpu() - it["engine_logp"]).abs().sum().item()
+                acc["tokens0"] += L
+    acc["grad_norm"] = clip_grad(params, grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return acc
 
 
 def check_config():
@@ -673,6 +401,8 @@ def check_config():
         raise SystemExit(f"--adv_norm={adv_norm}: expected std or none")
     if engine not in ("hf", "vllm"):
         raise SystemExit(f"--engine={engine}: expected hf or vllm")
+    if loop not in ("mrsp", "naive"):
+        raise SystemExit(f"--loop={loop}: expected mrsp or naive")
     if group_size < 2:
         raise SystemExit(f"--group_size={group_size}: GRPO needs at least 2 rollouts per prompt")
     if temperature <= 0:
@@ -681,16 +411,8 @@ def check_config():
         raise SystemExit("--ppo_epochs and --prompts_per_step must be >= 1, --mini_batch >= 0")
     if vllm_sleep_level not in (0, 1, 2):
         raise SystemExit(f"--vllm_sleep_level={vllm_sleep_level}: expected 0 (never sleep), 1 or 2")
-    if not mrsp and sp != 1:
-        raise SystemExit(f"--mrsp=0 (the naive loop) runs without sequence parallelism: use --sp=1 (got --sp={sp})")
-
-
-def check_videos(recs, flag, path):
-    missing = [r for r in recs if not os.path.isfile(r["video"])]
-    if missing:
-        r = missing[0]
-        raise SystemExit(f"--{flag}={path}: {len(missing)} record(s) name a missing video, e.g. record "
-                         f"{r['id']!r}: {r['video']}: no such file")
+    if loop == "naive" and sp != 1:
+        raise SystemExit(f"--loop=naive runs without sequence parallelism: use --sp=1 (got --sp={sp})")
 
 
 # -----------------------------------------------------------------------------
@@ -698,6 +420,13 @@ if __name__ == "__main__":
     apply_overrides(globals(), sys.argv[1:])
     cfg = config_of(globals())
     check_config()
+    # where each forward's video comes from, decided once: the cached embeddings, or pixels (the vision tower runs
+    # inside the forward). MR-SP takes the cache everywhere the tower that filled it is the right one: the old policy
+    # always; the update and the reference only with a frozen tower (a trainable one needs its gradient, and the
+    # reference keeps its own weights). The naive loop always takes pixels.
+    naive = loop == "naive"
+    old_from_cache = not naive
+    train_from_cache = ref_from_cache = not naive and freeze_vision
 
     # --- init
     rank, local_rank, world, device = setup_dist()
@@ -717,15 +446,24 @@ if __name__ == "__main__":
             json.dump(cfg, f, indent=1)
 
     # --- data
-    train = load_records(data)
-    val = load_records(val_data)[:eval_samples] if val_data else []
-    check_videos(train, "data", data)
-    check_videos(val, "val_data", val_data)
+    try:
+        train = load_records(data)
+        val = load_records(val_data)[:eval_samples] if val_data else []
+        check_videos(train, where=f"--data={data}")
+        check_videos(val, where=f"--val_data={val_data}")
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     print0(f"data: {len(train)} train / {len(val)} val records; dp={mesh.dp_size} sp={mesh.sp_size} "
-           f"mrsp={int(mrsp)} engine={engine}")
+           f"loop={loop} engine={engine}")
 
-    # --- models (build_models) and the vLLM engine
-    policy, processor, rollout_model, ref = build_models(device, mesh)
+    # --- models: the policy (FSDP2), an unsharded rollout copy that also encodes the videos (its LLM on the meta
+    # device with vLLM, which holds its own), the reference when the KL term is on; ONE frozen vision tower, shared
+    try:
+        policy, processor, rollout_model, ref = load_models(
+            model, device, mesh, freeze_vision=freeze_vision, activation_checkpointing=activation_checkpointing,
+            reference=kl_coef > 0, rollout_llm=engine == "hf")
+    except (FileNotFoundError, ValueError) as e:   # a wrong --model: say so, no traceback
+        raise SystemExit(f"rl.py: {e}") from None
     llm = None
     if engine == "vllm":   # one engine per rank (mrsp.vllm_start); its own vision tower is not built
         llm = VLLMEngine(vllm_start(model, max_model_len=vllm_max_model_len, seed=seed,
@@ -733,28 +471,33 @@ if __name__ == "__main__":
                                     enable_sleep_mode=vllm_sleep_level > 0 and device.type == "cuda"), policy,
                          vllm_sleep_level)
     # frozen vision: one cache for the whole run (version 0); trainable: keyed by step (fresh embeddings each step)
-    cache = EmbeddingCache(cache_bytes) if mrsp else None
+    cache = None if naive else EmbeddingCache(cache_bytes)
     eval_cache = EmbeddingCache(cache_bytes) if freeze_vision else None   # its own: SP ranks' caches stay identical
+
+    def held_out(step_):
+        """Greedy held-out accuracy (mrsp.evaluate, records split over all ranks): metrics on rank 0, {} elsewhere."""
+        if llm is not None:
+            llm.wake()      # the engine must hold the current weights (a collective under FSDP)
+        rows = evaluate(rollout_model, processor, val, frames, max_new_tokens=max_new_tokens, cache=eval_cache,
+                        rank=rank, world=world, device=device, desc="val", llm=llm, batch_size=eval_batch_size,
+                        version=0 if freeze_vision else step_, video=video_kw())
+        rows = gather_rows(rows, world)   # a sync point: every rank calls it
+        return accuracy_metrics(rows) if rows is not None else {}
 
     # --- optim
     params = [p for p in policy.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, betas=(beta1, beta2), weight_decay=weight_decay)
     start, extra = load_checkpoint(out_dir, policy, opt, rank) if resume else (0, None)
     draws = extra["draws"] if extra else start          # prompt batches drawn so far (> steps with dynamic sampling)
-
-    def sync_engines():   # after every update (collective under FSDP: all ranks call)
-        if llm is None or not freeze_vision:   # with vLLM the HF copy holds only the vision tower: synced if trained
+    if start:   # the rollout engine must generate with the resumed weights
+        if llm is None or not freeze_vision:
             sync_weights(policy, rollout_model)
-        if llm is not None:   # sent at its next wake (before the next rollouts or eval): it may be asleep now
-            llm.stale = True
-
-    if start:
-        sync_engines()    # the rollout engine must generate with the resumed weights
+        if llm is not None:
+            llm.mark_stale()
 
     log = metrics_logger(out_dir, cfg, wandb_project, master_process)
-
     if val and eval_first and start == 0:
-        row = dict(step=0, **evaluate(val, processor, rollout_model, llm, eval_cache, device, world, rank))
+        row = dict(step=0, **held_out(0))
         if llm is not None:
             row["vllm_calls"] = llm.take_log()[0]
         log(row)
@@ -763,27 +506,68 @@ if __name__ == "__main__":
     bar = tqdm(range(start, steps), desc="rl", disable=not master_process, initial=start, total=steps)
     done_here = 0
     per_rank = prompts_per_step // mesh.dp_size
+    tok, vid_id = processor.tokenizer, rollout_model.config.video_token_id
     for step in bar:
+        # --- TRAINING STEP BEGIN
         t_step = tick()
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         version = 0 if freeze_vision else step
-        t = dict(t_encode=0.0, t_rollout=0.0, vision_passes=0)
-        videos, drawn, kept, rounds = [], [], [], 0
+        t = dict(encode=0.0, rollout=0.0)
+        vision_passes = 0
         if llm is not None:
             llm.wake()    # the previous step's weights in (collective)
-        while True:   # one prompt draw; dynamic sampling draws again while too few groups carry signal
+
+        # --- 1. collect: each video decoded + encoded ONCE (parallel over the SP group, through the cache), G rollouts
+        # per prompt from the cached embeddings. Dynamic sampling draws again while too few groups carry signal.
+        videos, drawn, kept, rounds = [], [], [], 0
+        while True:
             idx = batch_indices(draws, len(train), prompts_per_step, seed)[mesh.dp_rank::mesh.dp_size]
             pos = list(range(draws * prompts_per_step, (draws + 1) * prompts_per_step))[mesh.dp_rank::mesh.dp_size]
-            vids, groups, c = collect([train[i] for i in idx], pos, processor, rollout_model, llm, cache, mesh,
-                                      device, version)
-            draws += 1; rounds += 1
-            for k in t:
-                t[k] += c[k]
-            for g in groups:
-                g["video"] += len(videos)
+            recs = [train[i] for i in idx]
+            t0 = tick()
+            if naive:   # pixels only: the engine re-encodes them for every rollout request below
+                vids = [load_pixels(r, processor) for r in recs]
+            else:
+                vals, n_encoded = get_video_embeds(rollout_model, processor, recs, cache, num_frames=frames,
+                                                   group=mesh.sp_group, version=version, device=device, **video_kw())
+                vids = [dict(v) for v in vals]
+                if not freeze_vision:   # trainable vision: the update and the reference re-encode pixels
+                    for v, r in zip(vids, recs):
+                        v["pixel_values_videos"] = load_pixels(r, processor)["pixel_values_videos"]
+                vision_passes += n_encoded
+            prompts = [prompt_of(r, processor, v) for r, v in zip(recs, vids)]
+            t["encode"] += tick() - t0
+            t0 = tick()
+            outs = [None] * len(recs)
+            if naive:
+                for k, p in enumerate(prompts):
+                    outs[k], t_enc = naive_rollouts(rollout_model, llm, p, vids[k]["pixel_values_videos"],
+                                                    sample_seed(seed, pos[k]), tok, device)
+                    t["encode"] += t_enc
+                    t["rollout"] -= t_enc
+                    vision_passes += group_size
+            else:
+                # the SP ranks split the prompts for generation (one engine call each, none included), then swap
+                mine = list(range(mesh.sp_rank, len(recs), mesh.sp_size))
+                res = rollout([dict(prompts[k], embeds=vids[k]["embeds"]) for k in mine], group_size,
+                              [sample_seed(seed, pos[k]) for k in mine], temperature, max_new_tokens, tok,
+                              model=rollout_model, llm=llm, top_p=top_p, top_k=top_k)
+                for k, o in zip(mine, res):
+                    outs[k] = o
+                if mesh.sp_size > 1:
+                    parts = [None] * mesh.sp_size
+                    dist.all_gather_object(parts, dict(zip(mine, res)), group=mesh.sp_group)   # a sync point
+                    for part in parts:
+                        for k, o in part.items():
+                            outs[k] = o
+            t["rollout"] += tick() - t0
+            groups = [dict(rec=r, pos=pos[k], prompt=prompts[k], video=len(videos) + k,
+                           responses=[finish_response(tk, f, lp, r, tok, vid_id) for tk, f, lp in outs[k]])
+                      for k, r in enumerate(recs)]
             videos += vids
             drawn += groups
+            draws += 1; rounds += 1
             if not dynamic_sampling:
                 kept = groups
                 break
@@ -795,14 +579,10 @@ if __name__ == "__main__":
         if llm is not None:
             llm.sleep()   # GPU memory back to the trainer until the next rollouts
         kept, pad = balance_groups(kept, drawn, per_rank, mesh.dp_group)
-        taken = {id(g) for g in kept}
 
-        # rewards of everything sampled this step (the reward curve), kept-group advantages
-        resp = [r for g in drawn for r in g["responses"]]
-        rs = reduce_sum(dict(reward=sum(r["total"] for r in resp), acc=sum(r["accuracy"] for r in resp),
-                             fmt=sum(r["format"] for r in resp), len=sum(len(r["tokens"]) for r in resp),
-                             cuts=sum(r["cut"] for r in resp), n=len(resp), drawn=len(drawn), kept=len(kept)),
-                        mesh.dp_group)
+        # --- 2. rewards -> group advantages: A_i = (r_i - mean(r)) / (std(r) + eps) within each prompt's G rollouts,
+        # shared by every token of rollout i; padding groups (DP lockstep) train at weight 0
+        taken = {id(g) for g in kept}
         items, adv = [], []
         for g in kept + pad:
             w = float(id(g) in taken)
@@ -810,58 +590,76 @@ if __name__ == "__main__":
             items += [make_item(g["prompt"], r["tokens"], g["video"], r["logprobs"], weight=w) for r in g["responses"]]
         adv = torch.cat(adv) if adv else torch.zeros(0)
 
-        # old-policy and reference log-probs: SP prefill, no grad, the rollout temperature
+        # --- 3. old-policy and reference log-probs: the SP prefill, no grad, at the rollout temperature
         t0 = tick()
+        n = len(items)
+        mb = n if mini_batch == 0 else max(1, mini_batch // mesh.dp_size)
         old = refs = None
-        mb = len(items) if mini_batch == 0 else max(1, mini_batch // mesh.dp_size)
-        one_update = ppo_epochs == 1 and mb >= len(items)
-        if items and (recompute_old or not one_update):
-            old = prefill(policy, items, videos, video_source("old"), mesh)
-            t["vision_passes"] += len(items) * (video_source("old") == "pixels")
+        if items and (recompute_old or ppo_epochs > 1 or mb < n):   # else pi_old = pi_theta: logp.detach()
+            old = prefill(policy, items, videos, mesh, old_from_cache)
+            vision_passes += n * (not old_from_cache)
         if items and ref is not None:
-            refs = prefill(ref, items, videos, video_source("ref"), mesh)
-            t["vision_passes"] += len(items) * (video_source("ref") == "pixels")
+            refs = prefill(ref, items, videos, mesh, ref_from_cache)
+            vision_passes += n * (not ref_from_cache)
         t_prefill = tick() - t0
 
-        # PPO-style updates, then the new weights go to the rollout engine
+        # --- 4. PPO update: ppo_epochs passes over the items in mini-batches, one optimizer update each
         t0 = tick()
-        acc = dict(loss=0.0, clip=0.0, kl=0.0, ratio=0.0, ent=0.0, gap=0.0, tokens=0.0, tokens0=0.0, updates=0,
-                   grad_norm=0.0, vision=0)
-        if items:   # the same count on every rank: all train, or all skip
-            acc = ppo_update(policy, opt, params, items, videos, adv, old, refs, mesh, step)
-            t["vision_passes"] += acc["vision"]
+        acc = dict(loss=0.0, clip=0.0, kl=0.0, ratio=0.0, ent=0.0, gap=0.0, tokens=0.0, tokens0=0.0, grad_norm=0.0)
+        updates = 0
+        for epoch in range(n and ppo_epochs):   # the same item count on every rank: all train, or all skip
+            shuffle = ppo_epochs > 1 or mb < n
+            order = np.random.default_rng([seed, step, epoch]).permutation(n) if shuffle else np.arange(n)
+            for c0 in range(0, n, mb):
+                sel = order[c0:c0 + mb]
+                pick = lambda xs: None if xs is None else [xs[i] for i in sel]   # noqa: E731
+                st = update(policy, opt, params, pick(items), videos, adv[sel], pick(old), pick(refs), mesh,
+                            train_from_cache, first_epoch=epoch == 0)
+                acc = {k: acc[k] + st[k] for k in acc}
+                updates += 1
+                vision_passes += len(sel) * (not train_from_cache)
         t_train = tick() - t0
+
+        # --- 5. weight sync: the new weights to the rollout engine (collectives under FSDP: all ranks call)
         t0 = tick()
-        if items:
-            sync_engines()
+        if updates:
+            if llm is None or not freeze_vision:   # with vLLM the HF copy holds only the vision tower: synced if
+                                                   # it trains
+                sync_weights(policy, rollout_model)
+            if llm is not None:
+                llm.mark_stale()   # sent at its next wake (before the next rollouts or eval): it may be asleep now
         t_sync = tick() - t0
         engine_calls = []
         if llm is not None:   # the step's wake / weight sync / sleep time counts as sync time
             engine_calls, t_engine = llm.take_log()
             t_sync += t_engine
-        seq_tokens = sum(it["input_ids"].numel() for it in items)
-
-        # SP ranks hold the same sequences: sum over DP only; vision passes counted on SP rank 0, then over SP
-        tr = reduce_sum(dict(loss=acc["loss"], clip=acc["clip"], kl=acc["kl"], ratio=acc["ratio"], ent=acc["ent"],
-                             gap=acc["gap"], tokens=acc["tokens"], tokens0=acc["tokens0"], seq_tokens=seq_tokens,
-                             vision=t["vision_passes"] * (mesh.sp_rank == 0)), mesh.dp_group)
-        vision_passes = reduce_sum(dict(v=tr["vision"]), mesh.sp_group)["v"]
         dt = tick() - t_step
+        # --- TRAINING STEP END
+
+        # rewards of everything sampled this step (the reward curve); SP ranks hold the same sequences: sums over DP
+        # only, vision passes counted on SP rank 0 then summed over SP
+        resp = [r for g in drawn for r in g["responses"]]
+        rs = reduce_sum(dict(reward=sum(r["total"] for r in resp), acc=sum(r["accuracy"] for r in resp),
+                             fmt=sum(r["format"] for r in resp), len=sum(len(r["tokens"]) for r in resp),
+                             cuts=sum(r["cut"] for r in resp), n=len(resp), drawn=len(drawn), kept=len(kept)),
+                        mesh.dp_group)
+        tr = reduce_sum(dict(acc, seq_tokens=sum(it["input_ids"].numel() for it in items),
+                             vision=vision_passes * (mesh.sp_rank == 0)), mesh.dp_group)
+        tr["vision"] = reduce_sum(dict(v=tr["vision"]), mesh.sp_group)["v"]
         n_resp, ntok, ntok0 = max(rs["n"], 1.0), max(tr["tokens"], 1.0), max(tr["tokens0"], 1.0)
-        updates = max(acc["updates"], 1)
         row = dict(step=step + 1, reward_mean=rs["reward"] / n_resp, accuracy=rs["acc"] / n_resp,
                    format_rate=rs["fmt"] / n_resp, response_len=rs["len"] / n_resp, kl=tr["kl"] / ntok,
                    clip_frac=tr["clip"] / ntok, ratio_mean=tr["ratio"] / ntok, entropy=tr["ent"] / ntok0,
-                   loss=tr["loss"] / updates, grad_norm=acc["grad_norm"] / updates, lr=lr_at(step),
-                   logp_gap=tr["gap"] / ntok0, tokens_per_s=tr["seq_tokens"] / dt, t_encode=t["t_encode"],
-                   t_rollout=t["t_rollout"], t_prefill=t_prefill, t_train=t_train, t_sync=t_sync, step_time=dt,
-                   vision_passes=int(vision_passes), peak_mem_gb=peak_memory_gb(world),
+                   loss=tr["loss"] / max(updates, 1), grad_norm=acc["grad_norm"] / max(updates, 1), lr=lr_at(step),
+                   logp_gap=tr["gap"] / ntok0, tokens_per_s=tr["seq_tokens"] / dt, t_encode=t["encode"],
+                   t_rollout=t["rollout"], t_prefill=t_prefill, t_train=t_train, t_sync=t_sync, step_time=dt,
+                   vision_passes=int(tr["vision"]), peak_mem_gb=peak_memory_gb(world),
                    dropped_groups=int(rs["drawn"] - rs["kept"]), trained_groups=int(rs["kept"]), sample_rounds=rounds,
-                   video_pad_cuts=int(rs["cuts"]), updates=acc["updates"])
+                   video_pad_cuts=int(rs["cuts"]), updates=updates)
         if cache is not None:
             row.update(cache_hits=cache.stats["hits"], cache_misses=cache.stats["misses"])
         if val and ((eval_every and (step + 1) % eval_every == 0) or step + 1 == steps):
-            row.update(evaluate(val, processor, rollout_model, llm, eval_cache, device, world, rank))
+            row.update(held_out(step + 1))
         if llm is not None:   # this step's engine calls in order, eval's included (every rank makes the same ones)
             row["vllm_calls"] = engine_calls + llm.take_log()[0]
         log(row)
@@ -879,11 +677,8 @@ if __name__ == "__main__":
     else:
         # --- export a standard HF checkpoint (model + processor) for eval.py / vLLM
         if llm is not None:   # the HF copy has no LLM weights: export through a full copy on the CPU
-            rollout_model = load_model(model, frozen_dtype_of(device), "cpu")[0]
-        export_hf(policy, rollout_model, processor, out_dir, cfg, master_process)
-    if world > 1:
-        dist.barrier()
-    if llm is not None:
-        vllm_stop(llm.llm)   # after the last collective: vLLM's teardown destroys the default process group too
-    if dist.is_initialized():
-        dist.destroy_process_group()
+            rollout_model = load_model(model, "float32", "cpu")[0]
+        sync_weights(policy, rollout_model)   # gathers the FSDP shards: a collective, every rank calls it
+        if master_process:
+            export_hf(rollout_model, processor, out_dir, cfg)
+    teardown(world, llm)

@@ -20,7 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from data import apply_overrides, config_of  # noqa: E402
+from common import apply_overrides, config_of  # noqa: E402
 
 # -----------------------------------------------------------------------------
 model = "out/sft/hf"          # an HF checkpoint (the SFT export)

@@ -1,4 +1,4 @@
-"""Benchmark of MR-SP vs the naive RL loop: rl.py --mrsp=1 vs --mrsp=0, side by side, at several frame counts.
+"""Benchmark of MR-SP vs the naive RL loop: rl.py --loop=mrsp vs --loop=naive, side by side, at several frame counts.
 
     python bench/bench_mrsp.py                                  # 64..1024 frames, 3 steps each (~6-9 min, 2 cores)
     python bench/bench_mrsp.py --frames=64,128 --steps=2 --cached=0 --calibrate=0   # smoke run (~1 min)
@@ -9,9 +9,9 @@
 
 What it does: builds a synthetic long-video set (every video 1,024 frames at 56x56) and a random-init Qwen2.5-VL
 checkpoint under --out, then, for each frame count, runs `python rl.py` as separate processes with the same seed,
-prompts and rollout seeds: --mrsp=0 (naive: no cache; the vision tower re-encodes the video for every rollout request
-and inside every old-policy / reference / training forward: 4*G vision passes per prompt; no SP), --mrsp=1 (each
-video encoded once, its cached embeddings reused everywhere: 1 pass per prompt), and optionally --mrsp=1 over
+prompts and rollout seeds: --loop=naive (naive: no cache; the vision tower re-encodes the video for every rollout request
+and inside every old-policy / reference / training forward: 4*G vision passes per prompt; no SP), --loop=mrsp (each
+video encoded once, its cached embeddings reused everywhere: 1 pass per prompt), and optionally --loop=mrsp over
 videos repeated every step (cache hits: 0 encodes after step 1). Runs are interleaved per frame count (the order
 alternates) so drifting outside load hits both loops alike. Each step of the main runs draws NEW videos
 (steps * prompts_per_step distinct videos): like the paper's step, each video is encoded once per step by MR-SP.
@@ -26,7 +26,7 @@ Reported per frame count: s/step of both loops and the speed-up, as wall clock (
 of the run's processes per step (read from /proc between metrics rows: robust to other jobs on a shared machine), the
 rl.py time split (wall: encode / rollout / prefill / train), vision-tower passes per step, peak memory (ru_maxrss
 of the fullest rank's process, measured), whether the two loops drew the same tokens; and, from
-mrsp.estimate_memory, the per-GPU peak of Qwen2.5-VL-7B RL on 8 GPUs for the naive loop (SP=1: a whole sequence per
+estimate.estimate_memory, the per-GPU peak of Qwen2.5-VL-7B RL on 8 GPUs for the naive loop (SP=1: a whole sequence per
 GPU) vs MR-SP (SP=8), against --gpu_mem_gib (estimated, not measured). Rows are also written to {out}/results.json.
 
 Sizing the bench model's vision tower (--vision=7b, the default). MR-SP's gain comes from the vision passes it
@@ -40,7 +40,7 @@ estimate_memory defaults), counting 2 FLOPs per multiply-add of every linear lay
     LLM per seq     = 2*(28 layers)*N + 2*N^2*3584*28 + 2*lm_head*response      (N = video + prompt + response)
     r_7B = 0.28, 0.30, 0.29, 0.24, 0.18 at 64, 128, 256, 512, 1024 frames
 (the ViT does ~0.39x the LLM's linear work per token; the LLM's attention, quadratic in N, lowers r at long N).
-On GPU both are compute bound, so r_7B is also their time ratio. The embedded tiny model (mrsp.TINY_VISION /
+On GPU both are compute bound, so r_7B is also their time ratio. The embedded tiny model (prepare.TINY_VISION /
 TINY_TEXT) is far off: its vision encode takes ~1.6x an LLM forward on this CPU, 6.5x the 7B's share (FLOPs ~1x):
 its ViT runs on 4 patches per LLM token, and at width 64 the 1176->64 patch embedding alone does ~3/4 of the linear
 work per token of its 2-layer, width-128 LLM. So the bench model is the
@@ -64,8 +64,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")   # the rl.py subprocesses inherit
 
 import torch  # noqa: E402
 
+import common  # noqa: E402
 import data  # noqa: E402
-import mrsp  # noqa: E402
+import estimate  # noqa: E402
+import prepare  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # config (override with --key=value)
@@ -77,7 +79,7 @@ prompts_per_step = 2       # videos per step (each step draws new ones in the ma
 group_size = 5             # G rollouts per prompt (paper release: 5)
 max_new_tokens = 32        # response budget (random-init model: most responses run to it)
 kl_coef = 1e-2             # k3 KL on: the reference prefill exists, as in the paper
-vision = "7b"              # 7b: bench model sized to the 7B's vision/LLM cost share | tiny: mrsp.init_tiny as is
+vision = "7b"              # 7b: bench model sized to the 7B's vision/LLM cost share | tiny: prepare.init_tiny as is
 cached = True              # also run MR-SP over videos repeated every step (cache hits, 0 encodes after step 1)
 calibrate = True           # measure the bench model's vision/LLM time ratio per frame count (thread CPU time)
 mem_budget_gb = 0.0        # measured peak RSS budget per run (GB); runs above it are marked "OOM at budget"; 0 = off
@@ -94,7 +96,7 @@ BENCH_TEXT = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=3, n
                   rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=[8, 12, 12]))  # head_dim 64
 BENCH_VISION = dict(depth=1, hidden_size=40, intermediate_size=80, num_heads=2, out_hidden_size=256,
                     fullatt_block_indexes=[0])
-SIZE = 56                  # = mrsp.TINY_PIXELS ** 0.5: the tiny processor resizes every frame to 56x56
+SIZE = 56                  # = prepare.TINY_PIXELS ** 0.5: the tiny processor resizes every frame to 56x56
 EST_EXTRA_FRAMES = (2048, 3600)   # estimated part also goes past the measured frames, to the paper's 3,600
 
 
@@ -111,7 +113,7 @@ def make_data(root, n_train):
         if all(have.get(k) == v for k, v in want.items()):
             return
     shutil.rmtree(root, ignore_errors=True)
-    data.generate_synthetic(root, n_train=n_train, n_val=0, n_test=0, num_frames=video_frames, size=SIZE,
+    prepare.generate_synthetic(root, n_train=n_train, n_val=0, n_test=0, num_frames=video_frames, size=SIZE,
                             seed=seed, progress=False)
     with open(os.path.join(root, "train.jsonl")) as f:
         lines = f.readlines()[:prompts_per_step]
@@ -120,8 +122,8 @@ def make_data(root, n_train):
 
 
 def make_model(path, train_file):
-    """mrsp.init_tiny (tokenizer, processor, chat template, special ids), then for vision="7b" the model re-initialised
-    from the same config with BENCH_TEXT / BENCH_VISION (mrsp.py itself is left alone)."""
+    """prepare.init_tiny (tokenizer, processor, chat template, special ids), then for vision="7b" the model re-initialised
+    from the same config with BENCH_TEXT / BENCH_VISION (prepare.py itself is left alone)."""
     marker = os.path.join(path, "bench_model.json")
     spec = dict(vision=vision, text=BENCH_TEXT, vision_config=BENCH_VISION, seed=seed)
     if os.path.isfile(marker):
@@ -129,7 +131,7 @@ def make_model(path, train_file):
             if json.load(f) == spec:
                 return
     shutil.rmtree(path, ignore_errors=True)
-    mrsp.init_tiny(path, train_file, seed)
+    prepare.init_tiny(path, train_file, seed)
     if vision == "7b":
         from transformers import AutoConfig, GenerationConfig, Qwen2_5_VLForConditionalGeneration
         config = AutoConfig.from_pretrained(path)
@@ -152,23 +154,23 @@ def forward_flops(raw, n_frames, height, width, prompt_tokens, response_tokens):
     tokens). 2 FLOPs per multiply-add; linear layers, attention (ViT: windows of window_size px, full attention within
     a frame pair in fullatt blocks; LLM: causal) and, in the LLM, the LM head on the response only (the log-prob
     prefill scores only those)."""
-    _, c = mrsp.load_estimate_config(raw)
+    _, c = estimate.load_estimate_config(raw)
     t, v = c["text"], c["vision"]
     vraw = raw["vision_config"]
     p, m, tp = v["patch_size"], v["spatial_merge_size"], v["temporal_patch_size"]
-    n_tok = mrsp.video_tokens(n_frames, height, width, p, m, tp)
+    n_tok = estimate.video_tokens(n_frames, height, width, p, m, tp)
     patches = n_tok * m * m
     h, Iv, depth = v["hidden_size"], v["intermediate_size"], v["depth"]
     block = 4 * h * h + (3 if v["gated"] else 2) * h * Iv                  # qkv + proj, (SwiGLU) MLP
     embed = 3 * tp * p * p * h                                              # Conv3d patch embedding
     merger = (h * m * m) ** 2 + h * m * m * v["out_hidden_size"]
-    frame_patches = mrsp.video_tokens(tp, height, width, p, m, tp) * m * m  # patches of one temporal patch
+    frame_patches = estimate.video_tokens(tp, height, width, p, m, tp) * m * m  # patches of one temporal patch
     win = min((vraw.get("window_size", 112) // p) ** 2, frame_patches)
     n_full = len(vraw.get("fullatt_block_indexes", []))
     attn = 4 * h * patches * (win * (depth - n_full) + frame_patches * n_full)
     vis = 2 * (embed + depth * block) * patches + 2 * merger * n_tok + attn
     N = n_tok + prompt_tokens + response_tokens
-    _, _, p_layer, p_emb = mrsp.param_counts(c)
+    _, _, p_layer, p_emb = estimate.param_counts(c)
     L, q = t["num_hidden_layers"], t["num_attention_heads"] * t["head_dim"]
     llm = 2 * p_layer * L * N + 2 * N * N * q * L + 2 * p_emb * response_tokens
     return vis, llm, n_tok
@@ -177,7 +179,7 @@ def forward_flops(raw, n_frames, height, width, prompt_tokens, response_tokens):
 def ratio_7b(n_frames):
     """Qwen2.5-VL-7B at 336x336 (the estimator's default: ~256k tokens at 3,600 frames), 256 prompt + 1,024 response
     tokens (the estimate_memory defaults) -> vision FLOPs per video / LLM forward FLOPs per sequence."""
-    vis, llm, _ = forward_flops(mrsp.QWEN25_VL_7B, n_frames, mrsp.DEFAULT_SIZE, mrsp.DEFAULT_SIZE, 256, 1024)
+    vis, llm, _ = forward_flops(estimate.QWEN25_VL_7B, n_frames, estimate.DEFAULT_SIZE, estimate.DEFAULT_SIZE, 256, 1024)
     return vis / llm
 
 
@@ -267,7 +269,7 @@ def run_rl(tag, model_dir, data_file, F, mode):
     cmd = launch + [os.path.join(ROOT, "rl.py"), f"--model={model_dir}", f"--data={data_file}",
            "--val_data=", f"--out_dir={run_dir}", f"--frames={F}", f"--steps={steps}",
            f"--prompts_per_step={prompts_per_step}", f"--group_size={group_size}",
-           f"--max_new_tokens={max_new_tokens}", f"--kl_coef={kl_coef}", f"--mrsp={int(mode != 'naive')}",
+           f"--max_new_tokens={max_new_tokens}", f"--kl_coef={kl_coef}", f"--loop={'naive' if mode == 'naive' else 'mrsp'}",
            f"--seed={seed}", f"--save_every={steps + 1000}", f"--log_every={steps + 1000}",
            f"--sp={1 if mode == 'naive' else nproc}"]   # naive: DP over the processes; MR-SP: one SP group
     log = os.path.join(run_dir, "log.txt")
@@ -339,7 +341,7 @@ def split(s):
 
 def print_table(res):
     layout = "one process, no SP" if nproc == 1 else f"{nproc} processes: naive DP={nproc} vs MR-SP SP={nproc}"
-    print(f"\n[1] RL step time, naive (--mrsp=0) vs MR-SP (--mrsp=1), {layout}, CPU; means over steps "
+    print(f"\n[1] RL step time, naive (--loop=naive) vs MR-SP (--loop=mrsp), {layout}, CPU; means over steps "
           f"{warmup + 1}..{steps}; every step new videos unless 'cached'; s/step and speed-up as wall / CPU time")
     head = ["frames", "video tok", "naive s/step", "MR-SP s/step", "speed-up"]
     head += ["MR-SP cached s/step", "cached speed-up"] if cached else []
@@ -431,7 +433,7 @@ def print_calibration(cal):
 
 def cost_model(r, b, G):
     """Per prompt, in LLM forwards over the sequence, decode and fixed costs left out: MR-SP = r (1 encode) + 1 (one
-    rollout prefill shared by G) + 2G (old, ref) + bG (train fwd+bwd); naive (rl.py --mrsp=0) = G*r + G (G rollout
+    rollout prefill shared by G) + 2G (old, ref) + bG (train fwd+bwd); naive (rl.py --loop=naive) = G*r + G (G rollout
     requests, each encoded and prefilled) + 2G*(1+r) + G*(b+r). -> (naive/MR-SP ceiling, r needed for 2.1x)."""
     mr = r + 1 + 2 * G + b * G
     nv = 4 * G * r + 3 * G + b * G
@@ -440,26 +442,26 @@ def cost_model(r, b, G):
 
 
 def print_estimate(frame_list):
-    print(f"\n[3] ESTIMATED per-GPU peak of Qwen2.5-VL-7B RL on 8 GPUs (mrsp.estimate_memory, 336x336, G=5, "
+    print(f"\n[3] ESTIMATED per-GPU peak of Qwen2.5-VL-7B RL on 8 GPUs (estimate.estimate_memory, 336x336, G=5, "
           f"1,024-token responses), budget {gpu_mem_gib:g} GiB - 10% reserve")
     print("| frames | video tokens | naive (SP=1) GiB/GPU | MR-SP (SP=8) GiB/GPU |")
     print("|---|---|---|---|")
     rows = []
     for F in frame_list:
-        a = mrsp.estimate_memory("qwen2.5-vl-7b", F, gpus=8, sp=1, gpu_mem_gib=gpu_mem_gib)
-        b = mrsp.estimate_memory("qwen2.5-vl-7b", F, gpus=8, sp=8, gpu_mem_gib=gpu_mem_gib)
-        mark = lambda e: f"{e['peak'] / mrsp.GiB:.1f}" + ("" if e["fits"] else " **OOM at budget**")
+        a = estimate.estimate_memory("qwen2.5-vl-7b", F, gpus=8, sp=1, gpu_mem_gib=gpu_mem_gib)
+        b = estimate.estimate_memory("qwen2.5-vl-7b", F, gpus=8, sp=8, gpu_mem_gib=gpu_mem_gib)
+        mark = lambda e: f"{e['peak'] / estimate.GiB:.1f}" + ("" if e["fits"] else " **OOM at budget**")
         print(f"| {F} | {a['video_tokens']:,} | {mark(a)} | {mark(b)} |")
-        rows.append(dict(frames=F, video_tokens=a["video_tokens"], naive_gib=a["peak"] / mrsp.GiB,
-                         mrsp_gib=b["peak"] / mrsp.GiB, naive_fits=a["fits"], mrsp_fits=b["fits"],
-                         budget_gib=a["budget"] / mrsp.GiB))
+        rows.append(dict(frames=F, video_tokens=a["video_tokens"], naive_gib=a["peak"] / estimate.GiB,
+                         mrsp_gib=b["peak"] / estimate.GiB, naive_fits=a["fits"], mrsp_fits=b["fits"],
+                         budget_gib=a["budget"] / estimate.GiB))
     return rows
 
 
 # -----------------------------------------------------------------------------
 def main():
-    data.apply_overrides(globals(), sys.argv[1:])
-    cfg = data.config_of(globals())
+    common.apply_overrides(globals(), sys.argv[1:])
+    cfg = common.config_of(globals())
     frame_list = [int(x) for x in str(frames).split(",") if x.strip()]
     if vision not in ("7b", "tiny"):
         raise SystemExit(f"--vision={vision}: expected 7b or tiny")
@@ -498,7 +500,7 @@ def main():
         runs = {}
         for mode in (modes if i % 2 == 0 else modes[::-1]):
             runs[mode] = run_rl(mode, model_dir, repeat_file if mode == "cached" else train_file, F, mode)
-        r = dict(frames=F, video_tokens=mrsp.video_tokens(F, SIZE, SIZE), same_tokens=same_tokens(runs["naive"],
+        r = dict(frames=F, video_tokens=estimate.video_tokens(F, SIZE, SIZE), same_tokens=same_tokens(runs["naive"],
                  runs["mrsp"]), **{k: summarize(v) for k, v in runs.items()}, runs=runs)
         n, m = r["naive"], r["mrsp"]
         if n and m:

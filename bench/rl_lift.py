@@ -29,7 +29,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.environ.setdefault("OMP_NUM_THREADS", "1")   # the rl.py / eval.py subprocesses inherit it: one thread each
 
-from data import apply_overrides, config_of  # noqa: E402
+from common import apply_overrides, config_of  # noqa: E402
 from rl import reward_fn  # noqa: E402
 
 # -----------------------------------------------------------------------------

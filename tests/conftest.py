@@ -8,7 +8,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 @pytest.fixture(scope="session")
 def synth_dir(tmp_path_factory):
-    from data import generate_synthetic
+    from prepare import generate_synthetic
     out = tmp_path_factory.mktemp("synth")
     # 16-sample blocks balance categories and letters exactly; 256-frame videos are the real default
     generate_synthetic(str(out), n_train=32, n_val=16, n_test=16, num_frames=256, fps=8.0, size=112,
@@ -18,7 +18,7 @@ def synth_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_ckpt(synth_dir, tmp_path_factory):
-    from mrsp import init_tiny
+    from prepare import init_tiny
     out = str(tmp_path_factory.mktemp("tiny"))
     init_tiny(out, synth_dir, seed=0)
     return out

@@ -7,7 +7,7 @@
 `torch.distributed` is initialised (gloo, WORLD group) and RANK/WORLD_SIZE are set. The first
 exception on any rank is re-raised here with that rank's traceback; a hang becomes a TimeoutError.
 
-Trap (DESIGN.md §8): gloo children can abort at exit ("terminate called without an active
+Trap: gloo children can abort at exit ("terminate called without an active
 exception") when a peer has already gone. Each child therefore ends with a barrier, flushes, and
 leaves with os._exit.
 """

@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 
 import data
-from data import (CATEGORIES, LETTERS, RecordError, VideoError, apply_overrides, load_records, load_video,
+import prepare
+from common import apply_overrides
+from data import (CATEGORIES, LETTERS, RecordError, VideoError, load_records, load_video,
                   sample_frame_indices, sampled_frame_count)
 
 
@@ -591,7 +593,7 @@ def test_synthetic_answer_is_in_the_pixels(synth_dir):
         colour = r["question"].split("the ")[1].split(" square")[0]
         quad = r["options"][LETTERS.index(r["answer"])][3:]
         frames, _ = load_video(r["video"], num_frames=256)
-        rgb = np.array(data.COLOURS[colour])
+        rgb = np.array(prepare.COLOURS[colour])
         hit = (np.abs(frames.astype(int) - rgb).sum(-1) < 60)    # (T, H, W) pixels of that colour
         ys, xs = np.nonzero(hit.any(0))
         assert len(ys) > 0
@@ -604,7 +606,7 @@ def test_synthetic_answer_is_in_the_pixels(synth_dir):
 def test_synthetic_is_deterministic_by_seed(tmp_path):
     a, b, c = (str(tmp_path / n) for n in "abc")
     for out, seed, workers in ((a, 3, 1), (b, 3, 2), (c, 4, 1)):   # b: the mp4s encoded by 2 worker processes
-        data.generate_synthetic(out, n_train=6, n_val=2, n_test=0, num_frames=64, fps=8.0, size=56,
+        prepare.generate_synthetic(out, n_train=6, n_val=2, n_test=0, num_frames=64, fps=8.0, size=56,
                                 seed=seed, progress=False, workers=workers)
     read = lambda d, f: open(os.path.join(d, f), "rb").read()  # noqa: E731
     assert read(a, "train.jsonl") == read(b, "train.jsonl") and read(a, "val.jsonl") == read(b, "val.jsonl")
@@ -617,9 +619,9 @@ def test_synthetic_is_deterministic_by_seed(tmp_path):
 
 def test_synthetic_bad_settings(tmp_path):
     with pytest.raises(ValueError, match="size"):
-        data.generate_synthetic(str(tmp_path), n_train=1, n_val=0, n_test=0, size=100, progress=False)
+        prepare.generate_synthetic(str(tmp_path), n_train=1, n_val=0, n_test=0, size=100, progress=False)
     with pytest.raises(ValueError, match="num_frames"):
-        data.generate_synthetic(str(tmp_path), n_train=1, n_val=0, n_test=0, num_frames=16, progress=False)
+        prepare.generate_synthetic(str(tmp_path), n_train=1, n_val=0, n_test=0, num_frames=16, progress=False)
 
 
 # ----------------------------------------------------------------------------- config overrides

@@ -1,5 +1,5 @@
 """demo.sh's command line (the README's main command): --key=value flags, clear errors before any stage starts, the
-stage commands a real checkpoint/dataset run would launch (--dry_run=1); data.py never overwrites a foreign dataset.
+stage commands a real checkpoint/dataset run would launch (--dry_run=1); prepare.py never overwrites a foreign dataset.
 
     python -m pytest -q tests/test_demo.py
 """
@@ -53,14 +53,14 @@ def test_flags_reach_the_stage_commands(tmp_path):
         assert want in rl[0].split(), (want, rl[0])
     assert rl[0].endswith("--engine=vllm --lr=1e-6")               # the user's args come last: they win
     assert f"--model={ckpt}" in [c for c in cmds if " sft.py " in c][0].split()
-    assert not any("data.py" in c or "--init_tiny" in c for c in cmds)   # a real checkpoint: no synthetic stages
+    assert not any("prepare.py" in c for c in cmds)                  # a real checkpoint: no synthetic stages
     assert sum(" eval.py " in c and f"--data={data}/test.jsonl" in c.split() for c in cmds) == 5   # before, SFT x2, RL x2
     assert not (tmp_path / "out").exists()
 
 
 def test_data_cli_never_overwrites_a_foreign_dataset(tmp_path):
     (tmp_path / "train.jsonl").write_text('{"id": "mine"}\n')
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "data.py"), f"--out={tmp_path}", "--n_train=2"],
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "prepare.py"), f"--out={tmp_path}", "--n_train=2"],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode != 0 and "refusing to overwrite a dataset it did not generate" in p.stderr
     assert (tmp_path / "train.jsonl").read_text() == '{"id": "mine"}\n' and not (tmp_path / "videos").exists()

@@ -1,15 +1,15 @@
-"""Memory / communication estimator (estimate_draft.py): token arithmetic, the paper's fit claim, configs."""
+"""Memory / communication estimator (estimate.py): token arithmetic, the paper's fit claim, configs."""
 import os
 import json
 
 import pytest
 
-from mrsp import (GiB, QWEN25_VL_7B, QWEN25_VL_TINY, estimate_memory as estimate, format_estimate, load_estimate_config,
-                            param_counts, video_tokens)
+from estimate import (GiB, QWEN25_VL_7B, QWEN25_VL_TINY, estimate_memory as estimate, format_estimate,
+                      load_estimate_config, param_counts, video_tokens)
 
 
 def test_video_tokens_match_design():
-    assert video_tokens(512, 56, 56) == 1024          # DESIGN §3
+    assert video_tokens(512, 56, 56) == 1024          # the tiny model's 56x56 frames: 4 tokens per 2 frames
     assert video_tokens(256, 112, 112) == 2048
     assert video_tokens(3600, 336, 336) == 259_200    # the default: ~256k tokens like the paper
     assert video_tokens(3, 56, 56) == 2 * 4           # odd frame count padded to a temporal pair
@@ -93,7 +93,7 @@ def test_clear_errors(tmp_path):
 
 def test_tiny_is_sub_gb():
     _, c = load_estimate_config(QWEN25_VL_TINY)
-    assert sum(param_counts(c)[:2]) == 541_824 + 257_344                  # ~0.8M params (DESIGN §3)
+    assert sum(param_counts(c)[:2]) == 541_824 + 257_344                  # ~0.8M params
     for frames, size, gpus, sp in ((3600, 336, 8, 8), (256, 112, 2, 2), (512, 56, 1, 1)):
         r = estimate("tiny", frames, gpus=gpus, sp=sp, height=size, width=size)
         assert r["fits"] and r["peak"] < GiB
@@ -105,7 +105,7 @@ def test_estimate_cli_reproduces_the_paper_claim():
     import subprocess
     import sys
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    run = lambda sp: subprocess.run([sys.executable, "mrsp.py", "--estimate", "--model=qwen2.5-vl-7b", "--frames=3600",  # noqa: E731
+    run = lambda sp: subprocess.run([sys.executable, "estimate.py", "--model=qwen2.5-vl-7b", "--frames=3600",  # noqa: E731
                                      "--gpus=8", f"--sp={sp}"], cwd=root, capture_output=True, text=True, timeout=120)
     r8, r1 = run(8), run(1)
     assert r8.returncode == 0 and "259,200 video tokens" in r8.stdout and ": FITS" in r8.stdout

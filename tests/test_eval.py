@@ -197,7 +197,7 @@ def test_videomme_per_duration(tmp_path, tiny_ckpt, synth_dir):
     empty = tmp_path / "empty.mp4"
     empty.write_bytes(b"")
     broken = [dict(recs[0], id="rec-empty", video=str(empty))] + recs[1:3]
-    with pytest.raises(ev.EvalError, match=r"rec-empty.*empty file.*--skip_bad"):
+    with pytest.raises(ev.RecordError, match=r"rec-empty.*empty file.*--skip_bad"):
         ev.evaluate(model, processor, broken, 16, max_new_tokens=4, cache=cache)
     res = ev.summarize(ev.evaluate(model, processor, broken, 16, max_new_tokens=4, cache=cache, skip_bad=True))
     assert res["n"] == 2 and res["n_bad"] == 1 and res["bad"][0]["id"] == "rec-empty"

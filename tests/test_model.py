@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from data import (INSTRUCTION, SampleTooLongError, collate_rl, collate_sft, encode_sample, format_target,
-                  load_records, load_video)
+                  load_records, load_video, model_inputs)
 from dist_utils import run_distributed
-from mrsp import load_model, model_inputs
+from mrsp import load_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -100,7 +100,7 @@ def test_forward_runs_and_positions_are_3d(samples, loaded):
     vid = batch["mm_token_type_ids"][0] == 2
     assert not torch.equal(pos[1, 0, vid], pos[2, 0, vid])       # h and w positions differ on video tokens
     assert pos[0, 0, vid].unique().numel() == 4                  # 4 temporal patches
-    # the trap of DESIGN.md §10: dropping mm_token_type_ids silently changes the logits
+    # the trap of transformers 5.24: dropping mm_token_type_ids silently changes the logits
     with torch.no_grad():
         inputs = model_inputs(batch, "cpu")
         inputs.pop("mm_token_type_ids")
@@ -198,24 +198,32 @@ def _run(cmd, **kw):
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, **kw)
 
 
-def test_cli_torchrun_forward_check(tiny_ckpt, synth_dir):
+def test_cli_torchrun_forward_check(tiny_ckpt, synth_dir, tmp_path):
+    """The whole input path (decode, size, process, encode, prompt, generate) data-parallel on 2 processes."""
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    r = _run([torchrun, "--standalone", "--nproc_per_node=2", "mrsp.py", f"--model={tiny_ckpt}",
-              f"--data={synth_dir}/val.jsonl", "--frames=16", "--max_samples=4"])
+    r = _run([torchrun, "--standalone", "--nproc_per_node=2", "eval.py", f"--model={tiny_ckpt}",
+              f"--data={synth_dir}/val.jsonl", "--frames=16", "--max_samples=4", "--max_new_tokens=4",
+              f"--out_dir={tmp_path}"])
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "forward check: 4 samples on 2 rank(s)" in r.stdout
-    assert "[rank 1]" in r.stdout and "[rank 0]" in r.stdout
+    assert "accuracy" in r.stdout and "over 4 items" in r.stdout
+    items = [json.loads(line) for line in open(tmp_path / "frames_16" / "items.jsonl")]
+    assert len(items) == 4 and all(it["frames"] == 16 for it in items)
 
 
 def test_cli_errors_are_clear(tmp_path, tiny_ckpt):
-    r = _run([sys.executable, "mrsp.py", "--model=/no/such/dir", "--data=x.jsonl"])
-    assert r.returncode != 0 and "--model=/no/such/dir: expected a local HF checkpoint directory" in r.stderr
-    r = _run([sys.executable, "data.py", "--out=" + str(tmp_path), "--bogus=1"])
+    r = _run([sys.executable, "eval.py", "--model=/no/such/dir", "--data=x.jsonl"])
+    assert r.returncode != 0 and "x.jsonl: no such data file" in r.stderr
+    r = _run([sys.executable, "prepare.py", "--out=" + str(tmp_path), "--bogus=1"])
     assert r.returncode != 0 and "unknown config key 'bogus'" in r.stderr
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"id": "a", "video": "missing.mp4", "question": "Q", "options": ["a", "b"], "answer": "A"}\n')
-    r = _run([sys.executable, "mrsp.py", f"--model={tiny_ckpt}", f"--data={bad}"])
-    assert r.returncode != 0 and f"{tmp_path}/missing.mp4: no such file" in r.stderr
+    r = _run([sys.executable, "eval.py", f"--model={tiny_ckpt}", f"--data={bad}"])
+    assert r.returncode != 0 and f"{tmp_path}/missing.mp4: no such file" in r.stderr and "Traceback" not in r.stderr
+    good = tmp_path / "good.jsonl"
+    good.write_text(bad.read_text().replace("missing.mp4", os.path.join(tmp_path, "v.mp4")))
+    open(tmp_path / "v.mp4", "wb").write(b"x")
+    r = _run([sys.executable, "eval.py", "--model=/no/such/dir", f"--data={good}"])
+    assert r.returncode != 0 and "--model=/no/such/dir: expected a local HF checkpoint directory" in r.stderr
 
 
 def test_encode_sample_matches_the_processor(samples, loaded):
@@ -241,7 +249,8 @@ def test_encode_sample_matches_the_processor(samples, loaded):
 def test_tiny_variant_heads_and_rope_base(tmp_path, synth_dir):
     """--tiny_heads / --tiny_rope_theta (the demo's 8-head, theta-1e4 tiny): config, mrope sections, a forward."""
     from data import load_records
-    from mrsp import build_seq, init_tiny, sp_logprobs
+    from mrsp import build_seq, sp_logprobs
+    from prepare import init_tiny
     out = str(tmp_path / "tiny8")
     init_tiny(out, synth_dir, heads=8, rope_theta=1e4)
     model, processor = load_model(out)

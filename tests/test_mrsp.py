@@ -4,10 +4,11 @@ import os
 import pytest
 import torch
 
-from data import VideoError, collate_rl, encode_sample, encode_text, load_records, load_video, process_video
+from data import (VideoError, collate_rl, encode_sample, encode_text, load_records, load_video, model_inputs,
+                  process_video)
 from dist_utils import run_distributed
 from mrsp import (EmbeddingCache, embed_with_video, encode_videos, get_video_embeds, hf_rollout, load_model,
-                  model_inputs, mrope_positions, rope_index, setup_mesh)
+                  mrope_positions, rope_index, setup_mesh)
 
 
 def _perturbed(ckpt):
@@ -532,6 +533,30 @@ def _fsdp_worker(ckpt, seq, sp):
     return {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.grad is not None}, frozen
 
 
+def _untied_worker(ckpt, seq):
+    """SP=2 + FSDP2 with an untied LM head (as the 7B): the response sits in rank 0's last zigzag chunk, so rank 1
+    scores no token -- its head must still get a (zero) gradient, or the ranks' reduce-scatters differ in size."""
+    from mrsp import prepare_model, sp_logprobs
+    model, _ = load_model(ckpt)
+    model.config.tie_word_embeddings = model.config.text_config.tie_word_embeddings = False
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())   # its own parameter now
+    mesh = setup_mesh(2)
+    prepare_model(model, mesh, freeze_vision=True)
+    lp = sp_logprobs(model, seq, group=mesh.sp_group)
+    (-lp.sum()).backward()
+    g = model.lm_head.weight.grad
+    return float(g.full_tensor().abs().sum())
+
+
+def test_untied_head_with_no_scored_token_on_a_rank(tiny_ckpt, synth_dir):
+    seq = _sft_seq(tiny_ckpt, synth_dir)
+    n = seq["input_ids"].numel()
+    seq["loss_mask"] = torch.zeros(n, dtype=torch.bool)
+    seq["loss_mask"][-2:] = True                                   # two scored tokens, both in rank 0's last chunk
+    for head_grad in run_distributed(_untied_worker, 2, args=(tiny_ckpt, seq), timeout=180):
+        assert head_grad > 0                                       # rank 0's tokens reach the (summed) head gradient
+
+
 @pytest.mark.parametrize("sp", [2, 1])
 def test_fsdp2_sp2_and_dp2_match_one_rank(tiny_ckpt, synth_dir, sp):
     """FSDP2 over the (dp, sp) mesh + activation checkpointing: gradients equal the one-rank gradients."""
@@ -628,23 +653,3 @@ def test_sync_weights_from_fsdp_policy(tiny_ckpt, synth_dir):
     for n, diff, moved, n_vis, held, vis_diff in run_distributed(_sync_worker, 2, args=(tiny_ckpt, seq)):
         assert n > 20 and diff == 0.0 and moved > 1e-4      # the copy changed and now equals the policy
         assert 0 < n_vis == held < n and vis_diff == 0.0
-
-
-def test_setup_dist_gives_cpu_collectives_gloo_on_gpus(monkeypatch):
-    """On GPUs the process group must carry gloo next to NCCL: the bookkeeping all-reduces (token counts, metrics,
-    eval counts) run on CPU tensors, which an NCCL-only group rejects at the first RL/SFT step. No GPU here, so CUDA
-    and the group creation are faked; torch itself parses the backend string."""
-    import torch.distributed as dist
-
-    import mrsp
-    made = []
-    for k, v in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="2").items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "set_device", lambda d: None)
-    monkeypatch.setattr(mrsp.dist, "is_initialized", lambda: False)
-    monkeypatch.setattr(mrsp.dist, "init_process_group", lambda backend: made.append(backend))
-    rank, local_rank, world, device = mrsp.setup_dist()
-    assert (rank, world, device.type) == (0, 2, "cuda") and len(made) == 1
-    backends = dist.distributed_c10d.BackendConfig(dist.Backend(made[0])).get_device_backend_map()
-    assert backends == {"cpu": "gloo", "cuda": "nccl"}

@@ -10,7 +10,8 @@ import torch
 
 import rl
 from dist_utils import run_distributed
-from mrsp import EmbeddingCache, load_model, setup_mesh, sp_logprobs
+from common import sample_seed
+from mrsp import EmbeddingCache, get_video_embeds, load_model, rollout, setup_mesh, sp_logprobs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
@@ -222,23 +223,56 @@ def test_dp_ranks_train_equal_group_counts():
 # ----------------------------------------------------------------------------- the loop's pieces, in process
 def _setup(monkeypatch, tiny_ckpt, **cfg):
     base = dict(frames=8, group_size=2, max_new_tokens=8, kl_coef=0.05, ppo_epochs=2, mini_batch=0, clip_low=0.2,
-                clip_high=0.3, temperature=1.0, mrsp=True, freeze_vision=True, seed=3, agg="token-mean")
+                clip_high=0.3, temperature=1.0, loop="mrsp", freeze_vision=True, seed=3, agg="token-mean")
     for k, v in dict(base, **cfg).items():
         monkeypatch.setattr(rl, k, v)
     rollout_model, processor = load_model(tiny_ckpt)
     return rollout_model.eval(), processor
 
 
+def _collect(recs, positions, processor, rollout_model, cache, naive=False):
+    """rl.py's step 1 (collect) for one prompt draw on one rank, with its own helpers: -> (videos, groups, vision
+    passes). MR-SP: each video encoded once through the cache, G rollouts from the embeddings; naive: pixels, and
+    every rollout request re-encodes its video."""
+    tok, vid = processor.tokenizer, rollout_model.config.video_token_id
+    if naive:
+        videos, passes = [rl.load_pixels(r, processor) for r in recs], 0
+    else:
+        vals, passes = get_video_embeds(rollout_model, processor, recs, cache, num_frames=rl.frames)
+        videos = [dict(v) for v in vals]
+    prompts = [rl.prompt_of(r, processor, v) for r, v in zip(recs, videos)]
+    seeds = [sample_seed(rl.seed, pos) for pos in positions]
+    if naive:
+        outs = [rl.naive_rollouts(rollout_model, None, p, v["pixel_values_videos"], s, tok, "cpu")[0]
+                for p, v, s in zip(prompts, videos, seeds)]
+        passes += rl.group_size * len(recs)
+    else:
+        outs = rollout([dict(p, embeds=v["embeds"]) for p, v in zip(prompts, videos)], rl.group_size, seeds,
+                       rl.temperature, rl.max_new_tokens, tok, model=rollout_model)
+    groups = [dict(rec=r, prompt=p, video=k, responses=[rl.finish_response(t, f, lp, r, tok, vid) for t, f, lp in o])
+              for k, (r, p, o) in enumerate(zip(recs, prompts, outs))]
+    return videos, groups, passes
+
+
+def _ppo(policy, params, items, videos, adv, old, ref, mesh, from_cache, epochs, lr=1e-3, opt=None):
+    """rl.py's step 4 with one mini-batch: `epochs` calls of rl.update -> their summed stats, updates."""
+    opt = opt or torch.optim.AdamW(params, lr=lr)
+    acc = None
+    for epoch in range(epochs):
+        st = rl.update(policy, opt, params, items, videos, adv, old, ref, mesh, from_cache, first_epoch=epoch == 0)
+        acc = st if acc is None else {k: acc[k] + st[k] for k in acc}
+    return dict(acc, updates=epochs)
+
+
 def test_mrsp_and_naive_loop_give_the_same_loss(monkeypatch, tiny_ckpt, synth_dir):
     """Same rollouts -> the same old/ref log-probs, loss, gradient steps and weights whether the video comes from
-    the cache (MR-SP) or is re-encoded from pixels inside every forward (--mrsp=0). Two PPO epochs, so ratios != 1."""
+    the cache (MR-SP) or is re-encoded from pixels inside every forward (--loop=naive). Two PPO epochs, so ratios != 1."""
     from data import load_records
     rollout_model, processor = _setup(monkeypatch, tiny_ckpt)
     mesh = setup_mesh(1)
     recs = load_records(os.path.join(synth_dir, "train.jsonl"))[:2]
-    cache = EmbeddingCache()
-    videos, groups, c = rl.collect(recs, [0, 1], processor, rollout_model, None, cache, mesh, "cpu", 0)
-    assert c["vision_passes"] == 2 and len(groups[0]["responses"]) == 2    # one encode per video for G rollouts
+    videos, groups, passes = _collect(recs, [0, 1], processor, rollout_model, EmbeddingCache())
+    assert passes == 2 and len(groups[0]["responses"]) == 2    # one encode per video for G rollouts
     for v, r in zip(videos, recs):
         v["pixel_values_videos"] = rl.load_pixels(r, processor)["pixel_values_videos"]
     items = [rl.make_item(g["prompt"], r["tokens"], g["video"], r["logprobs"]) for g in groups for r in g["responses"]]
@@ -246,22 +280,18 @@ def test_mrsp_and_naive_loop_give_the_same_loss(monkeypatch, tiny_ckpt, synth_di
                for it, r in zip(items, [r for g in groups for r in g["responses"]]))
     adv = torch.tensor([1.0, -1.0, 0.5, -0.5])     # the random model rarely earns a reward: fixed advantages
     res = {}
-    for mode in (True, False):
-        monkeypatch.setattr(rl, "mrsp", mode)
+    for from_cache in (True, False):
         policy, _ = load_model(tiny_ckpt)
         policy.model.visual.requires_grad_(False)
         ref, _ = load_model(tiny_ckpt)
         params = [p for p in policy.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=1e-3)
-        assert rl.video_source("train") == ("embeds" if mode else "pixels")
-        old = rl.prefill(policy, items, videos, rl.video_source("old"), mesh)
-        refs = rl.prefill(ref, items, videos, rl.video_source("ref"), mesh)
-        acc = rl.ppo_update(policy, opt, params, items, videos, adv, old, refs, mesh, step=0)
-        res[mode] = (old, acc, {k: v.detach().clone() for k, v in policy.state_dict().items()})
+        old = rl.prefill(policy, items, videos, mesh, from_cache)
+        refs = rl.prefill(ref, items, videos, mesh, from_cache)
+        acc = _ppo(policy, params, items, videos, adv, old, refs, mesh, from_cache, epochs=2)
+        res[from_cache] = (old, acc, {k: v.detach().clone() for k, v in policy.state_dict().items()})
     (old1, acc1, w1), (old0, acc0, w0) = res[True], res[False]
     for a, b in zip(old1, old0):
         assert (a - b).abs().max() <= 1e-5
-    assert acc1["updates"] == acc0["updates"] == 2 and acc1["vision"] == 0 and acc0["vision"] == 2 * len(items)
     assert abs(acc1["loss"]) > 1e-4 and acc1["kl"] > 0                 # a real loss, the KL term active after epoch 1
     for k in ("loss", "clip", "kl", "ratio", "ent", "grad_norm"):
         assert abs(acc1[k] - acc0[k]) <= 1e-5 * max(1.0, abs(acc1[k])), (k, acc1[k], acc0[k])
@@ -276,7 +306,7 @@ def test_padding_sequences_change_nothing(monkeypatch, tiny_ckpt, synth_dir):
     rollout_model, processor = _setup(monkeypatch, tiny_ckpt, ppo_epochs=1)
     mesh = setup_mesh(1)
     recs = load_records(os.path.join(synth_dir, "train.jsonl"))[:2]
-    videos, groups, _ = rl.collect(recs, [0, 1], processor, rollout_model, None, EmbeddingCache(), mesh, "cpu", 0)
+    videos, groups, _ = _collect(recs, [0, 1], processor, rollout_model, EmbeddingCache())
     real = [rl.make_item(groups[0]["prompt"], r["tokens"], 0, r["logprobs"]) for r in groups[0]["responses"]]
     pad = [rl.make_item(groups[1]["prompt"], r["tokens"], 1, r["logprobs"], weight=0.0) for r in groups[1]["responses"]]
     out = []
@@ -284,8 +314,8 @@ def test_padding_sequences_change_nothing(monkeypatch, tiny_ckpt, synth_dir):
         policy, _ = load_model(tiny_ckpt)
         policy.model.visual.requires_grad_(False)
         params = [p for p in policy.parameters() if p.requires_grad]
-        old = rl.prefill(policy, items, videos, "embeds", mesh)
-        acc = rl.ppo_update(policy, torch.optim.AdamW(params, lr=1e-3), params, items, videos, adv, old, old, mesh, 0)
+        old = rl.prefill(policy, items, videos, mesh, True)
+        acc = _ppo(policy, params, items, videos, adv, old, old, mesh, True, epochs=1)
         out.append((acc, torch.cat([p.detach().flatten() for p in params])))
     (a, wa), (b, wb) = out
     assert abs(a["loss"]) > 1e-4 and all(abs(a[k] - b[k]) <= 1e-7 for k in ("loss", "tokens", "tokens0", "kl"))
@@ -301,7 +331,7 @@ def test_recompute_old_off_gives_the_same_update(monkeypatch, tiny_ckpt, synth_d
     rollout_model, processor = _setup(monkeypatch, tiny_ckpt, ppo_epochs=1, kl_coef=0.0)
     mesh = setup_mesh(1)
     recs = load_records(os.path.join(synth_dir, "train.jsonl"))[:2]
-    videos, groups, _ = rl.collect(recs, [0, 1], processor, rollout_model, None, EmbeddingCache(), mesh, "cpu", 0)
+    videos, groups, _ = _collect(recs, [0, 1], processor, rollout_model, EmbeddingCache())
     items = [rl.make_item(g["prompt"], r["tokens"], g["video"], r["logprobs"]) for g in groups for r in g["responses"]]
     adv = torch.tensor([1.0, -0.3, 0.5, 0.2])      # not zero-sum: equal-length responses would give loss 0
     out = []
@@ -309,27 +339,25 @@ def test_recompute_old_off_gives_the_same_update(monkeypatch, tiny_ckpt, synth_d
         policy, _ = load_model(tiny_ckpt)
         policy.model.visual.requires_grad_(False)
         params = [p for p in policy.parameters() if p.requires_grad]
-        old = rl.prefill(policy, items, videos, "embeds", mesh) if recompute else None
-        acc = rl.ppo_update(policy, torch.optim.AdamW(params, lr=1e-3), params, items, videos, adv, old, None, mesh, 0)
+        old = rl.prefill(policy, items, videos, mesh, True) if recompute else None
+        acc = _ppo(policy, params, items, videos, adv, old, None, mesh, True, epochs=1)
         out.append((acc, torch.cat([p.detach().flatten() for p in params])))
     (a, wa), (b, wb) = out
-    assert a["updates"] == b["updates"] == 1 and abs(a["loss"]) > 1e-4 and a["grad_norm"] > 0
+    assert abs(a["loss"]) > 1e-4 and a["grad_norm"] > 0
     for k in ("loss", "ratio", "clip", "grad_norm", "tokens"):
         assert abs(a[k] - b[k]) <= 1e-6 * max(1.0, abs(a[k])), (k, a[k], b[k])
     assert (wa - wb).abs().max() <= 1e-7
 
 
 def test_naive_rollouts_reencode_per_request_and_sample_the_same(monkeypatch, tiny_ckpt, synth_dir):
-    """--mrsp=0: G vision passes per prompt (one per rollout request) and G prefills, yet the same seed draws the same
-    tokens as MR-SP (shared prefill, cached embeddings): the benchmark compares equal work apart from the video."""
+    """--loop=naive: G vision passes per prompt (one per rollout request) and G prefills, yet the same seed draws the
+    same tokens as MR-SP (shared prefill, cached embeddings): the benchmark compares equal work apart from the video."""
     from data import load_records
     rollout_model, processor = _setup(monkeypatch, tiny_ckpt, group_size=3, max_new_tokens=12)
-    mesh = setup_mesh(1)
     recs = load_records(os.path.join(synth_dir, "train.jsonl"))[:2]
-    _, g1, c1 = rl.collect(recs, [5, 6], processor, rollout_model, None, EmbeddingCache(), mesh, "cpu", 0)
-    monkeypatch.setattr(rl, "mrsp", False)
-    videos0, g0, c0 = rl.collect(recs, [5, 6], processor, rollout_model, None, None, mesh, "cpu", 0)
-    assert c1["vision_passes"] == 2 and c0["vision_passes"] == 2 * 3
+    _, g1, c1 = _collect(recs, [5, 6], processor, rollout_model, EmbeddingCache())
+    videos0, g0, c0 = _collect(recs, [5, 6], processor, rollout_model, None, naive=True)
+    assert c1 == 2 and c0 == 2 * 3
     assert "embeds" not in videos0[0] and "pixel_values_videos" in videos0[0]
     r1, r0 = [r for g in g1 for r in g["responses"]], [r for g in g0 for r in g["responses"]]
     assert [r["tokens"] for r in r1] == [r["tokens"] for r in r0]
@@ -346,7 +374,7 @@ def test_video_pad_in_a_response_is_cut_and_scored_zero(monkeypatch, tiny_ckpt, 
     vid, eos = rollout_model.config.video_token_id, tok.convert_tokens_to_ids("<|im_end|>")
     rec = load_records(os.path.join(synth_dir, "train.jsonl"))[0]
     mesh = setup_mesh(1)
-    videos, groups, _ = rl.collect([rec], [0], processor, rollout_model, None, EmbeddingCache(), mesh, "cpu", 0)
+    videos, groups, _ = _collect([rec], [0], processor, rollout_model, EmbeddingCache())
     prompt = groups[0]["prompt"]
     good = tok(f"<think>x</think><answer>{rec['answer']}</answer>", add_special_tokens=False)["input_ids"] + [eos]
     bad = good[:3] + [vid] + good[3:]
@@ -362,10 +390,10 @@ def test_video_pad_in_a_response_is_cut_and_scored_zero(monkeypatch, tiny_ckpt, 
     for it, n in zip(items, (3, 0, len(good))):
         assert int((it["input_ids"] == vid).sum()) == n_video and int(it["loss_mask"].sum()) == n
         assert int(it["mm_token_type_ids"][it["loss_mask"]].sum()) == 0
-    lps = rl.prefill(policy, items, videos, "embeds", mesh)
+    lps = rl.prefill(policy, items, videos, mesh, True)
     assert [lp.numel() for lp in lps] == [3, 0, len(good)] and all(torch.isfinite(lp).all() for lp in lps)
-    acc = rl.ppo_update(policy, torch.optim.SGD(policy.parameters(), lr=0.0), list(policy.parameters()), items, videos,
-                        torch.tensor([1.0, -1.0, 0.5]), lps, lps, mesh, step=0)
+    acc = _ppo(policy, list(policy.parameters()), items, videos, torch.tensor([1.0, -1.0, 0.5]), lps, lps, mesh, True,
+               epochs=2, opt=torch.optim.SGD(policy.parameters(), lr=0.0))
     assert acc["updates"] == 2 and acc["tokens0"] == 3 + len(good)
     # without the cut the sequence has one video slot too many: the forward refuses it
     uncut = rl.make_item(prompt, bad, 0)
@@ -385,7 +413,7 @@ def test_end_to_end_writes_metrics_checkpoints_and_export(run_a):
     assert all(r["vision_passes"] == 2 * r["sample_rounds"] for r in m)   # 1 encode per new video, none per rollout
     assert m[0]["logp_gap"] < 1e-5                                        # engine and trainer agree (fp32)
     cfg = json.load(open(run_a / "config.json"))
-    assert cfg["group_size"] == 4 and cfg["mrsp"] is True and cfg["clip_high"] == 0.3
+    assert cfg["group_size"] == 4 and cfg["loop"] == "mrsp" and cfg["clip_high"] == 0.3
     assert open(run_a / "latest").read() == "step_000003"
     model, processor = load_model(str(run_a / "hf"))
     assert processor.tokenizer.convert_tokens_to_ids("<|video_pad|>") == model.config.video_token_id
@@ -450,10 +478,10 @@ def test_dp2_and_dp2_sp2_equal_dp1_after_one_step(tmp_path, tiny_ckpt, synth_dir
 
 
 def test_naive_loop_command_line_equals_mrsp(tmp_path, run_a, tiny_ckpt, synth_dir):
-    """--mrsp=0 end to end: same seed -> same rollouts, rewards, loss and update as MR-SP; every rollout, prefill and
+    """--loop=naive end to end: same seed -> same rollouts, rewards, loss and update as MR-SP; every rollout, prefill and
     training forward runs the vision tower (MR-SP: one encode per video)."""
     out = tmp_path / "naive"
-    _rl(out, tiny_ckpt, synth_dir, *RUN, "--steps=1", "--mrsp=0")
+    _rl(out, tiny_ckpt, synth_dir, *RUN, "--steps=1", "--loop=naive")
     m, ref = _metrics(out)[0], _metrics(run_a)[0]
     for k in COMPARE:
         assert abs(m[k] - ref[k]) <= 1e-5 * max(1.0, abs(ref[k])), (k, m[k], ref[k])
@@ -472,7 +500,7 @@ def test_clear_errors(tmp_path, tiny_ckpt, synth_dir, monkeypatch):
     assert f"--data={bad}" in r.stderr
     r = _rl(tmp_path / "sp", tiny_ckpt, synth_dir, "--sp=2", check=False)
     assert r.returncode != 0 and "--sp=2 must be a positive divisor of the world size 1" in r.stderr
-    for cfg, msg in ((dict(mrsp=False, sp=2), "--mrsp=0 (the naive loop) runs without sequence parallelism"),
+    for cfg, msg in ((dict(loop="naive", sp=2), "--loop=naive runs without sequence parallelism"),
                      (dict(agg="mean"), "--agg=mean: expected one of"),
                      (dict(group_size=1), "--group_size=1: GRPO needs at least 2"),
                      (dict(engine="sglang"), "--engine=sglang")):

@@ -72,18 +72,18 @@ def test_engine_weights_stream_one_tensor_at_a_time():
 
 
 def test_vllm_engine_sleep_levels(monkeypatch):
-    """rl.VLLMEngine's calls around training for each --vllm_sleep_level, vLLM replaced by a recorder: level 2 re-sends
+    """mrsp.VLLMEngine's calls around training for each --vllm_sleep_level, vLLM replaced by a recorder: level 2 re-sends
     the weights at every wake (sleep freed them), level 1 only when training changed them, level 0 never sleeps;
     the sync always sits between the weights' and the KV cache's wake; no rollout while asleep or stale."""
-    import rl
+    import mrsp
     made = []
     for name in ("vllm_wake", "vllm_sleep", "vllm_sync_weights", "vllm_rollout"):
-        monkeypatch.setattr(rl, name, lambda llm, *a, _n=name, **kw: made.append((_n, a)))
+        monkeypatch.setattr(mrsp, name, lambda llm, *a, _n=name, **kw: made.append((_n, a)))
     want = {2: ["generate", "sleep(2)", *WAKE, "generate", "sleep(2)", *WAKE, "generate"],
             1: ["generate", "sleep(1)", "wake(weights)", "wake(kv_cache)", "generate", "sleep(1)", *WAKE, "generate"],
             0: ["generate", "generate", "sync", "generate"]}
     for level, calls in want.items():
-        e = rl.VLLMEngine("llm", "policy", level)
+        e = mrsp.VLLMEngine("llm", "policy", level)
         e.rollout([])
         e.sleep()
         if level:
@@ -92,7 +92,7 @@ def test_vllm_engine_sleep_levels(monkeypatch):
         e.wake()          # no update since the last sync
         e.rollout([])
         e.sleep()
-        e.stale = True    # an optimizer step (rl.py's sync_engines)
+        e.mark_stale()    # an optimizer step (rl.py's step 5)
         e.wake()
         e.rollout([])
         assert e.take_log()[0] == calls, level
@@ -101,17 +101,14 @@ def test_vllm_engine_sleep_levels(monkeypatch):
 
 @pytest.mark.parametrize("engine", ["hf", "vllm"])
 def test_rl_models_share_one_frozen_vision_tower(monkeypatch, tiny_ckpt, engine):
-    """rl.build_models with a frozen vision tower (the default): the policy, the rollout copy and the reference hold
-    ONE tower (the same module, one set of parameter storages), frozen and in eval mode while the policy trains;
+    """mrsp.load_models (what rl.py loads) with a frozen vision tower (the default): the policy, the rollout copy and
+    the reference hold ONE tower (the same module, one set of parameter storages), frozen and in eval mode while the
+    policy trains;
     with --engine=vllm the rollout copy holds nothing else (its LLM is on the meta device). A trainable tower is not
     shared: the policy trains its own, the reference keeps the checkpoint's."""
     import torch
-    import rl
-    from mrsp import setup_mesh
-    for k, v in dict(model=tiny_ckpt, engine=engine, kl_coef=0.05, freeze_vision=True,
-                     activation_checkpointing=False).items():
-        monkeypatch.setattr(rl, k, v)
-    policy, _, rollout, ref = rl.build_models(torch.device("cpu"), setup_mesh(1))
+    from mrsp import load_models, setup_mesh
+    policy, _, rollout, ref = load_models(tiny_ckpt, "cpu", setup_mesh(1), reference=True, rollout_llm=engine == "hf")
     tower = policy.model.visual
     assert rollout.model.visual is tower and ref.model.visual is tower
     n_tower = len(list(tower.parameters()))
@@ -122,8 +119,8 @@ def test_rl_models_share_one_frozen_vision_tower(monkeypatch, tiny_ckpt, engine)
     assert tower.patch_embed.proj.weight.dtype == torch.float32    # CPU keeps fp32 (the exactness tests rely on it)
     if engine == "vllm":
         assert all(p.is_meta for n, p in rollout.named_parameters() if "visual" not in n)
-    monkeypatch.setattr(rl, "freeze_vision", False)
-    policy, _, rollout, ref = rl.build_models(torch.device("cpu"), setup_mesh(1))
+    policy, _, rollout, ref = load_models(tiny_ckpt, "cpu", setup_mesh(1), freeze_vision=False, reference=True,
+                                          rollout_llm=engine == "hf")
     assert rollout.model.visual is not policy.model.visual and ref.model.visual is not policy.model.visual
     assert all(p.requires_grad for p in policy.model.visual.parameters())
 
@@ -214,7 +211,7 @@ def test_rl_loop_with_vllm_engine(tiny_ckpt, synth_dir, tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     python = vllm_probe.vllm_python()
     p, rows = run_rl_vllm(python, tiny_ckpt, synth_dir, str(tmp_path / "rl"), root)
-    check_rl_vllm_run(p, rows, steps=3, vision_passes=4, eval_rounds=4)
+    check_rl_vllm_run(p, rows, steps=3, vision_passes=4, eval_rounds=1)   # the 4 held-out prompts in one call
     # the export (through a fresh full copy: the HF engine copy holds no LLM weights under vLLM) carries the trained
     # LLM and the frozen vision tower
     from safetensors.torch import load_file
@@ -232,8 +229,8 @@ def test_rl_loop_with_vllm_engine(tiny_ckpt, synth_dir, tmp_path):
 def test_rl_loop_with_vllm_engines_under_torchrun(tiny_ckpt, synth_dir, tmp_path, sp):
     """torchrun --nproc_per_node=2: one vLLM engine per rank (external_launcher, data-parallel engines that step in
     lockstep). sp=1 (DP=2): 2 prompts a rank, responses of different lengths; sp=2 (DP=1): 3 prompts split 2 / 1
-    over the SP ranks for generation -- unequal work. Both: 3 held-out records, so the second eval round has a
-    record on rank 0 only (rank 1 makes an empty engine call). Every step's log-prob gap stays small on every rank
+    over the SP ranks for generation -- unequal work. Both: 3 held-out records answered one per engine call
+    (--eval_batch_size=1), so the second eval round has a record on rank 0 only (rank 1 makes an empty call). Every step's log-prob gap stays small on every rank
     (the sync reached both engines: under SP each rank scores the responses of both engines; measured without the
     sync, sp=2: 0.72 and 1.15 at steps 2 and 3) and the run finishes (no rank waits forever in vLLM's lockstep).
     Seeds chosen so that every step has groups with unequal rewards (a real update each step)."""
@@ -241,6 +238,6 @@ def test_rl_loop_with_vllm_engines_under_torchrun(tiny_ckpt, synth_dir, tmp_path
     python = vllm_probe.vllm_python()
     prompts, run_seed = (4, 0) if sp == 1 else (3, 1)
     p, rows = run_rl_vllm(python, tiny_ckpt, synth_dir, str(tmp_path / "rl"), root, prompts=prompts, nproc=2,
-                          extra=[f"--sp={sp}", f"--seed={run_seed}"], evals=3)
+                          extra=[f"--sp={sp}", f"--seed={run_seed}", "--eval_batch_size=1"], evals=3)
     check_rl_vllm_run(p, rows, steps=3, vision_passes=prompts, eval_rounds=2)
     assert "external_launcher" in p.stdout + p.stderr   # vLLM logs "Using external launcher ..."

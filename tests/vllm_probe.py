@@ -284,7 +284,7 @@ def main():
         driver(sys.argv[2], sys.argv[3])
         return 0
     ap = argparse.ArgumentParser(description=__doc__.strip().split("\n")[0])
-    ap.add_argument("--model", required=True, help="tiny HF checkpoint dir (built with mrsp.py --init_tiny if missing)")
+    ap.add_argument("--model", required=True, help="tiny HF checkpoint dir (built with prepare.py --tiny if missing)")
     ap.add_argument("--data", required=True, help="JSONL records (a small synthetic set is generated if missing)")
     ap.add_argument("--workdir", default=None, help="scratch dir (default: a new temp dir)")
     ap.add_argument("--n", type=int, default=3, help="prompts")
@@ -295,11 +295,11 @@ def main():
     if not os.path.isfile(args.data):
         out = os.path.dirname(os.path.abspath(args.data))
         log(f"{args.data} missing: generating a small synthetic set in {out}")
-        subprocess.run([sys.executable, os.path.join(ROOT, "data.py"), f"--out={out}", "--n_train=16", "--n_val=16",
-                        "--n_test=16"], check=True)
+        subprocess.run([sys.executable, os.path.join(ROOT, "prepare.py"), f"--out={out}", "--n_train=16",
+                        "--n_val=16", "--n_test=16"], check=True)
     if not os.path.isfile(os.path.join(args.model, "config.json")):
         log(f"{args.model} has no config.json: building the tiny checkpoint")
-        subprocess.run([sys.executable, os.path.join(ROOT, "mrsp.py"), f"--init_tiny={args.model}",
+        subprocess.run([sys.executable, os.path.join(ROOT, "prepare.py"), f"--tiny={args.model}",
                         f"--data={os.path.dirname(os.path.abspath(args.data))}"], check=True)
     import tempfile
     workdir = args.workdir or tempfile.mkdtemp(prefix="vllm_probe_")

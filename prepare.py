@@ -1,0 +1,344 @@
+"""
+prepare.py -- what the CPU demo and the tests train on, made locally: a synthetic long-video QA set (real H.264 mp4s
+of coloured shapes + train/val/test JSONL with a chain of thought) and a tiny random-init Qwen2.5-VL checkpoint (a
+standard HF directory: config, weights, byte-level BPE tokenizer trained on the dataset text with the Qwen special
+tokens, chat template, processor). Real checkpoints and datasets need none of this: pass their local paths to the
+stage scripts. (Like nanoGPT's data/*/prepare.py: data preparation kept apart from training.)
+
+Generate the synthetic set, then the tiny checkpoint on its text:
+    python prepare.py --out=data/synth                                  # 640/64/128 questions, 256 frames @ 8 fps
+    python prepare.py --out=data/synth --n_train=2000 --num_frames=512 --seed=1
+    python prepare.py --tiny=out/tiny --data=data/synth                 # ~0.7M-param Qwen2.5-VL + processor
+    python prepare.py --tiny=out/tiny8 --data=data/synth --tiny_heads=8 --tiny_rope_theta=1e4   # the demo's variant
+"""
+import contextlib
+import glob
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import torch
+
+from common import apply_overrides, config_of
+from data import CATEGORIES, INSTRUCTION, LETTERS, format_target, load_records
+
+# -----------------------------------------------------------------------------
+# config (override with --key=value)
+out = ""              # write the synthetic set here (train/val/test.jsonl, videos/, meta.json)
+n_train = 640         # training questions (one video each)
+n_val = 64            # held-out questions for validation during training
+n_test = 128          # test questions for eval
+num_frames = 256      # frames per video (long: events spread over all of them)
+fps = 8.0             # video frame rate (256 frames -> 32 s)
+size = 112            # frame height = width (multiple of 28)
+workers = min(2, os.cpu_count() or 1)   # processes encoding the mp4s (the output does not depend on it)
+tiny = ""             # write the tiny checkpoint here (its tokenizer is trained on --data's text)
+data = "data/synth"   # --tiny: the dataset folder (or one JSONL file) whose text the tokenizer learns
+tiny_heads = 4        # --tiny: LM attention heads (the demo uses 8)
+tiny_rope_theta = 1e6  # --tiny: LM rope base (the demo uses 1e4)
+seed = 0              # everything is deterministic given the seed
+
+# -----------------------------------------------------------------------------
+# synthetic long-video QA: coloured squares and a moving ball; answers need the whole video
+COLOURS = {"red": (230, 30, 30), "green": (30, 200, 30), "blue": (40, 70, 240), "yellow": (240, 220, 30),
+           "magenta": (220, 40, 220), "cyan": (30, 220, 220), "white": (240, 240, 240), "orange": (250, 140, 20)}
+QUADRANTS = ("top-left", "top-right", "bottom-left", "bottom-right")
+PALETTE = ("red", "green", "blue", "yellow")   # the colours questions are about (the ball is white)
+ORDINALS = ("first", "last")
+
+
+def _a(word):
+    return ("an " if word[0] in "aeiou" else "a ") + word
+
+
+def _event_times(rng, n_events, T, ev_len):
+    """Start frames of n events, one per equal segment of the video: spread over its whole length."""
+    seg = T / n_events
+    assert seg >= ev_len, f"{n_events} events of {ev_len} frames do not fit in {T} frames"
+    return [int(i * seg + rng.integers(0, int(seg - ev_len) + 1)) for i in range(n_events)]
+
+
+def _quad_box(q, S, margin):
+    h = S // 2
+    y0 = 0 if q in (0, 1) else h
+    x0 = 0 if q in (0, 2) else h
+    return y0 + margin, x0 + margin, y0 + h - margin, x0 + h - margin
+
+
+def _perm_with(rng, items, value, at):
+    """A random permutation of items with `value` at position `at`."""
+    rest = [x for x in items if x != value]
+    rest = [rest[i] for i in rng.permutation(len(rest))]
+    return rest[:at] + [value] + rest[at:]
+
+
+def make_synthetic_sample(rng, category, answer_idx, T=256, S=112, fps=8.0):
+    """Build one video (T, S, S, 3) uint8 and its QA record (without id/video) for a category.
+    Options come in a fixed order (PALETTE or QUADRANTS), so the letter follows from the content; the
+    content is drawn so that the correct option is answer_idx (balanced letters are the caller's job) and
+    every colour is equally likely to be the answer (no prior to exploit). The CoT names every event of
+    the video in order (the whole video matters), then the deciding fact and the option."""
+    frames = np.zeros((T, S, S, 3), np.uint8)
+    ev_len = max(T // 12, 4)
+    margin = S // 16
+
+    def draw_square(t0, colour, quad):
+        y0, x0, y1, x1 = _quad_box(quad, S, margin)
+        frames[t0:t0 + ev_len, y0:y1, x0:x1] = COLOURS[colour]
+
+    def flash(t0, colour):  # a full-frame colour flash: the event is seen whatever the spatial resolution
+        frames[t0:t0 + ev_len, margin:S - margin, margin:S - margin] = COLOURS[colour]
+
+    options = list(QUADRANTS) if category == "spatial" else list(PALETTE)
+    answer = options[answer_idx]
+    if category == "temporal":
+        which = ORDINALS[rng.integers(0, 2)]
+        cols = _perm_with(rng, PALETTE, answer, 0 if which == "first" else 3)
+        for t0, c in zip(_event_times(rng, 4, T, ev_len), cols):
+            flash(t0, c)
+        question = f"Which colour of square appeared {which} in the video?"
+        why = [f"Squares in order: {', '.join(cols)}.", f"The {which} one is {answer}."]
+    elif category == "spatial":
+        cols = [PALETTE[i] for i in rng.permutation(4)]
+        k = int(rng.integers(0, 4))
+        quads = _perm_with(rng, range(4), answer_idx, k)
+        for t0, c, q in zip(_event_times(rng, 4, T, ev_len), cols, quads):
+            draw_square(t0, c, q)
+        colour = cols[k]
+        question = f"Where did the {colour} square appear?"
+        why = [f"Squares in order: {', '.join(f'{c} {QUADRANTS[q]}' for c, q in zip(cols, quads))}.",
+               f"The {colour} one was {answer}."]
+    elif category == "goal":
+        # four coloured boxes in the corners; a white ball travels from the centre to one of them
+        goal = int(rng.integers(0, 4))
+        cols = _perm_with(rng, PALETTE, answer, goal)
+        box = S // 6
+        corners = [(0, 0), (0, S - box), (S - box, 0), (S - box, S - box)]
+        for (y, x), c in zip(corners, cols):
+            frames[:, y:y + box, x:x + box] = COLOURS[c]
+        r = S // 14
+        c0 = np.array([S / 2, S / 2])
+        c1 = np.array(corners[goal]) + box / 2
+        wobble = rng.normal(0, S / 40, size=2)
+        yy, xx = np.ogrid[:S, :S]
+        for t in range(T):
+            a = t / (T - 1)
+            y, x = c0 + a * (c1 - c0) + math.sin(a * math.pi) * wobble
+            frames[t][(yy - y) ** 2 + (xx - x) ** 2 <= r * r] = COLOURS["white"]
+        question = "A white ball moves through the video. Which coloured box is it heading for?"
+        why = [f"Boxes: {', '.join(f'{c} {q}' for c, q in zip(cols, QUADRANTS))}.",
+               f"The ball moves to the {QUADRANTS[goal]}, so it heads for {answer}."]
+    elif category == "plot":
+        # the story: which colour keeps coming back? one colour shows 3 times, the others once each
+        seq = [answer] * 3 + [c for c in PALETTE if c != answer]
+        seq = [seq[i] for i in rng.permutation(len(seq))]
+        for t0, c in zip(_event_times(rng, len(seq), T, ev_len), seq):
+            flash(t0, c)
+        question = "Which colour of square appeared most often over the whole video?"
+        why = [f"Squares in order: {', '.join(seq)}.", f"{answer.capitalize()} appears 3 times."]
+    else:
+        raise ValueError(f"category={category!r}: expected one of {CATEGORIES}")
+    letter = LETTERS[answer_idx]
+    why.append(f"That is option {letter}.")
+    return frames, dict(question=question, options=[f"{LETTERS[i]}. {o}" for i, o in enumerate(options)],
+                        answer=letter, reasoning=" ".join(why), category=category, duration=round(T / fps, 2))
+
+
+def write_mp4(path, frames, fps):
+    """Write frames (T, H, W, 3) uint8 as H.264 mp4 (yuv420p, near-lossless, single-threaded for
+    byte-identical output per seed). Written to a temp name and renamed: no half-written videos."""
+    import av
+    from fractions import Fraction
+    tmp = path + ".tmp.mp4"
+    with av.open(tmp, "w") as out:
+        st = out.add_stream("libx264", rate=Fraction(fps).limit_denominator(1000))
+        st.width, st.height, st.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        st.options = {"crf": "8", "preset": "fast", "threads": "1"}
+        st.codec_context.thread_count = 1
+        for f in frames:
+            for pkt in st.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                out.mux(pkt)
+        for pkt in st.encode():
+            out.mux(pkt)
+    os.replace(tmp, path)
+
+
+def generate_synthetic(out, n_train=640, n_val=64, n_test=128, num_frames=256, fps=8.0, size=112, seed=0,
+                       progress=True, workers=1):
+    """Write {out}/videos/*.mp4 and {out}/{train,val,test}.jsonl. Deterministic given the arguments (workers too:
+    frames are drawn in order in this process; only the H.264 encoding, ~90% of the time, runs in `workers`
+    processes). Categories and answer letters are balanced exactly within each block of 16 samples."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+    from tqdm import tqdm
+    os.makedirs(os.path.join(out, "videos"), exist_ok=True)
+    if num_frames < 64:
+        raise ValueError(f"num_frames={num_frames}: synthetic videos need >= 64 frames for spread-out events")
+    if size % 28 or size < 56:
+        raise ValueError(f"size={size}: expected a multiple of 28 >= 56 (Qwen-VL patch 14 x merge 2)")
+    pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn")) if workers > 1 else None
+    pending = []   # encodes in flight, bounded: each holds a (T, S, S, 3) video
+    with pool or contextlib.nullcontext():   # the pool shuts down on an encoder error too
+        for s_i, (split, n) in enumerate((("train", n_train), ("val", n_val), ("test", n_test))):
+            rng = np.random.default_rng([seed, s_i])
+            recs = []
+            for i in tqdm(range(n), desc=f"synth {split}", disable=not progress, leave=False, mininterval=1.0):
+                cat = CATEGORIES[(i // 4) % 4]
+                frames, rec = make_synthetic_sample(rng, cat, answer_idx=i % 4, T=num_frames, S=size, fps=fps)
+                vid = f"videos/{split}_{i:05d}.mp4"
+                if pool is None:
+                    write_mp4(os.path.join(out, vid), frames, fps)
+                else:
+                    pending.append(pool.submit(write_mp4, os.path.join(out, vid), frames, fps))
+                    while len(pending) > 2 * workers:
+                        pending.pop(0).result()   # re-raises an encoder error here
+                recs.append(dict(id=f"synth-{split}-{i:05d}", video=vid, **rec))
+            for f in pending:
+                f.result()
+            pending = []
+            order = rng.permutation(len(recs))
+            tmp = os.path.join(out, f"{split}.jsonl.tmp")
+            with open(tmp, "w") as f:
+                for j in order:
+                    f.write(json.dumps(recs[j]) + "\n")
+            os.replace(tmp, os.path.join(out, f"{split}.jsonl"))
+    meta = dict(n_train=n_train, n_val=n_val, n_test=n_test, num_frames=num_frames, fps=fps, size=size,
+                seed=seed, categories=list(CATEGORIES))
+    with open(os.path.join(out, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+    return meta
+
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+                  "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+                  "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+
+# Qwen2.5-VL's chat template (system default, <|vision_start|><|video_pad|><|vision_end|> per video).
+CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+# The tiny model: ~1M params, a video forward in tens of ms on one CPU core.
+TINY_TEXT = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=32768, rms_norm_eps=1e-6,
+                 rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=[4, 6, 6]))
+TINY_VISION = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=128,
+                   patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                   fullatt_block_indexes=[1], tokens_per_second=2)
+TINY_PIXELS = 56 * 56  # every frame resized to 56x56 -> 4 video tokens per 2 frames
+
+
+# -----------------------------------------------------------------------------
+# tiny checkpoint
+def _dataset_texts(data_dir):
+    """Every string a prompt or target can contain, to train the tiny tokenizer on."""
+    texts = [INSTRUCTION, "You are a helpful assistant.", "system", "user", "assistant"]
+    files = sorted(glob.glob(os.path.join(data_dir, "*.jsonl"))) if os.path.isdir(data_dir) else [data_dir]
+    if not files:
+        raise FileNotFoundError(f"--data={data_dir}: no *.jsonl files to train the tokenizer on")
+    for f in files:
+        for r in load_records(f):
+            texts += [r["question"], "\n".join(r["options"]), format_target(r)]
+    return texts
+
+
+def train_tokenizer(texts, vocab_size=1024):
+    """A byte-level BPE in Qwen2's tokenizer class: any text encodes (bytes fall back), specials kept whole."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    return Qwen2Tokenizer(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                          errors="replace", clean_up_tokenization_spaces=False)
+
+
+def _tiny_text(heads, rope_theta):
+    """TINY_TEXT with another head count / rope base; mrope sections scale with head_dim (t:h:w = 2:3:3 eighths)."""
+    hidden = TINY_TEXT["hidden_size"]
+    if heads < 2 or hidden % heads or (hidden // heads) % 16:
+        raise ValueError(f"--tiny_heads={heads}: expected an even divisor of {hidden} with head_dim a multiple of 16")
+    if (heads, rope_theta) == (TINY_TEXT["num_attention_heads"], TINY_TEXT["rope_parameters"]["rope_theta"]):
+        return TINY_TEXT
+    half = hidden // heads // 2
+    sec = [half // 4, 3 * half // 8, half - half // 4 - 3 * half // 8]
+    return dict(TINY_TEXT, num_attention_heads=heads, num_key_value_heads=heads // 2, head_dim=hidden // heads,
+                rope_parameters=dict(rope_type="default", rope_theta=float(rope_theta), mrope_section=sec))
+
+
+def init_tiny(out_dir, data_dir, seed=0, vocab_size=1024, heads=4, rope_theta=1e6):
+    """Write a random-init Qwen2_5_VLForConditionalGeneration + processor as a standard HF checkpoint.
+    heads / rope_theta: the LM's attention heads (width 128 fixed; head_dim = 128 / heads, KV heads = heads / 2) and
+    rope base. The demo uses 8 heads and theta 1e4: in our runs that variant learned to read the synthetic videos
+    within ~1000 SFT steps, while the default (4 heads, theta 1e6, Qwen's) mostly stayed at chance (BENCHMARKS.md)."""
+    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
+                              Qwen2VLImageProcessor, Qwen2VLVideoProcessor, GenerationConfig)
+    tokenizer = train_tokenizer(_dataset_texts(data_dir), vocab_size)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    processor = Qwen2_5_VLProcessor(
+        image_processor=Qwen2VLImageProcessor(min_pixels=TINY_PIXELS, max_pixels=TINY_PIXELS),
+        video_processor=Qwen2VLVideoProcessor(min_pixels=TINY_PIXELS, max_pixels=TINY_PIXELS,
+                                              cap_pixels_per_frame=True),
+        tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
+    vocab = (len(tokenizer) + 63) // 64 * 64  # pad the embedding table, as real checkpoints do
+    config = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=vocab, bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+                         pad_token_id=ids["<|endoftext|>"], **_tiny_text(heads, rope_theta)),
+        vision_config=TINY_VISION, image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    model.generation_config = GenerationConfig(eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+                                               bos_token_id=ids["<|endoftext|>"])
+    os.makedirs(out_dir, exist_ok=True)
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    n = sum(p.numel() for p in model.parameters())
+    return n
+
+# -----------------------------------------------------------------------------
+if __name__ == "__main__":
+    apply_overrides(globals(), sys.argv[1:])
+    cfg = config_of(globals())
+    if not (out or tiny):
+        raise SystemExit("prepare.py: nothing to do: pass --out=DIR (the synthetic set) and/or --tiny=DIR --data=DIR "
+                         "(the tiny checkpoint)")
+    print("config:", json.dumps(cfg))
+
+    # --- the synthetic set (skipped when DIR already holds it with this config)
+    if out:
+        mine = os.path.exists(os.path.join(out, "meta.json"))
+        theirs = [f for f in ("train.jsonl", "val.jsonl", "test.jsonl") if os.path.exists(os.path.join(out, f))]
+        if theirs and not mine:   # a dataset prepare.py did not write: never overwrite it
+            raise SystemExit(f"prepare.py: --out={out} already holds {', '.join(theirs)} without the meta.json that "
+                             "prepare.py writes: refusing to overwrite a dataset it did not generate (pick another "
+                             "--out; to run the demo on it, pass --model=CHECKPOINT too)")
+        keys = ("n_train", "n_val", "n_test", "num_frames", "fps", "size", "seed")
+        have = json.load(open(os.path.join(out, "meta.json"))) if mine else {}
+        if mine and all(have.get(k) == cfg[k] for k in keys):
+            print(f"{out}: already generated with this config, skipping")
+        else:
+            generate_synthetic(out, n_train, n_val, n_test, num_frames, fps, size, seed, workers=workers)
+            print(f"wrote {n_train}/{n_val}/{n_test} train/val/test questions to {out}")
+
+    # --- the tiny checkpoint
+    if tiny:
+        n = init_tiny(tiny, data, seed, heads=tiny_heads, rope_theta=tiny_rope_theta)
+        print(f"wrote tiny Qwen2.5-VL ({n / 1e6:.2f}M params) to {tiny}")
