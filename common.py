@@ -4,12 +4,15 @@ common.py -- the plumbing every stage script repeats: torchrun set-up, print0, t
 (sft.py, rl.py, eval.py) import this, data, mrsp and seq_parallel_attn -- never each other.
 """
 import ast
+import atexit
 import contextlib
 import datetime
 import json
 import os
 import random
 import shutil
+import sys
+import threading
 import time
 
 import numpy as np
@@ -41,6 +44,7 @@ def setup_dist(timeout_min=30):
 def teardown(world, engine=None):
     """The end of a torchrun job: a last barrier, then the rollout engine stopped (engine.stop(): vLLM's teardown
     destroys the default process group too, so it goes after the job's last collective), then the process group."""
+    _stop_watchdog()   # before the last collectives: the job is ending, its phase budget with it
     if world > 1:
         dist.barrier()
     if engine is not None:
@@ -291,3 +295,243 @@ def metrics_logger(out_dir, cfg, wandb_project, master_process):
         if wandb:
             wandb.log(row, step=row["step"])
     return log
+
+
+# -----------------------------------------------------------------------------
+# no silent hangs. Under NCCL a collective that one rank skips, or calls with another size, waits forever without a
+# word. Three guards, all set up by watchdog() once per run:
+#  * phase fingerprints: at the start of each collective-heavy phase every rank sends a few integers (phase, step,
+#    the sequences it will run, their tokens, its embedding-cache history) and a mismatch raises on EVERY rank with a
+#    table of what each holds -- one small all-gather per phase (check=False turns it off);
+#  * a per-phase time budget: a phase that outlives it dumps this rank's Python stacks (faulthandler) and the last
+#    fingerprints to out_dir/hang_rank{R}.txt and ends the job, instead of waiting;
+#  * an exception on one rank reaches all: its message goes to the job's store, the others' watchdogs see it within
+#    about a second, print it and exit -- instead of waiting in a collective for a rank that is gone.
+# MRSP_FAULT="rank=1,phase=prefill,do=raise|sleep|seqs|cache" injects a fault at a phase (the tests use it).
+PHASES = ("init", "collect", "prefill", "update", "sync", "eval", "checkpoint", "train")
+_watch = dict(on=False, check=True, phase="init", step=-1, deadline=None, budget=None, out_dir=".", rank=0, world=1,
+              last=None, store=None, t_checks=0.0, peaks={})
+_ABORT_KEY = "mrsp_abort"
+
+
+def _peak_bytes():
+    """This process's memory high-water mark since the last _reset_peak: CUDA's max allocated, or on CPU the peak
+    resident set (VmHWM)."""
+    if torch.cuda.is_available():
+        return float(torch.cuda.max_memory_allocated())
+    try:
+        with open("/proc/self/status") as f:
+            return float(next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) * 1024)
+    except (OSError, StopIteration):   # not Linux: the lifetime peak
+        import resource
+        return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+
+
+def _reset_peak():
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:   # Linux: "5" resets the peak RSS to the current RSS
+            f.write("5")
+    except OSError:
+        pass
+
+
+def phase_memory(group=None):
+    """Peak memory (GB) of each phase entered since the last call -- the largest over the ranks of `group` (a MAX
+    all-reduce: a sync point; None = the world) -- and the current phase's so far. Per-rank numbers of one process:
+    CUDA allocated, or peak RSS on CPU (which includes the Python/torch runtime)."""
+    w = _watch
+    w["peaks"][w["phase"]] = max(w["peaks"].get(w["phase"], 0.0), _peak_bytes())
+    x = torch.tensor([w["peaks"].get(p, 0.0) / 1e9 for p in PHASES], dtype=torch.float64)   # fixed length
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(x, op=dist.ReduceOp.MAX, group=group)
+    w["peaks"] = {}
+    _reset_peak()
+    return {p: v for p, v in zip(PHASES, x.tolist()) if v > 0}
+
+
+def _fault(name, rank):
+    """The fault MRSP_FAULT asks for at this phase on this rank, or None."""
+    spec = dict(kv.split("=", 1) for kv in os.environ.get("MRSP_FAULT", "").split(",") if "=" in kv)
+    if spec.get("phase") == name and int(spec.get("rank", -1)) == rank:
+        return spec.get("do")
+    return None
+
+
+def _hang_report(why):
+    """Write this rank's stacks + last fingerprints to out_dir/hang_rank{R}.txt; -> the file."""
+    import faulthandler
+    path = os.path.join(_watch["out_dir"], f"hang_rank{_watch['rank']}.txt")
+    os.makedirs(_watch["out_dir"], exist_ok=True)
+    with open(path, "w") as f:
+        f.write(f"{why}\nlast phase fingerprints (rank: phase, step, seqs, tokens, cache, sp group): "
+                f"{_watch['last']}\n\nPython stacks of rank {_watch['rank']}:\n")
+        f.flush()
+        faulthandler.dump_traceback(file=f, all_threads=True)
+    return path
+
+
+def _abort(why):
+    """Post `why` for every rank (the first poster wins) and give the others a few seconds to dump their own stacks
+    before this process ends (torchrun stops the whole job as soon as one rank exits)."""
+    store, world = _watch["store"], _watch["world"]
+    if store is None:
+        return
+    if not store.check([_ABORT_KEY]):
+        store.set(_ABORT_KEY, why)
+    t_end = time.time() + 5.0
+    while time.time() < t_end and not store.check([f"{_ABORT_KEY}_seen_{r}" for r in range(world)
+                                                   if r != _watch["rank"]]):
+        time.sleep(0.1)
+
+
+def _main_thread_position():
+    """-> (waiting, 'file:line in fn'): where this rank's main thread is, and whether it waits inside torch.distributed
+    (a collective, or FSDP's gathers) -- a rank that does not is the one the others wait for."""
+    f = sys._current_frames().get(threading.main_thread().ident)
+    where = f"{os.path.basename(f.f_code.co_filename)}:{f.f_lineno} in {f.f_code.co_name}" if f else "?"
+    waiting = False
+    while f is not None:
+        waiting |= f"torch{os.sep}distributed" in f.f_code.co_filename
+        f = f.f_back
+    return waiting, where
+
+
+def _who_is_late():
+    """This rank's phase ran past its budget: post where it is, give the other ranks' watchdogs (same budget, phases
+    entered together) two seconds to post theirs, and -> the message naming the ranks still computing (the likely
+    cause) and those waiting for them in a collective."""
+    w, store = _watch, _watch["store"]
+    waiting, where = _main_thread_position()
+    posts = {w["rank"]: f"{int(waiting)}|{where}"}
+    if store is not None:
+        store.set(f"{_ABORT_KEY}_late_{w['rank']}", posts[w["rank"]])
+        keys = {r: f"{_ABORT_KEY}_late_{r}" for r in range(w["world"]) if r != w["rank"]}
+        t_end = time.time() + 2.0
+        while time.time() < t_end and not store.check(list(keys.values())):
+            time.sleep(0.1)
+        posts.update({r: store.get(k).decode() for r, k in keys.items() if store.check([k])})
+    busy = {r: p.split("|", 1)[1] for r, p in sorted(posts.items()) if p[0] == "0"}
+    idle = sorted(r for r, p in posts.items() if p[0] == "1")
+    why = f"phase {w['phase']!r} (step {w['step']}) ran past its budget of {w['budget']:g} s (--phase_timeout)"
+    if busy:
+        why += f"; rank(s) {sorted(busy)} still computing (" + ", ".join(f"rank {r} at {p}" for r, p in busy.items()) + ")"
+    if idle:
+        why += f"; rank(s) {idle} waiting in a collective"
+    return why
+
+
+def _watchdog_loop():
+    while True:
+        time.sleep(0.5)
+        w = _watch
+        why = None
+        if w.get("aborting") or not w["on"]:   # this rank's own exception is on its way out, or the job ended
+            return
+        if w["store"] is not None:
+            try:
+                if w["store"].check([_ABORT_KEY]):
+                    why = w["store"].get(_ABORT_KEY).decode()
+            except Exception:  # noqa: BLE001 - the store is gone: the job is ending anyway
+                return
+        mine = why is None and w["deadline"] is not None and time.time() > w["deadline"]
+        if mine:
+            why = _who_is_late()
+        if why is not None:
+            path = _hang_report(why)
+            print(f"\n[rank {w['rank']}] stopping the job: {why}\n[rank {w['rank']}] stacks and last fingerprints: "
+                  f"{path}", file=sys.stderr, flush=True)
+            if mine:
+                _abort(why)                                            # the others stop too, naming this rank
+            elif w["store"] is not None:
+                w["store"].set(f"{_ABORT_KEY}_seen_{w['rank']}", "1")   # this rank's report is written
+            os._exit(124)
+
+
+def watchdog(out_dir, phase_timeout_s=3600.0, check=True):
+    """Start the three guards above (call once, after setup_dist, on every rank). phase_timeout_s: the budget of one
+    phase (a multi-hour GPU run needs minutes for a long-video rollout; tests use seconds)."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    store = None
+    if dist.is_initialized() and "MASTER_ADDR" in os.environ:
+        # our own client of the job's store (torchrun's / init_process_group's): the watchdog thread polls it
+        try:
+            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                                  timeout=datetime.timedelta(seconds=60))
+        except Exception as e:  # noqa: BLE001 - the guards that need no store still run
+            print(f"[rank {rank}] watchdog: no store at MASTER_ADDR:MASTER_PORT ({e}): an error on one rank will "
+                  "not be relayed to the others", file=sys.stderr, flush=True)
+    _watch.update(on=True, check=check, out_dir=out_dir, rank=rank, store=store, budget=phase_timeout_s,
+                  world=dist.get_world_size() if dist.is_initialized() else 1)
+    hook = sys.excepthook
+
+    def tell_the_others(kind, err, tb):   # an uncaught exception on this rank: its message to every rank, then die
+        _watch["aborting"] = True
+        hook(kind, err, tb)
+        _abort(f"rank {rank} failed in phase {_watch['phase']!r} (step {_watch['step']}): {kind.__name__}: {err}")
+    sys.excepthook = tell_the_others
+    _watch["thread"] = threading.Thread(target=_watchdog_loop, daemon=True, name="mrsp-watchdog")
+    _watch["thread"].start()
+    atexit.register(_stop_watchdog)
+
+
+def _stop_watchdog():
+    """End the watchdog thread before the interpreter (and the store it polls) goes away: a daemon thread still
+    inside a C++ store call at interpreter shutdown can abort the process after a successful run."""
+    _watch.update(on=False, deadline=None)
+    t = _watch.pop("thread", None)
+    if t is not None and t is not threading.current_thread():
+        t.join(timeout=2.0)
+
+
+def check_seconds():
+    """Seconds spent in phase() fingerprint all-gathers since the last call, logged per step. It includes the wait
+    for the slowest rank, which the phase's first collective would otherwise absorb: an upper bound of their cost."""
+    t, _watch["t_checks"] = _watch["t_checks"], 0.0
+    return t
+
+
+def phase(name, step, sp_group=None, seqs=None, tokens=None, cache=None):
+    """Enter a collective-heavy phase (PHASES): its time budget starts now, and (watchdog's check on) the ranks
+    compare fingerprints in one all-gather over the world: phase, step and `seqs` (FSDP runs every rank's forwards in
+    lockstep: equal counts everywhere) must match on every rank; `tokens` and `cache` (an EmbeddingCache.history)
+    must match within each SP group (its ranks share every sequence). None = not compared. A mismatch raises on
+    every rank with the table. Without watchdog() (library use, tests) only MRSP_FAULT and the check run."""
+    assert name in PHASES, name
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    w = _watch
+    w["peaks"][w["phase"]] = max(w["peaks"].get(w["phase"], 0.0), _peak_bytes())   # the phase that just ended
+    _reset_peak()
+    w.update(phase=name, step=step, deadline=time.time() + w["budget"] if w["on"] and w["budget"] else None)
+    fault = _fault(name, rank)
+    if fault == "raise":
+        raise RuntimeError(f"MRSP_FAULT: injected failure on rank {rank} in phase {name!r}")
+    if fault == "seqs":
+        seqs = (seqs or 0) + 1
+    if fault == "cache":
+        cache = (cache or 0) + 1
+    if fault == "sleep":
+        time.sleep(w["budget"] * 3 if w["budget"] else 3600)
+    if not (w["check"] and dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    t0 = time.time()
+    group0 = dist.get_process_group_ranks(sp_group)[0] if sp_group is not None else rank
+    val = lambda x: -1 if x is None else int(x)   # noqa: E731
+    mine = torch.tensor([PHASES.index(name), step, val(seqs), val(tokens), val(cache), group0], dtype=torch.int64)
+    rows = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(rows, mine)   # this is a sync point: every rank enters every phase
+    rows = [r.tolist() for r in rows]
+    w["last"] = rows
+    w["t_checks"] += time.time() - t0
+    bad = [i for i, r in enumerate(rows) if r[:3] != rows[0][:3] or
+           any(o[5] == r[5] and o[3:5] != r[3:5] for o in rows)]
+    if bad:
+        head = "rank  phase       step   seqs  tokens  cache               sp group"
+        table = "\n".join(f"{i:>4}  {PHASES[r[0]]:<10} {r[1]:>5} {r[2]:>6} {r[3]:>7}  {r[4]:<19} {r[5]}"
+                          for i, r in enumerate(rows))
+        raise RuntimeError(f"phase {name!r} (step {step}): the ranks disagree -- rank(s) {bad} differ from the "
+                           f"others (this is rank {rank}); entering it would mismatch their collectives:\n{head}\n"
+                           f"{table}\n(-1: not compared. phase/step/seqs must match on all ranks, tokens/cache within "
+                           f"an SP group.)")

@@ -39,7 +39,7 @@ import os
 import sys
 import time
 
-from common import apply_overrides, config_of, gather_rows, print0, setup_dist, teardown
+from common import apply_overrides, config_of, gather_rows, phase, print0, setup_dist, teardown, watchdog
 from data import CATEGORIES, RecordError, VideoError, check_videos, extract_choice, load_records, video_flags
 from mrsp import EmbeddingCache, VLLMEngine, evaluate, load_model, vllm_start
 
@@ -71,6 +71,10 @@ max_model_len = 32768       # vLLM: longest prompt (video tokens expanded) + max
 gpu_memory_utilization = 0.5    # vLLM
 cache_bytes = 1 << 30       # video-embedding cache budget (Video-MME asks 3 questions per video)
 skip_bad = False            # skip bad records / unreadable videos (listed and counted) instead of stopping
+dist_timeout = 60           # minutes a collective may wait for the other ranks before it fails
+phase_timeout = 3600.0      # seconds one frame count's pass may take; past it every rank dumps its stacks to
+                            # out_dir/hang_rank*.txt and the job ends, instead of hanging without a word
+check_phases = True         # ranks compare phase fingerprints (one small all-gather per pass) and fail loudly
 
 
 # -----------------------------------------------------------------------------
@@ -341,9 +345,10 @@ if __name__ == "__main__":
         raise SystemExit(f"--samples={samples}: expected 1, or N > 1 together with --temperature > 0 (avg@N)")
 
     # --- init
-    rank, local_rank, world, device = setup_dist()
+    rank, local_rank, world, device = setup_dist(dist_timeout)
     master_process = rank == 0
     print0("config:", json.dumps(cfg))
+    watchdog(out_dir, phase_timeout, check_phases)   # no silent hangs (common.py)
 
     # --- data: bad records and missing videos stop here (before any model work) unless --skip_bad
     try:
@@ -374,6 +379,7 @@ if __name__ == "__main__":
     # --- one pass per frame count
     results = []
     for F in frame_list:
+        phase("eval", F)
         t0 = time.time()
         try:
             rows = evaluate(rollout_model, processor, records, F, max_new_tokens=max_new_tokens,

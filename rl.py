@@ -72,9 +72,9 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from common import (apply_overrides, autocast, batch_indices, clip_grad, config_of, export_hf, gather_rows,
-                    load_checkpoint, metrics_logger, peak_memory_gb, print0, reduce_sum, sample_seed, save_checkpoint,
-                    setup_dist, teardown, tick)
+from common import (apply_overrides, autocast, batch_indices, check_seconds, clip_grad, config_of, export_hf,
+                    gather_rows, load_checkpoint, metrics_logger, phase, phase_memory, print0, reduce_sum,
+                    sample_seed, save_checkpoint, setup_dist, teardown, tick, watchdog)
 from data import FORMAT_RE, LETTERS, check_videos, encode_text, extract_choice, load_records, video_flags, video_inputs
 from mrsp import (EmbeddingCache, VLLMEngine, accuracy_metrics, encode_videos, evaluate, fsdp_gathered,
                   get_video_embeds, load_model, load_models, rollout, setup_mesh, sp_logprobs, sync_weights,
@@ -143,6 +143,10 @@ vllm_sleep_level = 2        # --engine=vllm: sleep while the trainer works (GPU)
 seed = 0
 log_every = 1
 wandb_project = ""          # set to log to Weights & Biases
+dist_timeout = 60           # minutes a collective may wait for the other ranks before it fails
+phase_timeout = 3600.0      # seconds one phase may take; past it every rank dumps its stacks to out_dir/hang_rank*.txt
+                            # and the job ends, instead of hanging without a word
+check_phases = True         # ranks compare phase fingerprints (one small all-gather per phase) and fail loudly
 
 AGGS = ("token-mean", "seq-mean", "seq-mean-token-sum")
 
@@ -429,7 +433,7 @@ if __name__ == "__main__":
     train_from_cache = ref_from_cache = not naive and freeze_vision
 
     # --- init
-    rank, local_rank, world, device = setup_dist()
+    rank, local_rank, world, device = setup_dist(dist_timeout)
     master_process = rank == 0
     try:
         mesh = setup_mesh(sp)
@@ -444,6 +448,7 @@ if __name__ == "__main__":
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "config.json"), "w") as f:
             json.dump(cfg, f, indent=1)
+    watchdog(out_dir, phase_timeout, check_phases)   # no silent hangs (common.py)
 
     # --- data
     try:
@@ -476,6 +481,7 @@ if __name__ == "__main__":
 
     def held_out(step_):
         """Greedy held-out accuracy (mrsp.evaluate, records split over all ranks): metrics on rank 0, {} elsewhere."""
+        phase("eval", step_)
         if llm is not None:
             llm.wake()      # the engine must hold the current weights (a collective under FSDP)
         rows = evaluate(rollout_model, processor, val, frames, max_new_tokens=max_new_tokens, cache=eval_cache,
@@ -515,8 +521,10 @@ if __name__ == "__main__":
         version = 0 if freeze_vision else step
         t = dict(encode=0.0, rollout=0.0)
         vision_passes = 0
+        phase("sync", step)
         if llm is not None:
             llm.wake()    # the previous step's weights in (collective)
+        phase("collect", step, mesh.sp_group, cache=None if cache is None else cache.history)
 
         # --- 1. collect: each video decoded + encoded ONCE (parallel over the SP group, through the cache), G rollouts
         # per prompt from the cached embeddings. Dynamic sampling draws again while too few groups carry signal.
@@ -591,8 +599,9 @@ if __name__ == "__main__":
         adv = torch.cat(adv) if adv else torch.zeros(0)
 
         # --- 3. old-policy and reference log-probs: the SP prefill, no grad, at the rollout temperature
+        n, n_tok = len(items), sum(it["input_ids"].numel() for it in items)
+        phase("prefill", step, mesh.sp_group, seqs=n, tokens=n_tok)   # FSDP: every rank the same sequence count
         t0 = tick()
-        n = len(items)
         mb = n if mini_batch == 0 else max(1, mini_batch // mesh.dp_size)
         old = refs = None
         if items and (recompute_old or ppo_epochs > 1 or mb < n):   # else pi_old = pi_theta: logp.detach()
@@ -604,6 +613,7 @@ if __name__ == "__main__":
         t_prefill = tick() - t0
 
         # --- 4. PPO update: ppo_epochs passes over the items in mini-batches, one optimizer update each
+        phase("update", step, mesh.sp_group, seqs=n, tokens=n_tok)
         t0 = tick()
         acc = dict(loss=0.0, clip=0.0, kl=0.0, ratio=0.0, ent=0.0, gap=0.0, tokens=0.0, tokens0=0.0, grad_norm=0.0)
         updates = 0
@@ -621,6 +631,7 @@ if __name__ == "__main__":
         t_train = tick() - t0
 
         # --- 5. weight sync: the new weights to the rollout engine (collectives under FSDP: all ranks call)
+        phase("sync", step)
         t0 = tick()
         if updates:
             if llm is None or not freeze_vision:   # with vLLM the HF copy holds only the vision tower: synced if
@@ -643,7 +654,7 @@ if __name__ == "__main__":
                              fmt=sum(r["format"] for r in resp), len=sum(len(r["tokens"]) for r in resp),
                              cuts=sum(r["cut"] for r in resp), n=len(resp), drawn=len(drawn), kept=len(kept)),
                         mesh.dp_group)
-        tr = reduce_sum(dict(acc, seq_tokens=sum(it["input_ids"].numel() for it in items),
+        tr = reduce_sum(dict(acc, seq_tokens=n_tok,
                              vision=vision_passes * (mesh.sp_rank == 0)), mesh.dp_group)
         tr["vision"] = reduce_sum(dict(v=tr["vision"]), mesh.sp_group)["v"]
         n_resp, ntok, ntok0 = max(rs["n"], 1.0), max(tr["tokens"], 1.0), max(tr["tokens0"], 1.0)
@@ -653,7 +664,7 @@ if __name__ == "__main__":
                    loss=tr["loss"] / max(updates, 1), grad_norm=acc["grad_norm"] / max(updates, 1), lr=lr_at(step),
                    logp_gap=tr["gap"] / ntok0, tokens_per_s=tr["seq_tokens"] / dt, t_encode=t["encode"],
                    t_rollout=t["rollout"], t_prefill=t_prefill, t_train=t_train, t_sync=t_sync, step_time=dt,
-                   vision_passes=int(tr["vision"]), peak_mem_gb=peak_memory_gb(world),
+                   vision_passes=int(tr["vision"]), t_checks=check_seconds(),
                    dropped_groups=int(rs["drawn"] - rs["kept"]), trained_groups=int(rs["kept"]), sample_rounds=rounds,
                    video_pad_cuts=int(rs["cuts"]), updates=updates)
         if cache is not None:
@@ -662,12 +673,15 @@ if __name__ == "__main__":
             row.update(held_out(step + 1))
         if llm is not None:   # this step's engine calls in order, eval's included (every rank makes the same ones)
             row["vllm_calls"] = engine_calls + llm.take_log()[0]
+        mem = phase_memory()   # per phase, the fullest rank (a sync point)
+        row.update(peak_mem_gb=max(mem.values()), **{f"mem_{k}_gb": v for k, v in mem.items()})
         log(row)
         if master_process and (step + 1) % log_every == 0:
             keys = ("reward_mean", "accuracy", "format_rate", "response_len", "kl", "clip_frac", "entropy", "loss",
                     "step_time", "val_acc")
             tqdm.write(f"step {step + 1}/{steps}: " + " ".join(f"{k} {row[k]:.4g}" for k in keys if k in row))
         if (step + 1) % save_every == 0 or step + 1 == steps:
+            phase("checkpoint", step + 1)
             save_checkpoint(out_dir, step + 1, policy, opt, cfg, world, rank, keep=keep_checkpoints,
                             extra=dict(draws=draws))
         done_here += 1
@@ -676,6 +690,7 @@ if __name__ == "__main__":
             break
     else:
         # --- export a standard HF checkpoint (model + processor) for eval.py / vLLM
+        phase("checkpoint", steps)
         if llm is not None:   # the HF copy has no LLM weights: export through a full copy on the CPU
             rollout_model = load_model(model, "float32", "cpu")[0]
         sync_weights(policy, rollout_model)   # gathers the FSDP shards: a collective, every rank calls it

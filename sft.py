@@ -31,9 +31,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import (apply_overrides, autocast, batch_indices, clip_grad, config_of, export_hf, gather_rows,
-                    load_checkpoint, metrics_logger, peak_memory_gb, print0, reduce_sum, save_checkpoint, setup_dist,
-                    teardown, tick)
+from common import (apply_overrides, autocast, batch_indices, check_seconds, clip_grad, config_of, export_hf,
+                    gather_rows, load_checkpoint, metrics_logger, phase, phase_memory, print0, reduce_sum,
+                    save_checkpoint, setup_dist, teardown, tick, watchdog)
 from data import load_records, video_flags
 from mrsp import (EmbeddingCache, accuracy_metrics, build_seq, evaluate, fsdp_gathered, load_model, load_models,
                   setup_mesh, sp_logprobs, sync_weights)
@@ -77,6 +77,10 @@ cache_bytes = 1 << 30       # video-embedding cache budget (frozen vision only)
 seed = 0
 log_every = 1
 wandb_project = ""          # set to log to Weights & Biases
+dist_timeout = 60           # minutes a collective may wait for the other ranks before it fails
+phase_timeout = 3600.0      # seconds one phase may take; past it every rank dumps its stacks to out_dir/hang_rank*.txt
+                            # and the job ends, instead of hanging without a word
+check_phases = True         # ranks compare phase fingerprints (one small all-gather per phase) and fail loudly
 
 
 # -----------------------------------------------------------------------------
@@ -133,7 +137,7 @@ if __name__ == "__main__":
     cfg = config_of(globals())
 
     # --- init
-    rank, local_rank, world, device = setup_dist()
+    rank, local_rank, world, device = setup_dist(dist_timeout)
     master_process = rank == 0
     mesh = setup_mesh(sp)
     if batch_size % mesh.dp_size:
@@ -145,6 +149,7 @@ if __name__ == "__main__":
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "config.json"), "w") as f:
             json.dump(cfg, f, indent=1)
+    watchdog(out_dir, phase_timeout, check_phases)   # no silent hangs (common.py)
 
     # --- data
     train = load_records(data)
@@ -178,6 +183,7 @@ if __name__ == "__main__":
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         idx = batch_indices(step, len(train), batch_size, seed)[mesh.dp_rank::mesh.dp_size]
+        phase("train", step, mesh.sp_group, seqs=len(idx), cache=None if cache is None else cache.history)
         seqs = [make_seq(train[i], processor, policy, cache, mesh.sp_group, device) for i in idx]
         # the loss is a token mean over the GLOBAL batch: every sequence divides by the same global count, so the
         # per-sequence backwards add up to the whole batch's gradient for any DP / SP / accumulation split
@@ -199,16 +205,20 @@ if __name__ == "__main__":
         # --- TRAINING STEP END
         stats = reduce_sum(dict(loss=loss_sum, tokens=seq_tokens), mesh.dp_group)
         row = dict(step=step + 1, loss=stats["loss"], lr=lr_at(step), grad_norm=grad_norm,
-                   tokens_per_s=stats["tokens"] / dt, step_time=dt, peak_mem_gb=peak_memory_gb(world))
+                   tokens_per_s=stats["tokens"] / dt, step_time=dt, t_checks=check_seconds())
         if cache is not None:
             row.update(cache_hits=cache.stats["hits"], cache_misses=cache.stats["misses"])
         if val and ((step + 1) % eval_every == 0 or step + 1 == steps):
+            phase("eval", step + 1)
             row.update(validate(val, processor, policy, rollout_model, cache, answer_cache, mesh, device, world, rank))
+        mem = phase_memory()   # per phase, the fullest rank (a sync point)
+        row.update(peak_mem_gb=max(mem.values()), **{f"mem_{k}_gb": v for k, v in mem.items()})
         log(row)
         if master_process and (step + 1) % log_every == 0:
             msg = " ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "step" and isinstance(v, float))
             tqdm.write(f"step {step + 1}/{steps}: {msg}")
         if (step + 1) % save_every == 0 or step + 1 == steps:
+            phase("checkpoint", step + 1)
             save_checkpoint(out_dir, step + 1, policy, opt, cfg, world, rank, keep=keep_checkpoints)
         done_here += 1
         if stop_after and done_here >= stop_after:
@@ -216,6 +226,7 @@ if __name__ == "__main__":
             break
     else:
         # --- export a standard HF checkpoint (model + processor) for eval.py / rl.py / vLLM
+        phase("checkpoint", steps)
         if rollout_model is None:   # no validation: the export copy is made only now
             rollout_model = load_model(model, "bfloat16" if device.type == "cuda" else "float32", device,
                                        vision=policy.model.visual if freeze_vision else None)[0]
