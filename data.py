@@ -19,6 +19,7 @@ import json
 import math
 import os
 import re
+import unicodedata
 
 import numpy as np
 
@@ -653,51 +654,134 @@ def format_target(record):
     return f"<think>{record['reasoning']}</think><answer>{record['answer']}</answer>"
 
 
-FORMAT_RE = re.compile(r"<think>.*?</think>\s*<answer>.*?</answer>", re.S)   # that format, as RL rewards it
+FORMAT_RE = re.compile(r"<think>.*?</think>\s*<answer>(?P<answer>.*?)</answer>", re.S)   # that format
 
 
-# a cue word, then the letter: "(c)" any case; "C" upper case anywhere; "c" lower case only before
-# punctuation or the end (so "the answer is a dog" names no option)
-_CUE_RE = re.compile(r"(?i:answer|option|choice)\s*(?i:is|:|=|would be|should be)?\s*(?i:option\s*)?"
-                     r"(?:\(([A-Ja-j])\)|([A-J])(?![A-Za-z])|([a-j])(?=\s*[\.\),:;!]|\s*$))")
-_HEAD_RE = re.compile(r"^\s*(?:\(([A-Ja-j])\)|([A-Ja-j])\s*[\.\):](?!\d)|([A-J])\s+(?:is|-)\s)", re.S)
+def follows_format(text, num_options=4, options=None):
+    """The format RL rewards (and eval reports): <think>...</think><answer>...</answer>, and the answer tag names
+    exactly one option as extract_choice reads it (an empty tag, "B or C" or a refusal in the tag is not the format)."""
+    m = FORMAT_RE.fullmatch(text.strip())
+    return m is not None and extract_choice(m["answer"], num_options, options) is not None
+
+
+# ---- answer extraction: which option a free-form answer names (tests/test_extract.py, its corpus and the lmms-eval
+# comparison: bench/extract_vs_lmms.py). A letter "as an answer writes it": "(C)", "[C]", an upper-case C anywhere
+# but inside a word, a lower-case c only before punctuation or the end ("the answer is a dog" names no option) --
+# and never the first of a list ("B or C", "A, B and D" decide nothing).
+_LIST = r"(?!\s*(?:,|/|、|\bor\b|\band\b|或|和)\s*\(?[A-J]\b)"
+_LETTER = rf"(?P<x>\(\s*[A-Ja-j]\s*\)|\[\s*[A-Ja-j]\s*\]|[A-J](?![A-Za-z])|[a-j](?=\s*[.,;:!?)]|\s*$)){_LIST}"
+# after a weaker cue an upper-case letter must also end its clause: "it's A man" and "so A person" are no answers
+_SOFT_LETTER = (r"(?P<x>\(\s*[A-Ja-j]\s*\)|[A-J](?=\s*(?:[^\w\s]|$)|\s+(?:because|since|as|given)\b)"
+                rf"|[a-j](?=\s*[.,;:!?)]|\s*$)){_LIST}")
+_BEFORE_LETTER = r"\s*[:=\-–—]?\s*(?i:(?:(?:la|el|a|die|der|le|the)\s+)?(?:option|opci[oó]n|opção|choice|letter)?\s*)"
+_ANSWER_PHRASES = "|".join([     # say "this is my answer", in the languages models answer in
+    r"\b(?:final|correct|right|best|my)?\s*answer(?:'s|\s+(?:is|would\s+be|should\s+be|must\s+be|will\s+be))?",
+    r"\b(?:correct|right|best|final|my)\s+(?:option|choice|pick|one)(?:\s+is)?", r"\b(?:option|choice)\s+is",
+    r"\bI(?:'ll|'d|\s+will|\s+would)?\s+(?:choose|select|pick|opt\s+for)", r"\bgo(?:ing)?\s+with",
+    r"答案(?:应该|应|就)?(?:是|为)?", r"选项(?:是|为)", r"选择?(?!项)", r"答えは", r"正解は?", r"정답은?", r"답은", r"답\s*:",
+    r"respuesta(?:\s+correcta)?\s+es", r"r[ée]ponse\s+est", r"antwort\s+(?:ist|lautet)", r"risposta\s+[èe]",
+    r"resposta(?:\s+correta)?\s+[ée]", r"ответ"])
+_SOFT_PHRASES = "|".join([       # first-person, contracted and concluding statements: "I think it's B", "So, C."
+    r"\b(?:it|that|this)(?:'s|'d\s+be)", r"\b(?:is|was)", r"\b(?:gotta|would|must|should|ha(?:s|ve)\s+to)\s+be",
+    r"\bI(?:'d|'ll|\s+would|\s+will)?\s+(?:say|guess|think|believe)", r"\b(?:corresponds|points|refers)\s+to",
+    r"\b(?:so|thus|hence|therefore|leaving|definitely|clearly|probably|certainly)\s*,?"])
+_ECHO_RE = re.compile(r"^\s*\(?([A-J])[.):]", re.M)   # lines that start like a listed option: "B. 4"
+
+# The rules, in order; the first that finds a valid letter decides. Within the answer and soft rules the LAST match
+# wins, because a final answer follows the options it weighed ("At first I thought C, ... the answer is A").
+# 1. the whole answer is a letter: "C", "(c)", "[B]", "Option B", "Answer: D." (markdown/LaTeX already removed)
+_BARE_RE = re.compile(r"(?i:(?:final\s+)?(?:answer|option|choice)\s*[:\-]?\s*)?"
+                      r"[(\[{'\"]?\s*([A-Ja-j])\s*[)\]}'\"]?[.!]?")
+# 2. LaTeX's final answer: what the last \boxed{} holds is read on its own ("\boxed{B. She lost her keys}")
+_BOXED_RE = re.compile(r"\\boxed\{([^{}]*)\}")
+# 3. an answer phrase, then the letter: "the answer is (D)", "Answer: c", "I'd go with C", "答案：C", "选B"; a negated
+#    letter never follows one directly ("the answer is not A" matches nothing)
+_ANSWER_RE = re.compile(rf"(?i:{_ANSWER_PHRASES}){_BEFORE_LETTER}{_LETTER}")
+# 4. a softer statement: "it's B", "I'd say C.", "So, C.", "not A, but C", "B is correct", "C best describes ..."
+_SOFT_RES = [re.compile(rf"(?i:{_SOFT_PHRASES}){_BEFORE_LETTER}{_SOFT_LETTER}"),
+             re.compile(rf"(?i:\bnot)\s+\(?[A-J]\)?\s*[,;]?\s*(?i:but|rather)\s+(?i:it's\s+)?{_SOFT_LETTER}"),
+             re.compile(r"(?P<x>\(\s*[A-J]\s*\)|\b[A-J])\s*(?i:(?:is|seems|looks)\s+(?:to\s+be\s+)?(?:the\s+|my\s+)?"
+                        r"(?:most\s+|more\s+)?(?:correct|right|best|answer|likely|accurate)"
+                        r"|(?:best\s+)?(?:describes|matches|fits))\b")]
+# 5. the answer starts with the option as the prompt lists it: "C. Blue sky", "(C) ...", "C) ...", "C, ...", "C - ...",
+#    "C is ...", "C" alone on the first line -- unless the answer just echoes the option list ("A. 3\nB. 4 ...")
+_HEAD_RE = re.compile(rf"\s*(?:[(\[]([A-Ja-j])[)\]]|([A-Ja-j]){_LIST}\s*[.),:](?!\d)|([A-J])\s+(?:is|-|–|—)\s"
+                      r"|([A-J])[ \t]*\n)")
+# 6. the answer ends with a lone letter after a line break, a colon or a full stop: "**Answer**\n\nD", "Not D. A."
+_TAIL_RE = re.compile(r"(?:^|\n|:|[.!?]\s)\s*(?i:option\s+)?[(\[]?([A-J])[)\]]?\s*[.!]?\s*$")
+# 7. the text of exactly one option: "The answer is the red ball" (done in _read, from `options`)
+
+
+def _clean(text):
+    """The text as the rules read it: full-width forms folded ("Ｂ", "（B）", "答案：B"), LaTeX wrappers and markdown
+    emphasis dropped ("$\\boxed{\\text{B}}$" -> "\\boxed{B}"; "**B**", "_B_", "`B`", "### Answer")."""
+    t = unicodedata.normalize("NFKC", text)
+    t = re.sub(r"\\(?:text|textbf|textit|mathrm|mathbf)\s*\{([^{}]*)\}", r"\1", t)
+    t = re.sub(r"\$|\\[()\[\]]", " ", t)
+    return re.sub(r"\*+|`+|^\s*#+\s*|(?<!\w)__?(?=\S)|(?<=\S)__?(?!\w)", "", t, flags=re.M)
+
+
+def _last_letter(regexes, t, valid):
+    """The valid letter of the last match (by position) of any of `regexes` in t, or None."""
+    hits = [(m.start("x"), re.search(r"[A-Ja-j]", m["x"]).group().upper()) for r in regexes for m in r.finditer(t)]
+    hits = [h for h in hits if h[1] in valid]
+    return max(hits)[1] if hits else None
+
+
+def _read(t, valid, texts):
+    """The option one piece of an answer (an answer tag, a box, the text after </think>, the whole text) names."""
+    t = t.strip()
+    m = _BARE_RE.fullmatch(t)
+    if m:
+        return m.group(1).upper() if m.group(1).upper() in valid else None
+    boxed = _BOXED_RE.findall(t)
+    if boxed and boxed[-1].strip():
+        got = _read(boxed[-1], valid, texts)
+        if got:
+            return got
+    got = _last_letter([_ANSWER_RE], t, valid) or _last_letter(_SOFT_RES, t, valid)
+    if got:
+        return got
+    echo = len(set(_ECHO_RE.findall(t))) > 1
+    for m in ((None if echo else _HEAD_RE.match(t)), _TAIL_RE.search(t)):
+        letter = next((g for g in m.groups() if g), "").upper() if m else ""
+        if letter and letter in valid:
+            return letter
+    if texts:
+        low = t.rstrip(".!").strip().lower()
+        hits = [i for i, o in enumerate(texts) if o and (low == o or re.search(rf"\b{re.escape(o)}\b", low))]
+        if len(hits) == 1:
+            return valid[hits[0]]
+    return None
 
 
 def extract_choice(text, num_options=4, options=None):
-    """The option letter a model's answer names, or None. Order: the <answer>...</answer> content
-    (last tag) first, then the whole text; within each, a standalone letter in the forms "C", "(C)",
-    "C.", "C) text", "Answer: C", "the answer is C", "option c.", else the text of exactly one option
-    (options=["A. Candles", ...] -> "candles" gives "A"). Never the first capital of a word: "Based on
-    the video, the answer is C." is C (lmms-eval's regex says B) and "A person walks." is None."""
+    """The option letter a model's answer names, or None.
+
+    Where: the last <answer>...</answer> alone when there is one (the answer the model declared; an empty or
+    unreadable tag is no answer); else the text after the last </think>, then the whole text. An unclosed <think>
+    is a response cut off mid-reasoning: None. What (the rules above, in order): the whole answer being a letter
+    ("C", "(c)", "**B**", "Option B"); the last \\boxed{}; the last answer phrase ("the answer is C", "Answer: (c)",
+    "I choose B", "答案是B", "La respuesta es C"); the last softer statement ("I think it's B", "that's D",
+    "not A, but C", "B is correct", "So, C."); a leading "C. Blue sky" / "C) ..."; a trailing lone letter; else the
+    text of exactly one option (options=["A. Candles", ...] -> "candles" gives "A"). Never the first capital of a
+    word: "Based on the video, the answer is C." is C (a first-capital regex says B) and "A person walks." is None."""
     if not isinstance(text, str):
         return None
     valid = LETTERS[:num_options]
+    # option texts without their label and leading article: "B. A red ball" -> "red ball"
+    texts = [re.sub(r"^(?:a|an|the)\s+(?=\S)", "", re.sub(r"^\(?[A-J][.):]\s*", "", o.strip()).lower()).rstrip(".")
+             for o in options[:num_options]] if options else None
     tags = _ANSWER_TAG_RE.findall(text)
-    for part in ([tags[-1]] if tags else []) + [text]:
-        t = part.strip()
-        bare = t.rstrip(".!").strip()
-        if len(bare) == 1 and bare.upper() in valid:                     # "C", "c", "C."
-            return bare.upper()
-        m = re.fullmatch(r"\(\s*([A-Ja-j])\s*\)\.?", bare)              # "(C)"
-        if m and m.group(1).upper() in valid:
-            return m.group(1).upper()
-        for m in _CUE_RE.finditer(t):                                    # "the answer is C", "Answer: (c)"
-            letter = next(g for g in m.groups() if g).upper()
-            if letter in valid:
-                return letter
-        m = _HEAD_RE.match(t)                                            # "C. Candles", "(C) ...", "C) ..."
-        if m:
-            letter = next(g for g in m.groups() if g).upper()
-            if letter in valid:
-                return letter
-        if options:                                                      # the option's own text
-            texts = [re.sub(r"^\(?[A-J][\.\):]\s*", "", o).strip().lower().rstrip(".") for o in options[:num_options]]
-            low = bare.lower()
-            hits = [i for i, o in enumerate(texts) if o and (low == o or re.search(rf"\b{re.escape(o)}\b", low))]
-            if len(hits) == 1:
-                return valid[hits[0]]
-        if tags and part is not text and t:
-            continue  # an answer tag without a recognisable letter: try the whole text next
+    if tags:
+        return _read(_clean(tags[-1]), valid, texts)
+    if "<think>" in text and "</think>" not in text:
+        return None
+    parts = [text.rsplit("</think>", 1)[1]] if "</think>" in text else []
+    for part in parts + [text]:
+        got = _read(_clean(part), valid, texts)
+        if got:
+            return got
     return None
 
 

@@ -1189,10 +1189,10 @@ def rollout(prompts, n, seeds, temperature, max_new_tokens, tokenizer, model=Non
 def answer_row(rec, frames, text, finish_reason):
     """One scored answer: the letter extract_choice reads, whether it is right, whether the text has the rewarded
     <think>...</think><answer>...</answer> format, and the record's fields the reports group by."""
-    from data import FORMAT_RE, extract_choice
+    from data import extract_choice, follows_format
     pred = extract_choice(text, len(rec["options"]), rec["options"])
     row = dict(id=rec["id"], category=rec.get("category"), answer=rec["answer"], prediction=text, extracted=pred,
-               correct=pred == rec["answer"], format=FORMAT_RE.fullmatch(text.strip()) is not None,
+               correct=pred == rec["answer"], format=follows_format(text, len(rec["options"]), rec["options"]),
                finish_reason=finish_reason, frames=frames)
     row.update({k: rec[k] for k in ("duration", "domain", "task_type") if rec.get(k) is not None})
     return row

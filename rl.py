@@ -75,7 +75,7 @@ from tqdm import tqdm
 from common import (apply_overrides, autocast, batch_indices, check_seconds, clip_grad, config_of, export_hf,
                     gather_rows, load_checkpoint, metrics_logger, phase, phase_memory, print0, reduce_sum,
                     sample_seed, save_checkpoint, setup_dist, teardown, tick, watchdog)
-from data import FORMAT_RE, LETTERS, check_videos, encode_text, extract_choice, load_records, video_flags, video_inputs
+from data import LETTERS, check_videos, encode_text, extract_choice, follows_format, load_records, video_flags, video_inputs
 from mrsp import (EmbeddingCache, VLLMEngine, accuracy_metrics, encode_videos, evaluate, fsdp_gathered,
                   get_video_embeds, load_model, load_models, rollout, setup_mesh, sp_logprobs, sync_weights,
                   vllm_start)
@@ -225,13 +225,13 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_low=0.2, clip_hig
 
 
 def reward_fn(text, answer, options=None, acc_weight=0.9, format_weight=0.1):
-    """-> dict(accuracy, format, total). accuracy: the option letter named by the response (data.extract_choice,
-    the <answer> tag first -- the extraction eval.py uses) equals `answer`; format: the stripped text fullmatches
-    <think>...</think><answer>...</answer> (data.FORMAT_RE); total = acc_weight * accuracy + format_weight * format
-    (paper release: 0.9 / 0.1)."""
+    """-> dict(accuracy, format, total). accuracy: the option letter named by the response (data.extract_choice: the
+    last <answer> tag alone when there is one -- the extraction eval.py uses) equals `answer`; format:
+    <think>...</think><answer>...</answer> with one option named in the tag, read by the same parser
+    (data.follows_format); total = acc_weight * accuracy + format_weight * format (paper release: 0.9 / 0.1)."""
     n = len(options) if options else len(LETTERS)
     acc = float(extract_choice(text, n, options) == answer)
-    fmt = float(FORMAT_RE.fullmatch(text.strip()) is not None)
+    fmt = float(follows_format(text, n, options))
     return dict(accuracy=acc, format=fmt, total=acc_weight * acc + format_weight * fmt)
 
 

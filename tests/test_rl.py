@@ -188,6 +188,10 @@ def test_reward_fn_table():
         ("<answer>C</answer>", 0.9, 1, 0),                                     # no <think>: no format reward
         ("<think>x</think><answer>C</answer> trailing", 0.9, 1, 0),            # not a full match
         ("zq%% 7 --", 0.0, 0, 0),                                              # garbage
+        ("<think>x</think><answer></answer>", 0.0, 0, 0),                     # the same parser reads the tag:
+        ("<think>x</think><answer>B or C</answer>", 0.0, 0, 0),               # an empty or undecided tag is
+        ("<think>x</think><answer>I cannot tell</answer>", 0.0, 0, 0),        # not the format
+        ("<think>x</think><answer>**C**</answer>", 1.0, 1, 1),
         ("", 0.0, 0, 0),
     ]
     for text, total, acc, fmt in table:
