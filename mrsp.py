@@ -619,6 +619,12 @@ def _entropy(head, h, temperature):
     return -(logp.exp() * logp).sum(-1)
 
 
+def _target_logp_entropy(head, h, targets, temperature):
+    """_target_logp and the entropies of the same distributions, from one LM-head pass (both with gradient)."""
+    logp = torch.log_softmax(head(h).float() / temperature, -1)
+    return logp.gather(-1, targets[:, None])[:, 0], -(logp.exp() * logp).sum(-1)
+
+
 def sp_logprobs(model, seq, group=None, impl="ring", logit_chunk=1024, temperature=1.0, return_entropy=False):
     """Log-probs of the target tokens of ONE sequence, sequence-parallel over `group` (see _sp_logprobs)."""
     return root_call(model, _sp_logprobs, model, seq, group, impl, logit_chunk, temperature, return_entropy)
@@ -631,7 +637,9 @@ def _sp_logprobs(model, seq, group, impl, logit_chunk, temperature, return_entro
               to encode here with gradients), video_grid_thw (1, 3), second_per_grid_ts (1,),
               loss_mask (N,) bool: the tokens to score, e.g. the response).
     -> logp (N,) in sequence order (token i scored by position i-1; 0 where loss_mask is False) and,
-       with return_entropy, entropy (N,) of the same distributions (no grad). Identical on every SP rank.
+       with return_entropy, entropy (N,) of the same distributions (no grad; return_entropy="grad" with grad
+       enabled: with gradient, from the same checkpointed LM-head chunks -- rl.py --entropy_coef). Identical on
+       every SP rank.
 
     Each rank embeds only its own tokens; the 3-D mrope positions are computed on the FULL sequence
     and sharded with the tokens (zigzag layout, causal balance); attention is ring (or Ulysses); the
@@ -680,8 +688,14 @@ def _sp_logprobs(model, seq, group, impl, logit_chunk, temperature, return_entro
     sel = (l_tgt[0] != -100).nonzero()[:, 0]
     h_sel, t_sel = h[0, sel], l_tgt[0, sel]                                  # (M, D), (M,)
     parts, ents = [], []
+    grad_entropy = return_entropy == "grad" and torch.is_grad_enabled()
     for i in range(0, len(sel), logit_chunk):
         hc, tc = h_sel[i:i + logit_chunk], t_sel[i:i + logit_chunk]
+        if grad_entropy:   # one checkpointed head pass gives both; backward recomputes the chunk's logits
+            lp_c, ent_c = checkpoint(_target_logp_entropy, model.lm_head, hc, tc, temperature, use_reentrant=False)
+            parts.append(lp_c)
+            ents.append(ent_c)
+            continue
         if torch.is_grad_enabled():  # backward recomputes the chunk's logits instead of keeping them all
             parts.append(checkpoint(_target_logp, model.lm_head, hc, tc, temperature, use_reentrant=False))
         else:
@@ -703,7 +717,9 @@ def _sp_logprobs(model, seq, group, impl, logit_chunk, temperature, return_entro
         return logp
     ent_local = torch.zeros(1, h.shape[1], device=device)
     if ents:
-        ent_local[0, sel] = torch.cat(ents)
+        ent_local = ent_local.index_put((torch.zeros_like(sel), sel), torch.cat(ents))
+    elif grad_entropy:   # no scored token here: still an entropy with a gradient (zero), as on the other ranks
+        ent_local = ent_local + 0.0 * h.sum()
     ent_pos = spa.gather_seq(ent_local, N, group)[0]
     return logp, torch.cat([ent_pos.new_zeros(1), ent_pos[:-1]])
 
@@ -1193,7 +1209,7 @@ def answer_row(rec, frames, text, finish_reason):
     pred = extract_choice(text, len(rec["options"]), rec["options"])
     row = dict(id=rec["id"], category=rec.get("category"), answer=rec["answer"], prediction=text, extracted=pred,
                correct=pred == rec["answer"], format=follows_format(text, len(rec["options"]), rec["options"]),
-               finish_reason=finish_reason, frames=frames)
+               finish_reason=finish_reason, frames=frames, n_options=len(rec["options"]))
     row.update({k: rec[k] for k in ("duration", "domain", "task_type") if rec.get(k) is not None})
     return row
 

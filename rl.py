@@ -3,9 +3,10 @@ rl.py -- stage 2: GRPO on long videos with MR-SP (LongVILA-R1, "Scaling RL to Lo
 
 One step, as the paper's figure draws it and as the loop below reads: (1) collect: each prompt's video decoded and
 encoded ONCE (parallel over the SP group, through the embedding cache), G rollouts per prompt from the rollout engine
-fed the cached embeddings; (2) rewards (0.9 accuracy + 0.1 format) -> group advantages; (3) old-policy and reference
-log-probs by the sequence-parallel prefill (cached embeddings, the rollout temperature); (4) PPO-style clipped updates
-with the global token-count normaliser; (5) weight sync to the rollout engine. --loop=naive is the loop the paper
+fed the cached embeddings; (2) old-policy and reference log-probs by the sequence-parallel prefill (cached
+embeddings, the rollout temperature); (3) rewards (0.9 accuracy + 0.1 format; minus the KL with --kl_in_reward, which
+is why they follow the prefills) -> group advantages; (4) PPO-style clipped updates with the global denominators;
+(5) weight sync to the rollout engine. --loop=naive is the loop the paper
 compares against: no cache, the vision tower re-encodes the video for every rollout and inside every prefill /
 training forward, no sequence parallelism; the math is the same (tests/test_rl.py checks equal losses).
 
@@ -23,15 +24,24 @@ Tiny CPU example (~2 s a step on 2 CPU cores at 16 frames):
         --lr=1e-4 --steps=30 --eval_every=10 --eval_samples=16
 Naive baseline for the MR-SP speed-up benchmark (same flags plus; needs --sp=1):
     --loop=naive
-Real checkpoint on 8 GPUs (the paper's release settings are the defaults: G=5, clip 0.2/0.3, k3 KL 1e-2, lr 1e-6):
+Real checkpoint on 8 GPUs (the paper's release settings are the defaults: G=5, clip 0.2/0.3, dual clip 3, k3 KL 1e-2,
+lr 1e-6):
     torchrun --nproc_per_node=8 rl.py --model=/ckpt/LongVILA-R1-7B-SFT --data=/data/lvr/rl.jsonl --sp=4 \
         --frames=512 --prompts_per_step=32 --max_new_tokens=1024 --activation_checkpointing=1 --keep_gathered=0 \
         --engine=vllm
-Ablations:
+Ablations (verl's names and scales; the README's table gives TRL's equivalents; docs/rl_options_results.md runs them):
     --kl_coef=0                                            no KL term, no reference model (no ref prefill)
     --clip_high=0.28 --kl_coef=0 --dynamic_sampling=1      DAPO-style (clip-higher, online filtering)
-    --adv_norm=none --agg=seq-mean-token-sum               Dr. GRPO (no std, constant normaliser)
-    --agg=seq-mean                                         original GRPO sequence mean
+    --adv_estimator=dr_grpo --agg=seq-mean-token-sum-norm  Dr. GRPO (no std; constant normaliser max_new_tokens)
+    --agg=seq-mean-token-mean                              original GRPO sequence mean (this repo's old "seq-mean")
+    --agg=seq-mean-token-sum                               verl's: response token sums averaged (NOT Dr. GRPO: T x it)
+    --clip_ratio_c=0                                       no dual clip (default 3: an A < 0 token's loss <= -3A)
+    --tis_cap=2  [--tis_mode=mask]                         truncated (masked) importance sampling pi_old / pi_engine
+    --policy_loss=gspo                                     GSPO: sequence ratio, its own clip (--gspo_clip_low/high)
+    --kl_type=low_var_kl   (k1 | k2 | abs | k3)            KL estimator (default k3; verl's "k3" is low_var_kl)
+    --kl_in_reward=1                                       KL as a reward penalty instead of a loss term
+    --entropy_coef=1e-3                                    entropy bonus
+    --adv_estimator=rloo   (reinforce_plus_plus, _baseline) RLOO / REINFORCE++ (batch-whitened) advantages
     --ppo_epochs=2 --mini_batch=16                         several updates per rollout batch (pi_old != pi_theta)
 Resume after an interruption (same command plus):
     --resume=1            # continues from out_dir/latest: same next prompts, same rollouts, same next loss
@@ -59,8 +69,9 @@ Design choices (and the traps they avoid):
   * --loop=naive: every rollout request carries its own freshly encoded video (G encodes + G prefills per prompt,
     decode still batched), and the old/ref prefills and training forwards take pixels; vision_passes in metrics.jsonl.
 
-Outputs in out_dir: metrics.jsonl (one row per step: reward/accuracy/format, KL, clip fraction, entropy, time split
-encode/rollout/prefill/train/sync, vision_passes, ...; val_* every eval_every), config.json, step_NNNNNN/ (sharded
+Outputs in out_dir: metrics.jsonl (one row per step: reward/accuracy/format, KL, clip fractions, entropy, the
+rollout/trainer mismatch tis_mismatch_mean/max and tis_trunc_frac, time split encode/rollout/prefill/train/sync,
+vision_passes, ...; val_* every eval_every), config.json, step_NNNNNN/ (sharded
 DCP checkpoints), latest, and hf/ (a standard HF checkpoint + processor).
 """
 import json
@@ -104,7 +115,8 @@ max_new_tokens = 256        # response budget (also Dr. GRPO's constant normalis
 ppo_epochs = 1              # passes over each rollout batch
 mini_batch = 0              # sequences per optimizer update, global; 0 = the whole step's batch (one update/epoch)
 recompute_old = True        # old-policy log-probs by a no-grad prefill (as the paper's system); False reuses
-                            # logp.detach() when there is one update per batch (pi_old = pi_theta, one forward less)
+                            # logp.detach() when there is one update per batch (pi_old = pi_theta, one forward less;
+                            # --kl_in_reward needs pi_old before the update: the prefill runs regardless)
 lr = 1e-6                   # paper release; constant after warmup
 warmup_steps = 0
 weight_decay = 1e-2
@@ -113,9 +125,26 @@ beta2 = 0.999
 grad_clip = 1.0
 clip_low = 0.2              # ratio clipped to [1 - clip_low, 1 + clip_high]
 clip_high = 0.3             # paper release 0.3 ("clip-higher"; DAPO 0.28)
-kl_coef = 1e-2              # k3 KL to the reference model; 0 = no reference model at all
-agg = "token-mean"          # token-mean | seq-mean | seq-mean-token-sum (Dr. GRPO)
-adv_norm = "std"            # std: (r - mean) / (std + eps) | none: r - mean (Dr. GRPO)
+clip_ratio_c = 3.0          # dual clip (verl clip_ratio_c, EasyR1 clip_ratio_dual, TRL delta): a negative-advantage
+                            # token's loss is capped at -A * c (> 1; 0 = off); the paper release's and verl's 3.0
+policy_loss = "vanilla"     # vanilla: per-token ratio | gspo: the sequence's length-normalised ratio (GSPO; verl
+                            # policy_loss.loss_mode=gspo, TRL importance_sampling_level="sequence")
+gspo_clip_low = 3e-4        # --policy_loss=gspo: its own clip range (the GSPO paper's 3e-4 / 4e-4), not clip_low/high
+gspo_clip_high = 4e-4
+kl_coef = 1e-2              # KL to the reference model; 0 = no reference model at all
+kl_type = "k3"              # k1 (kl) | abs | k2 (mse) | k3 | low_var_kl (k3 clamped as verl; verl's "k3") -- kl_penalty
+kl_in_reward = False        # KL as a reward penalty (verl use_kl_in_reward): each response's reward minus kl_coef *
+                            # its summed KL(pi_old || ref), before the advantages; no KL loss term
+entropy_coef = 0.0          # entropy bonus (verl entropy_coeff): loss -= entropy_coef * agg(token entropy)
+agg = "token-mean"          # verl loss_agg_mode: token-mean | seq-mean-token-sum | seq-mean-token-mean |
+                            # seq-mean-token-sum-norm (Dr. GRPO, normaliser max_new_tokens); grpo_loss has the formulas
+adv_estimator = "grpo"      # grpo | dr_grpo | rloo | reinforce_plus_plus | reinforce_plus_plus_baseline (verl names)
+adv_norm = "std"            # grpo: std: (r - mean) / (std + eps) | none: r - mean (verl norm_adv_by_std_in_grpo)
+tis_cap = 0.0               # rollout/trainer mismatch correction: the policy-gradient term of each token weighted by
+                            # min(pi_old / pi_rollout, tis_cap), pi_rollout the engine's sampled-token log-probs (TIS;
+                            # verl tis_imp_ratio_cap, TRL vllm_importance_sampling_cap); 0 = off (the mismatch is
+                            # logged either way)
+tis_mode = "truncate"       # truncate: min(w, cap) | mask: w, or 0 where w > cap (TRL token_mask, "MIS")
 dynamic_sampling = False    # drop groups whose rewards are all equal and draw more prompts to refill
 max_sample_rounds = 3       # dynamic sampling: at most this many prompt draws per step
 reward_acc_weight = 0.9     # total reward = acc_weight * accuracy + format_weight * format (paper release)
@@ -148,79 +177,192 @@ phase_timeout = 3600.0      # seconds one phase may take; past it every rank dum
                             # and the job ends, instead of hanging without a word
 check_phases = True         # ranks compare phase fingerprints (one small all-gather per phase) and fail loudly
 
-AGGS = ("token-mean", "seq-mean", "seq-mean-token-sum")
+# verl's names (loss_agg_mode, kl_penalty, adv_estimator, policy_loss.loss_mode) and scales; the README's ablation
+# table maps each to TRL's loss_type / flags
+AGGS = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+AGG_RENAMED = {"seq-mean": "seq-mean-token-mean"}   # this repo's old name -> verl's (the same loss)
+KL_TYPES = ("k1", "kl", "abs", "k2", "mse", "k3", "low_var_kl")
+ADV_ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_plus_plus", "reinforce_plus_plus_baseline")
+POLICY_LOSSES = ("vanilla", "gspo")
+TIS_MODES = ("truncate", "mask")
 
 
 # -----------------------------------------------------------------------------
-# GRPO math (public API: users copy these three)
-def group_advantages(rewards, group_size, norm="std", eps=1e-6):
-    """(N,) rewards, N = groups * group_size, each group's G rollouts contiguous -> (N,) advantages.
-    norm "std": (r - group mean) / (group std + eps), std with Bessel's correction (as TRL / verl);
-    norm "none": r - group mean (Dr. GRPO). A group whose rewards are all equal gets exactly 0: no signal, and no
-    0/eps blow-up from the rounding of its mean (mean(0.1, 0.1, 0.1) != 0.1 in float)."""
-    r = torch.as_tensor(rewards, dtype=torch.float32)
+# GRPO math (public API: users copy these four)
+def group_advantages(rewards, group_size, norm="std", eps=1e-6, estimator="grpo", lengths=None):
+    """(N,) rewards, N = groups * group_size, each group's G rollouts contiguous -> (N,) advantages, one per response
+    (shared by its tokens). estimator, by verl's adv_estimator names:
+      "grpo"     (r - group mean) / (group std + eps), std with Bessel's correction (verl, TRL); norm "none": r - mean
+                 (verl norm_adv_by_std_in_grpo=False, TRL scale_rewards="none")
+      "dr_grpo"  r - group mean (Dr. GRPO's advantage; = grpo with norm "none")
+      "rloo"     r - mean of the group's OTHER G-1 rewards = G/(G-1) (r - group mean) (verl rloo, TRL RLOOTrainer)
+      "reinforce_plus_plus"           no group baseline: r whitened over the BATCH, (r - mu) / sqrt(var + 1e-8), mu and
+                 the unbiased var over every response token (verl's masked_whiten of the gamma=1 returns: response i
+                 counts lengths[i] times; lengths None = once each)
+      "reinforce_plus_plus_baseline"  r - group mean, then the same batch whitening
+    The batch estimators see only the rows passed in: rl.py passes the whole step's batch (all DP ranks).
+    Under grpo / dr_grpo / rloo a group whose rewards are all equal gets exactly 0: no signal, and no 0/eps blow-up
+    from the rounding of its mean (mean(0.1, 0.1, 0.1) != 0.1 in float). Float64 rewards stay float64."""
+    r = torch.as_tensor(rewards)
+    r = r if r.dtype == torch.float64 else r.float()
     if group_size < 1 or r.numel() % group_size:
         raise ValueError(f"group_advantages: {r.numel()} rewards do not split into groups of {group_size}")
     if norm not in ("std", "none"):
         raise ValueError(f"group_advantages: norm={norm!r}, expected 'std' or 'none'")
+    if estimator not in ADV_ESTIMATORS:
+        raise ValueError(f"group_advantages: estimator={estimator!r}, expected one of {ADV_ESTIMATORS}")
     g = r.view(-1, group_size)                                         # (groups, G)
-    adv = g - g.mean(-1, keepdim=True)
-    if norm == "std" and group_size > 1:
-        adv = adv / (g.std(-1, keepdim=True) + eps)
+    G, mean = group_size, g.mean(-1, keepdim=True)
     same = g.max(-1, keepdim=True).values == g.min(-1, keepdim=True).values
-    return torch.where(same, torch.zeros_like(adv), adv).view(-1)
+    if estimator == "reinforce_plus_plus":
+        return _batch_whiten(r, lengths)
+    adv = g - mean
+    if estimator == "grpo" and norm == "std" and G > 1:
+        adv = adv / (g.std(-1, keepdim=True) + eps)
+    elif estimator == "rloo" and G > 1:
+        adv = g * G / (G - 1) - mean * G / (G - 1)                     # verl's form: r - (sum - r) / (G - 1)
+    adv = torch.where(same, torch.zeros_like(adv), adv).view(-1)
+    return _batch_whiten(adv, lengths) if estimator == "reinforce_plus_plus_baseline" else adv
+
+
+def _batch_whiten(x, lengths=None):
+    """verl_F.masked_whiten of per-response values repeated over their tokens: (x - mu) * rsqrt(var + 1e-8), mu and
+    the unbiased var over all tokens (response i weighs lengths[i]); fewer than 2 tokens -> zeros."""
+    w = torch.ones_like(x) if lengths is None else torch.as_tensor(lengths, dtype=x.dtype)
+    n = w.sum()
+    if n < 2:
+        return torch.zeros_like(x)
+    mu = (w * x).sum() / n
+    var = (w * (x - mu) ** 2).sum() / n * (n / (n - 1))                # Bessel's correction, as masked_var
+    return (x - mu) * torch.rsqrt(var + 1e-8)
+
+
+def kl_penalty(logp, ref_logp, kind="k3"):
+    """Per-token KL(policy || reference) estimate at the sampled tokens, by verl's kl_penalty names:
+      "k1" / "kl"   logp - ref                              (unbiased, can be negative)
+      "abs"         |logp - ref|
+      "k2" / "mse"  (logp - ref)^2 / 2
+      "k3"          exp(ref - logp) - (ref - logp) - 1      (>= 0; TRL's GRPO KL; this repo's only one before)
+      "low_var_kl"  k3 with ref - logp clamped to [-20, 20] and the result to [-10, 10] (verl's low_var_kl -- which
+                    verl also calls "k3": a verl "k3" config is --kl_type=low_var_kl here; they differ only past
+                    those clamps)"""
+    d = logp - ref_logp
+    if kind in ("k1", "kl"):
+        return d
+    if kind == "abs":
+        return d.abs()
+    if kind in ("k2", "mse"):
+        return 0.5 * d.square()
+    if kind == "k3":
+        return torch.exp(-d) + d - 1.0
+    if kind == "low_var_kl":
+        x = (-d).clamp(-20.0, 20.0)
+        return (torch.exp(x) - x - 1.0).clamp(-10.0, 10.0)
+    raise ValueError(f"kl_penalty: kind={kind!r}, expected one of {KL_TYPES}")
 
 
 def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_low=0.2, clip_high=0.2, kl_coef=0.0,
-              agg="token-mean", normalizer=None):
-    """Clipped-ratio GRPO objective with an optional k3 KL penalty.
+              agg="token-mean", clip_ratio_c=0.0, policy_loss="vanilla", kl_type="k3", entropy=None,
+              entropy_coef=0.0, rollout_logp=None, tis_cap=0.0, tis_mode="truncate", batch_num_tokens=None,
+              global_batch_size=None, loss_scale_factor=None):
+    """Clipped-ratio policy loss (verl's compute_policy_loss_vanilla / _gspo + agg_loss, TRL's GRPOTrainer loss)
+    with an optional KL term and entropy bonus.
 
-    logp (B, T) current policy log-probs of the sampled tokens (carries the gradient); old_logp, ref_logp (B, T)
-    (ref_logp may be None when kl_coef is 0); advantages (B,); mask (B, T) bool, the response tokens.
-    Per token: rho = exp(logp - old); l = -min(rho*A, clip(rho, 1-clip_low, 1+clip_high)*A) + kl_coef * KL,
-    KL = exp(ref - logp) - (ref - logp) - 1 (k3, >= 0).
-    agg: "token-mean"          sum of l over all tokens / normalizer (default: this batch's token count);
-         "seq-mean"            sum over sequences of (token mean of l) / normalizer (default B);
-         "seq-mean-token-sum"  sum of l over all tokens / normalizer (default B * T: a constant length, Dr. GRPO).
-    normalizer: the GLOBAL denominator when a batch is split into micro-batches / ranks (each part passes the same
-    number, so the parts' gradients add up to the whole batch's).
+    logp (B, T) current policy log-probs of the sampled tokens (carries the gradient); old_logp (B, T); ref_logp
+    (B, T) or None (needed when kl_coef > 0; also gives the kl stat); advantages (B,); mask (B, T) bool, the
+    response tokens; entropy (B, T) the policy's per-token entropies (with gradient) when entropy_coef != 0;
+    rollout_logp (B, T) the rollout engine's log-probs of the sampled tokens (TIS, and the mismatch stats).
+    Per token, rho = exp(logp - old):
+      vanilla  l = max(-A*rho, -A*clip(rho, 1-clip_low, 1+clip_high)); dual clip (clip_ratio_c = c > 1, verl's
+               clip_ratio_c, TRL's delta): for A < 0, l = min(l, -A*c). 0 = off.
+      gspo     rho_i = exp(mean over response i of (logp - old)), the same for its tokens; per token
+               exp(sg[log rho_i] + logp - sg[logp]) (value rho_i, gradient rho_i * grad logp_t), log clamped at 10;
+               then the vanilla clip without dual clip; aggregated "seq-mean-token-mean" whatever `agg` (as verl)
+      TIS      (tis_cap > 0) l *= w, w = pi_old / pi_rollout = exp(old - rollout) per token, "truncate": min(w, cap)
+               (verl tis_imp_ratio_cap, TRL vllm_importance_sampling_mode="token_truncate"), "mask": w, or 0 where
+               w > cap (TRL "token_mask"). Only the policy-gradient term is weighted.
+    loss = agg(l) + kl_coef * agg(kl_penalty(logp, ref, kl_type)) - entropy_coef * agg(entropy).
+    agg (verl's loss_agg_mode; n_i = response i's token count; the denominators default to this batch's):
+      "token-mean"               sum l / batch_num_tokens                       TRL "dapo" ("bnpo" per micro-batch)
+      "seq-mean-token-sum"       sum_i (sum_t l) / global_batch_size            (no TRL equivalent)
+      "seq-mean-token-mean"      sum_i (sum_t l / n_i) / global_batch_size      TRL "grpo"
+      "seq-mean-token-sum-norm"  sum l / (global_batch_size * loss_scale_factor) TRL "dr_grpo" (Dr. GRPO)
+    batch_num_tokens, global_batch_size (sequences, empty ones included), loss_scale_factor (default T; rl.py: the
+    generation budget): the GLOBAL numbers when a batch is split into micro-batches / ranks -- every part passes the
+    same ones, so the parts' losses and gradients add up to the whole batch's (verl's global-batch agg_loss).
     -> (loss, stats) with stats (detached, token means over the mask): clip_frac (tokens where the clipped term is
-       the active one), kl, ratio_mean, pg_loss (the loss without the KL term, same aggregation), tokens."""
+       the active one), clip_frac_lower (dual clip active), kl, ratio_mean, pg_loss (the policy-gradient term alone),
+       tokens; with rollout_logp: tis_mismatch_mean / tis_mismatch_max (|log pi_old - log pi_rollout|),
+       tis_trunc_frac (w > tis_cap); with entropy: entropy."""
     if agg not in AGGS:
-        raise ValueError(f"grpo_loss: agg={agg!r}, expected one of {AGGS}")
+        hint = f" (renamed: verl's name is {AGG_RENAMED[agg]!r})" if agg in AGG_RENAMED else ""
+        raise ValueError(f"grpo_loss: agg={agg!r}, expected one of {AGGS}{hint}")
+    if policy_loss not in POLICY_LOSSES or tis_mode not in TIS_MODES:
+        raise ValueError(f"grpo_loss: policy_loss={policy_loss!r} / tis_mode={tis_mode!r}, expected one of "
+                         f"{POLICY_LOSSES} / {TIS_MODES}")
     if kl_coef and ref_logp is None:
         raise ValueError("grpo_loss: kl_coef > 0 needs ref_logp")
+    if entropy_coef and entropy is None:
+        raise ValueError("grpo_loss: entropy_coef != 0 needs entropy")
+    if tis_cap and rollout_logp is None:
+        raise ValueError("grpo_loss: tis_cap > 0 needs rollout_logp")
     m = mask.bool()
+    B, T = m.shape
     # masked slots may hold anything (padding, -inf): zero them first, or 0 * inf poisons the gradient
     logp = torch.where(m, logp, 0.0)
-    old = torch.where(m, old_logp.to(logp.dtype), 0.0).detach()
+    given = lambda x: torch.where(m, x.to(logp.dtype), 0.0).detach()   # noqa: E731  (no gradient through these)
+    old = given(old_logp)
     A = advantages.to(logp.dtype).detach()[:, None]                  # (B, 1): one advantage per response
-    ratio = torch.exp(logp - old)                                     # (B, T)
+    n_i = m.sum(-1)                                                   # (B,) response lengths
+
+    def aggregate(x, mode):
+        x = torch.where(m, x, 0.0)
+        seqs = B if global_batch_size is None else global_batch_size
+        if mode == "token-mean":
+            return x.sum() / (m.sum().clamp(min=1) if batch_num_tokens is None else batch_num_tokens)
+        if mode == "seq-mean-token-mean":                             # an empty response counts, with loss 0
+            return (x.sum(-1) / n_i.clamp(min=1)).sum() / seqs
+        if mode == "seq-mean-token-sum":
+            return x.sum() / seqs
+        return x.sum() / (seqs * (T if loss_scale_factor is None else loss_scale_factor))   # -norm: Dr. GRPO
+
+    log_ratio = logp - old                                            # (B, T)
+    if policy_loss == "gspo":                                         # the sequence's length-normalised ratio
+        seq = log_ratio.sum(-1, keepdim=True) / n_i.clamp(min=1)[:, None]
+        log_ratio = (logp - logp.detach() + seq.detach()).clamp(max=10.0)
+    ratio = torch.exp(log_ratio)
     pg1 = -A * ratio
     pg2 = -A * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
     pg = torch.maximum(pg1, pg2)                                      # = -min(rho*A, clip(rho)*A)
-    kl = None
-    if ref_logp is not None:
-        d = torch.where(m, ref_logp.to(logp.dtype), 0.0).detach() - logp
-        kl = torch.exp(d) - d - 1.0                                   # (B, T) k3 estimator
-    per_tok = pg + kl_coef * kl if kl_coef else pg
-
-    def aggregate(x):
-        x = torch.where(m, x, 0.0)
-        if agg == "seq-mean":
-            per_seq = x.sum(-1) / m.sum(-1).clamp(min=1)
-            return per_seq.sum() / (x.shape[0] if normalizer is None else normalizer)
-        if agg == "token-mean":
-            return x.sum() / (m.sum().clamp(min=1) if normalizer is None else normalizer)
-        return x.sum() / (x.shape[0] * x.shape[1] if normalizer is None else normalizer)
-
-    loss = aggregate(per_tok)
+    lower = torch.zeros_like(m)
+    if clip_ratio_c and policy_loss == "vanilla":                     # dual clip: a negative-advantage token's
+        pg3 = -A * clip_ratio_c                                       # loss is capped at -A*c (ratio beyond c:
+        lower = (pg > pg3) & (A < 0)                                  # no gradient)
+        pg = torch.where(A < 0, torch.minimum(pg, pg3), pg)
+    if rollout_logp is not None:
+        gap = old - given(rollout_logp)                               # log(pi_old / pi_rollout)
+        w = torch.exp(gap)
+        trunc = (w > tis_cap) if tis_cap else torch.zeros_like(m)
+        if tis_cap:                                                   # truncated / masked importance sampling
+            pg = pg * (w.clamp(max=tis_cap) if tis_mode == "truncate" else torch.where(trunc, 0.0, w))
+    pg_loss = aggregate(pg, "seq-mean-token-mean" if policy_loss == "gspo" else agg)
+    loss = pg_loss
+    kl = kl_penalty(logp, given(ref_logp), kl_type) if ref_logp is not None else None
+    if kl_coef:
+        loss = loss + kl_coef * aggregate(kl, agg)
+    if entropy_coef:
+        loss = loss - entropy_coef * aggregate(entropy.to(logp.dtype), agg)   # the bonus: higher entropy, lower loss
     with torch.no_grad():
         n = m.sum()
-        tmean = lambda x: torch.where(m, x, 0.0).sum() / n.clamp(min=1)
-        stats = dict(clip_frac=tmean((pg2 > pg1).to(logp.dtype)), ratio_mean=tmean(ratio),
+        tmean = lambda x: torch.where(m, x.to(logp.dtype), 0.0).sum() / n.clamp(min=1)   # noqa: E731
+        stats = dict(clip_frac=tmean(pg2 > pg1), clip_frac_lower=tmean(lower), ratio_mean=tmean(ratio),
                      kl=tmean(kl) if kl is not None else torch.zeros((), dtype=logp.dtype),
-                     pg_loss=aggregate(pg), tokens=n)
+                     pg_loss=pg_loss.detach(), tokens=n)
+        if rollout_logp is not None:
+            stats.update(tis_mismatch_mean=tmean(gap.abs()), tis_trunc_frac=tmean(trunc),
+                         tis_mismatch_max=torch.where(m, gap.abs(), 0.0).amax() if B * T else tmean(gap))
+        if entropy is not None:
+            stats["entropy"] = tmean(entropy)
     return loss, stats
 
 
@@ -335,8 +477,8 @@ def balance_groups(kept, drawn, per_rank, dp_group=None):
 def logprobs(model, item, videos, mesh, from_cache, entropy=False):
     """(L,) log-probs of an item's response tokens (and their entropies) by the SP prefill, at the rollout
     temperature; the video from the cache (from_cache: its embeddings) or from pixels (the vision tower runs inside
-    this forward). Every rank of the SP group gets the same values; every rank of the mesh must call this equally
-    often (FSDP)."""
+    this forward). entropy: True (no grad) or "grad" (with gradient, for --entropy_coef). Every rank of the SP group
+    gets the same values; every rank of the mesh must call this equally often (FSDP)."""
     v = videos[item["video"]]
     seq = dict(item, embeds=v["embeds"]) if from_cache else dict(item, pixel_values_videos=v["pixel_values_videos"])
     with autocast(next(model.parameters()).device):
@@ -355,41 +497,53 @@ def prefill(model, items, videos, mesh, from_cache):
 
 
 def update(policy, opt, params, items, videos, adv, old, ref, mesh, from_cache, first_epoch):
-    """ONE optimizer update on a mini-batch: per-sequence forward + backward (the global normaliser makes them add
+    """ONE optimizer update on a mini-batch: per-sequence forward + backward (the global denominators make them add
     up to the whole mini-batch's gradient), clip, step. items: this rank's sequences -- the SAME count on every DP rank
     (FSDP collectives run in lockstep); padding items (weight 0) run forward and backward but add nothing to the
-    loss, the normaliser or the stats. adv (n,); old: list of (L_i,) or None (pi_old = pi_theta: logp.detach(), one
-    update per batch); ref: list or None. first_epoch: also measure entropy and the engine / trainer log-prob gap.
-    -> dict of this rank's sums: loss, clip, kl, ratio (token-weighted), ent, gap (epoch 0), tokens, tokens0,
-       grad_norm."""
+    loss, the denominators or the stats. adv (n,); old: list of (L_i,) or None (pi_old = pi_theta: logp.detach(), one
+    update per batch); ref: list or None. first_epoch: also measure entropy and the engine / trainer mismatch
+    (tis_*: old vs the engine's log-probs, fixed for the batch). --entropy_coef: entropies with gradient, every epoch.
+    -> dict of this rank's sums: loss, clip, clip_lower, kl, ratio (token-weighted), ent, gap, tis_trunc (epoch 0),
+       tokens, tokens0, grad_norm; gap_max (a max)."""
     device = next(policy.parameters()).device
-    # the loss denominator, summed over the DP ranks (a sync point): the SAME global number for every sequence
+    # the loss denominators, summed over the DP ranks (a sync point): the SAME global numbers for every sequence
     real = [it for it in items if it["weight"] > 0]
     tot = reduce_sum(dict(tokens=sum(int(it["loss_mask"].sum()) for it in real), seqs=len(real)), mesh.dp_group)
-    norm = {"token-mean": max(tot["tokens"], 1.0), "seq-mean": max(tot["seqs"], 1.0)}.get(
-        agg, max(tot["seqs"], 1.0) * max_new_tokens)        # Dr. GRPO: a constant length (the generation budget)
-    acc = dict(loss=0.0, clip=0.0, kl=0.0, ratio=0.0, ent=0.0, gap=0.0, tokens=0.0, tokens0=0.0)
+    denominators = dict(batch_num_tokens=max(tot["tokens"], 1.0), global_batch_size=max(tot["seqs"], 1.0),
+                        loss_scale_factor=max_new_tokens)   # Dr. GRPO: a constant length (the generation budget)
+    gspo = policy_loss == "gspo"
+    kw = dict(clip_low=gspo_clip_low if gspo else clip_low, clip_high=gspo_clip_high if gspo else clip_high,
+              kl_coef=0.0 if kl_in_reward else kl_coef, agg=agg, clip_ratio_c=clip_ratio_c, policy_loss=policy_loss,
+              kl_type=kl_type, entropy_coef=entropy_coef, tis_cap=tis_cap, tis_mode=tis_mode, **denominators)
+    acc = dict(loss=0.0, clip=0.0, clip_lower=0.0, kl=0.0, ratio=0.0, ent=0.0, gap=0.0, gap_max=0.0, tis_trunc=0.0,
+               tokens=0.0, tokens0=0.0)
     with fsdp_gathered(policy, keep_gathered) as grad_sync:
         for k, it in enumerate(items):
-            lp, ent = logprobs(policy, it, videos, mesh, from_cache, entropy=first_epoch)
+            lp, ent = logprobs(policy, it, videos, mesh, from_cache,
+                               entropy="grad" if entropy_coef else first_epoch)
+            assert not entropy_coef or ent.requires_grad   # the bonus's gradient flows through the entropies
             o = lp.detach() if old is None else old[k].to(device)
             r = ref[k].to(device) if ref is not None else None
             L = lp.numel()
             loss, st = grpo_loss(lp[None], o[None], r[None] if r is not None else None, adv[k:k + 1].to(device),
-                                 torch.ones(1, L, dtype=torch.bool, device=device), clip_low=clip_low,
-                                 clip_high=clip_high, kl_coef=kl_coef, agg=agg, normalizer=norm)
+                                 torch.ones(1, L, dtype=torch.bool, device=device),
+                                 entropy=ent[None] if entropy_coef else None,
+                                 rollout_logp=it["engine_logp"].to(device)[None], **kw)
             grad_sync(last=k == len(items) - 1)   # one reduce-scatter per mini-batch, after its last backward
             (loss * it["weight"]).backward()       # weight 0 (padding): the backward's collectives still run
             if not it["weight"]:
                 continue
             acc["loss"] += loss.item()
             acc["clip"] += st["clip_frac"].item() * L     # over every update (epoch 0 alone has ratio 1)
+            acc["clip_lower"] += st["clip_frac_lower"].item() * L
             acc["kl"] += st["kl"].item() * L
             acc["ratio"] += st["ratio_mean"].item() * L
             acc["tokens"] += L
             if first_epoch:                                # the rollout policy's own numbers
-                acc["ent"] += ent.sum().item()
-                acc["gap"] += (o.cpu() - it["engine_logp"]).abs().sum().item()
+                acc["ent"] += ent.detach().sum().item()
+                acc["gap"] += st["tis_mismatch_mean"].item() * L      # |log pi_old - log pi_engine|
+                acc["gap_max"] = max(acc["gap_max"], st["tis_mismatch_max"].item())
+                acc["tis_trunc"] += st["tis_trunc_frac"].item() * L
                 acc["tokens0"] += L
     acc["grad_norm"] = clip_grad(params, grad_clip)
     opt.step()
@@ -397,12 +551,80 @@ def update(policy, opt, params, items, videos, adv, old, ref, mesh, from_cache, 
     return acc
 
 
+def batch_advantages(groups, old, ref, dp_group=None):
+    """Step 3: the advantages of this rank's trained groups (n,) and their summed reward KL penalty (--kl_in_reward).
+    groups: dicts with responses (each total, tokens) and weight (0: DP padding, advantage 0); old / ref: the
+    prefills' log-probs, one (L_i,) per response in order (used with --kl_in_reward only). With --kl_in_reward each
+    response's reward is total - kl_coef * sum_t kl_penalty(old, ref, kl_type) (verl's token-level reward summed
+    over the response, as its outcome estimators do). The reinforce_plus_plus estimators whiten over the whole
+    step's batch: every DP rank's trained groups, gathered (a sync point)."""
+    rewards, lens, pen, k = [], [], 0.0, 0
+    for g in groups:
+        for r in g["responses"]:
+            x = r["total"]
+            if kl_in_reward and g["weight"]:
+                kl_sum = kl_penalty(old[k], ref[k], kl_type).sum().item()
+                x, pen = x - kl_coef * kl_sum, pen + kl_sum
+            rewards.append(x)
+            lens.append(len(r["tokens"]))
+            k += 1
+    trained = [i for i, g in enumerate(groups) if g["weight"]]
+    G = group_size
+    pick = lambda xs: [x for i in trained for x in xs[i * G:(i + 1) * G]]   # noqa: E731
+    mine_r, mine_l = pick(rewards), pick(lens)
+    batch_r, batch_l, offset = mine_r, mine_l, 0
+    if adv_estimator.startswith("reinforce_plus_plus") and dp_group is not None:
+        parts = [None] * dist.get_world_size(dp_group)
+        dist.all_gather_object(parts, (mine_r, mine_l), group=dp_group)
+        offset = sum(len(p[0]) for p in parts[:dist.get_rank(dp_group)])
+        batch_r, batch_l = [x for p in parts for x in p[0]], [x for p in parts for x in p[1]]
+    a = (group_advantages(torch.tensor(batch_r, dtype=torch.float32), G, adv_norm, estimator=adv_estimator,
+                          lengths=batch_l)
+         if batch_r else torch.zeros(0))[offset:offset + len(mine_r)]
+    adv = torch.zeros(len(rewards))
+    for j, i in enumerate(trained):
+        adv[i * G:(i + 1) * G] = a[j * G:(j + 1) * G]
+    return adv, pen
+
+
 def check_config():
-    """Flag errors that need no model: clear messages naming the flag and value."""
+    """Flag errors that need no model: clear messages naming the flag and value. Also maps this repo's old --agg name
+    to verl's (with a note), so config.json records the name in force."""
+    global agg
+    if agg in AGG_RENAMED:
+        print0(f"note: --agg={agg} is now --agg={AGG_RENAMED[agg]} (verl's name, the same loss)")
+        agg = AGG_RENAMED[agg]
+    elif agg == "seq-mean-token-sum":
+        print0("note: --agg=seq-mean-token-sum is verl's: each response's token SUM, averaged over responses -- "
+               "max_new_tokens times the loss this repo's old seq-mean-token-sum gave; that one (Dr. GRPO) is now "
+               "--agg=seq-mean-token-sum-norm")
     if agg not in AGGS:
         raise SystemExit(f"--agg={agg}: expected one of {', '.join(AGGS)}")
     if adv_norm not in ("std", "none"):
         raise SystemExit(f"--adv_norm={adv_norm}: expected std or none")
+    if adv_estimator not in ADV_ESTIMATORS:
+        raise SystemExit(f"--adv_estimator={adv_estimator}: expected one of {', '.join(ADV_ESTIMATORS)}")
+    if policy_loss not in POLICY_LOSSES:
+        raise SystemExit(f"--policy_loss={policy_loss}: expected one of {', '.join(POLICY_LOSSES)}")
+    if kl_type not in KL_TYPES:
+        raise SystemExit(f"--kl_type={kl_type}: expected one of {', '.join(KL_TYPES)}")
+    if tis_mode not in TIS_MODES:
+        raise SystemExit(f"--tis_mode={tis_mode}: expected one of {', '.join(TIS_MODES)}")
+    if clip_ratio_c and clip_ratio_c <= 1:
+        raise SystemExit(f"--clip_ratio_c={clip_ratio_c}: the dual-clip bound must be > 1 (verl's default 3.0), "
+                         f"or 0 for no dual clip")
+    if tis_cap and tis_cap < 1:
+        raise SystemExit(f"--tis_cap={tis_cap}: the importance-weight cap must be >= 1 (2 is usual), or 0 for no "
+                         f"correction")
+    if min(clip_low, clip_high, gspo_clip_low, gspo_clip_high) < 0 or max(clip_low, gspo_clip_low) >= 1:
+        raise SystemExit("--clip_low / --clip_high / --gspo_clip_low / --gspo_clip_high must be >= 0, the low ones "
+                         "< 1")
+    if kl_in_reward and kl_coef <= 0:
+        raise SystemExit("--kl_in_reward=1 needs --kl_coef > 0 (the penalty's coefficient; it loads the reference)")
+    if kl_in_reward and adv_estimator.startswith("reinforce_plus_plus"):
+        raise SystemExit(f"--kl_in_reward=1 with --adv_estimator={adv_estimator}: verl spreads the KL penalty "
+                         f"as a per-token reward-to-go there; rewards here are per response: use it with grpo, "
+                         f"dr_grpo or rloo, or put the KL in the loss (--kl_in_reward=0)")
     if engine not in ("hf", "vllm"):
         raise SystemExit(f"--engine={engine}: expected hf or vllm")
     if loop not in ("mrsp", "naive"):
@@ -422,8 +644,8 @@ def check_config():
 # -----------------------------------------------------------------------------
 if __name__ == "__main__":
     apply_overrides(globals(), sys.argv[1:])
-    cfg = config_of(globals())
     check_config()
+    cfg = config_of(globals())
     # where each forward's video comes from, decided once: the cached embeddings, or pixels (the vision tower runs
     # inside the forward). MR-SP takes the cache everywhere the tower that filled it is the right one: the old policy
     # always; the update and the reference only with a frozen tower (a trainable one needs its gradient, and the
@@ -588,34 +810,35 @@ if __name__ == "__main__":
             llm.sleep()   # GPU memory back to the trainer until the next rollouts
         kept, pad = balance_groups(kept, drawn, per_rank, mesh.dp_group)
 
-        # --- 2. rewards -> group advantages: A_i = (r_i - mean(r)) / (std(r) + eps) within each prompt's G rollouts,
-        # shared by every token of rollout i; padding groups (DP lockstep) train at weight 0
+        # --- 2. the sequences to train on (padding groups, DP lockstep, at weight 0), and their old-policy and
+        # reference log-probs: the SP prefill, no grad, at the rollout temperature
         taken = {id(g) for g in kept}
-        items, adv = [], []
-        for g in kept + pad:
-            w = float(id(g) in taken)
-            adv.append(w * group_advantages([r["total"] for r in g["responses"]], group_size, adv_norm))
-            items += [make_item(g["prompt"], r["tokens"], g["video"], r["logprobs"], weight=w) for r in g["responses"]]
-        adv = torch.cat(adv) if adv else torch.zeros(0)
-
-        # --- 3. old-policy and reference log-probs: the SP prefill, no grad, at the rollout temperature
+        groups = [dict(g, weight=float(id(g) in taken)) for g in kept + pad]
+        items = [make_item(g["prompt"], r["tokens"], g["video"], r["logprobs"], weight=g["weight"])
+                 for g in groups for r in g["responses"]]
         n, n_tok = len(items), sum(it["input_ids"].numel() for it in items)
         phase("prefill", step, mesh.sp_group, seqs=n, tokens=n_tok)   # FSDP: every rank the same sequence count
         t0 = tick()
         mb = n if mini_batch == 0 else max(1, mini_batch // mesh.dp_size)
         old = refs = None
-        if items and (recompute_old or ppo_epochs > 1 or mb < n):   # else pi_old = pi_theta: logp.detach()
-            old = prefill(policy, items, videos, mesh, old_from_cache)
+        if items and (recompute_old or ppo_epochs > 1 or mb < n or kl_in_reward):   # else pi_old = pi_theta:
+            old = prefill(policy, items, videos, mesh, old_from_cache)             # logp.detach()
             vision_passes += n * (not old_from_cache)
         if items and ref is not None:
             refs = prefill(ref, items, videos, mesh, ref_from_cache)
             vision_passes += n * (not ref_from_cache)
         t_prefill = tick() - t0
 
+        # --- 3. rewards -> advantages, one per response shared by its tokens; GRPO: A_i = (r_i - mean(r)) /
+        # (std(r) + eps) within each prompt's G rollouts (--adv_estimator for the others; --kl_in_reward subtracts
+        # the KL to the reference from the rewards first, which is why this follows the prefills)
+        adv, reward_kl = batch_advantages(groups, old, refs, mesh.dp_group)
+
         # --- 4. PPO update: ppo_epochs passes over the items in mini-batches, one optimizer update each
         phase("update", step, mesh.sp_group, seqs=n, tokens=n_tok)
         t0 = tick()
-        acc = dict(loss=0.0, clip=0.0, kl=0.0, ratio=0.0, ent=0.0, gap=0.0, tokens=0.0, tokens0=0.0, grad_norm=0.0)
+        acc = dict(loss=0.0, clip=0.0, clip_lower=0.0, kl=0.0, ratio=0.0, ent=0.0, gap=0.0, gap_max=0.0,
+                   tis_trunc=0.0, tokens=0.0, tokens0=0.0, grad_norm=0.0)
         updates = 0
         for epoch in range(n and ppo_epochs):   # the same item count on every rank: all train, or all skip
             shuffle = ppo_epochs > 1 or mb < n
@@ -625,7 +848,7 @@ if __name__ == "__main__":
                 pick = lambda xs: None if xs is None else [xs[i] for i in sel]   # noqa: E731
                 st = update(policy, opt, params, pick(items), videos, adv[sel], pick(old), pick(refs), mesh,
                             train_from_cache, first_epoch=epoch == 0)
-                acc = {k: acc[k] + st[k] for k in acc}
+                acc = {k: max(acc[k], st[k]) if k == "gap_max" else acc[k] + st[k] for k in acc}
                 updates += 1
                 vision_passes += len(sel) * (not train_from_cache)
         t_train = tick() - t0
@@ -654,9 +877,12 @@ if __name__ == "__main__":
                              fmt=sum(r["format"] for r in resp), len=sum(len(r["tokens"]) for r in resp),
                              cuts=sum(r["cut"] for r in resp), n=len(resp), drawn=len(drawn), kept=len(kept)),
                         mesh.dp_group)
-        tr = reduce_sum(dict(acc, seq_tokens=n_tok,
+        tr = reduce_sum(dict(acc, seq_tokens=n_tok, reward_kl=reward_kl,
                              vision=vision_passes * (mesh.sp_rank == 0)), mesh.dp_group)
         tr["vision"] = reduce_sum(dict(v=tr["vision"]), mesh.sp_group)["v"]
+        gap_max = torch.tensor([acc["gap_max"]], dtype=torch.float64)
+        if mesh.dp_group is not None:
+            dist.all_reduce(gap_max, op=dist.ReduceOp.MAX, group=mesh.dp_group)
         n_resp, ntok, ntok0 = max(rs["n"], 1.0), max(tr["tokens"], 1.0), max(tr["tokens0"], 1.0)
         row = dict(step=step + 1, reward_mean=rs["reward"] / n_resp, accuracy=rs["acc"] / n_resp,
                    format_rate=rs["fmt"] / n_resp, response_len=rs["len"] / n_resp, kl=tr["kl"] / ntok,
@@ -666,7 +892,12 @@ if __name__ == "__main__":
                    t_rollout=t["rollout"], t_prefill=t_prefill, t_train=t_train, t_sync=t_sync, step_time=dt,
                    vision_passes=int(tr["vision"]), t_checks=check_seconds(),
                    dropped_groups=int(rs["drawn"] - rs["kept"]), trained_groups=int(rs["kept"]), sample_rounds=rounds,
-                   video_pad_cuts=int(rs["cuts"]), updates=updates)
+                   video_pad_cuts=int(rs["cuts"]), updates=updates, clip_frac_lower=tr["clip_lower"] / ntok,
+                   # rollout / trainer mismatch |log pi_old - log pi_engine| (= logp_gap) and the TIS truncation
+                   tis_mismatch_mean=tr["gap"] / ntok0, tis_mismatch_max=gap_max.item(),
+                   tis_trunc_frac=tr["tis_trunc"] / ntok0)
+        if kl_in_reward:   # the penalty's KL(pi_old || ref), a token mean over the trained responses
+            row["reward_kl"] = tr["reward_kl"] / ntok0
         if cache is not None:
             row.update(cache_hits=cache.stats["hits"], cache_misses=cache.stats["misses"])
         if val and ((eval_every and (step + 1) % eval_every == 0) or step + 1 == steps):

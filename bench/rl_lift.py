@@ -46,7 +46,7 @@ max_new_tokens = 80
 temperature = 1.0             # rollouts and the held-out samples
 samples = 8                   # held-out answers per question (avg@N)
 splits = "val"                # held-out splits under --data, comma-separated: "val,test" doubles the questions
-rl_args = ""                  # extra rl.py flags, e.g. "--kl_coef=0.01 --agg=seq-mean-token-sum"
+rl_args = ""                  # extra rl.py flags, e.g. "--kl_coef=0.01 --agg=seq-mean-token-sum-norm"
 apply_overrides(globals(), sys.argv[1:])
 cfg = config_of(globals())
 # -----------------------------------------------------------------------------

@@ -84,9 +84,11 @@ def _reference_loss(logp, old, ref, adv, mask, cl, ch, beta, agg):
         seq_lens.append(n)
     if agg == "token-mean":
         loss = sum(seq_sums) / sum(seq_lens)
-    elif agg == "seq-mean":
+    elif agg == "seq-mean-token-mean":
         loss = sum(s / max(n, 1) for s, n in zip(seq_sums, seq_lens)) / B
-    else:
+    elif agg == "seq-mean-token-sum":
+        loss = sum(seq_sums) / B
+    else:                                              # seq-mean-token-sum-norm (Dr. GRPO)
         loss = sum(seq_sums) / (B * T)
     return loss, clipped / sum(seq_lens), (sum(kls) / len(kls) if kls else 0.0)
 
@@ -139,12 +141,12 @@ def test_grpo_loss_global_normaliser_splits_exactly(agg):
     whole, _ = rl.grpo_loss(whole_lp, old, ref, adv, mask, **kw)
     whole.backward()
     B, T = logp.shape
-    norm = {"token-mean": mask.sum().item(), "seq-mean": B, "seq-mean-token-sum": B * T}[agg]
+    norm = dict(batch_num_tokens=mask.sum().item(), global_batch_size=B, loss_scale_factor=T)
     parts_lp = logp.clone().requires_grad_(True)
     total = 0.0
     for i in range(B):
         li, _ = rl.grpo_loss(parts_lp[i:i + 1], old[i:i + 1], ref[i:i + 1], adv[i:i + 1], mask[i:i + 1],
-                             normalizer=norm, **kw)
+                             **norm, **kw)
         li.backward()
         total += li.item()
     assert abs(total - whole.item()) <= 1e-6
