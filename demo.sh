@@ -60,8 +60,10 @@ if [ -z "$USER_MODEL" ]; then
   x python prepare.py --out="$DATA"
   MODEL=$OUT/tiny
   stamp "2/7 tiny Qwen2.5-VL checkpoint -> $MODEL"
-  # 8 heads / rope base 1e4: the variant that learned to read the synthetic videos in our runs (BENCHMARKS.md)
-  [ -f "$MODEL/config.json" ] || x python prepare.py --tiny="$MODEL" --data="$DATA" --tiny_heads=8 --tiny_rope_theta=1e4
+  # 8 heads (head_dim 16) and rope base 3: the M-RoPE frequencies then resolve this model's own position grid (8
+  # temporal patches x 2x2 tokens); at Qwen's base (1e6, or 1e4) its few frequencies per axis are too slow to tell
+  # neighbouring tokens apart, and whether SFT learns becomes a lottery (BENCHMARKS.md, "Why SFT learning is fragile")
+  [ -f "$MODEL/config.json" ] || x python prepare.py --tiny="$MODEL" --data="$DATA" --tiny_heads=8 --tiny_rope_theta=3
 fi
 TRAIN=${TRAIN:-$DATA/train.jsonl}
 VAL=${VAL:-$DATA/val.jsonl}
@@ -101,7 +103,7 @@ x $RUN $SAMPLED --model="$OUT/rl/hf" --out_dir="$OUT/eval/rl_sampled"
 
 stamp "results (held-out test split, $FRAMES frames per video, greedy)"
 x python eval.py --stages "before SFT=$OUT/eval/base" "after SFT=$OUT/eval/sft" "after RL=$OUT/eval/rl" \
-  --reward_curve="$OUT/rl/metrics.jsonl"
-stamp "RL's objective: held-out test split, 8 sampled answers per question at T=1 (avg@8; bench/rl_lift.py: CIs)"
-x python eval.py --stages "after SFT=$OUT/eval/sft_sampled" "after RL=$OUT/eval/rl_sampled"
+  --reward_curve="$OUT/rl/metrics.jsonl" --checks=chance
+stamp "RL's objective: held-out test split, 8 sampled answers per question at T=1 (avg@8)"
+x python eval.py --stages "after SFT=$OUT/eval/sft_sampled" "after RL=$OUT/eval/rl_sampled" --checks=chance,gain
 stamp "demo: done"

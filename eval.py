@@ -22,6 +22,8 @@ Bad records / missing or corrupt videos stop the run with an error naming them, 
     --skip_bad=1          # skip them, list them in results["bad"], report n_bad (not in the accuracy denominator)
 Stages side by side (the demo's last table) and rl.py's reward curve as a PNG next to its metrics.jsonl:
     python eval.py --stages base=out/eval/base sft=out/eval/sft rl=out/eval/rl --reward_curve=out/rl/metrics.jsonl
+  (every cell with a 95% bootstrap interval over the questions, the change paired; then plain verdicts: a stage at
+  chance, a stage that does not beat the one before it; --checks=chance limits them to the first)
 Compare two runs (results.json files or out_dirs; sweeps are matched by frame count):
     python eval.py --compare out/eval/sft/results.json out/eval/rl/results.json
 
@@ -129,6 +131,9 @@ def summarize(rows, **meta):
     if any(r.get("domain") for r in scored):
         res["by_domain"] = _groups(scored, "domain")
     res["bad"] = bad
+    k = {r.get("n_options") for r in scored}
+    if len(k) == 1 and None not in k:
+        res["n_options"] = k.pop()   # every question has as many options: chance is 1 / n_options
     res.update(meta)
     return res
 
@@ -226,18 +231,103 @@ def save_png(fig, path):
     return path
 
 
-def stages_table(named):
+def question_scores(rows):
+    """Per-item rows (items.jsonl; avg@N: N rows per question) -> {id: (category, mean correct over its samples)}."""
+    acc = {}
+    for r in rows:
+        if "bad" not in r:
+            acc.setdefault(r["id"], [r.get("category"), []])[1].append(float(bool(r["correct"])))
+    return {k: (c, sum(v) / len(v)) for k, (c, v) in acc.items()}
+
+
+def bootstrap_ci(values, n_boot=2000, seed=0, level=0.95):
+    """Percentile bootstrap interval of the mean of `values` (per-question scores or paired differences), resampling
+    questions: the question-to-question spread is the noise (avg@N's samples of one question stay together)."""
+    import numpy as np
+    v = np.asarray(values, dtype=np.float64)
+    if len(v) == 0:
+        return None, None
+    means = v[np.random.default_rng(seed).integers(0, len(v), size=(n_boot, len(v)))].mean(1)
+    a = (1 - level) / 2
+    return float(np.quantile(means, a)), float(np.quantile(means, 1 - a))
+
+
+def _ci_cell(values, signed=False):
+    if not values:
+        return "-"
+    m = sum(values) / len(values)
+    lo, hi = bootstrap_ci(values)
+    f = "{:+.1f}" if signed else "{:.1f}"
+    return f"{f.format(100 * m)} [{f.format(100 * lo)}, {f.format(100 * hi)}]"
+
+
+def stages_table(named, scores=None):
     """[(stage name, results dict)] -> accuracy table (%): rows overall + categories, one column per stage
-    (the demo's before SFT / after SFT / after RL), plus the change from the first to the last column."""
-    cols = [{"accuracy (%)": name, **{l: _pct(v) for l, v in _table_rows(res)}, "scored items (n)": res["n"]}
-            for name, res in named]
-    first, last = dict(_table_rows(named[0][1])), dict(_table_rows(named[-1][1]))
-    cols.append({"accuracy (%)": f"{named[-1][0]}-{named[0][0]}",
-                 **{l: f"{100 * (last[l] - first[l]):+.1f}" for l in first
-                    if first[l] is not None and last.get(l) is not None}})
-    labels = list(dict.fromkeys(l for _, res in named for l, _ in _table_rows(res)))
+    (the demo's before SFT / after SFT / after RL), plus the change from the first to the last column.
+    scores: per stage {id: (category, score)} (question_scores); given, every cell carries a 95% bootstrap interval
+    over the questions and the change column is paired (the same questions on both sides)."""
+    if scores is None or any(s is None for s in scores):
+        cols = [{"accuracy (%)": name, **{l: _pct(v) for l, v in _table_rows(res)}, "scored items (n)": res["n"]}
+                for name, res in named]
+        first, last = dict(_table_rows(named[0][1])), dict(_table_rows(named[-1][1]))
+        cols.append({"accuracy (%)": f"{named[-1][0]}-{named[0][0]}",
+                     **{l: f"{100 * (last[l] - first[l]):+.1f}" for l in first
+                        if first[l] is not None and last.get(l) is not None}})
+        labels = list(dict.fromkeys(l for _, res in named for l, _ in _table_rows(res)))
+    else:
+        def rows_of(sc):   # label -> {id: score}
+            out = {"overall": {k: v for k, (_, v) in sc.items()}}
+            for cat in _order({c for c, _ in sc.values() if c}, CATEGORIES):
+                out[f"  {cat}"] = {k: v for k, (c, v) in sc.items() if c == cat}
+            return out
+        per = [rows_of(sc) for sc in scores]
+        labels = list(dict.fromkeys(l for p in per for l in p))
+        cols = [{"accuracy (%)": name, **{l: _ci_cell(list(p[l].values())) for l in p}, "scored items (n)": res["n"]}
+                for (name, res), p in zip(named, per)]
+        a, b = per[0], per[-1]
+        cols.append({"accuracy (%)": f"{named[-1][0]}-{named[0][0]} (paired)",
+                     **{l: _ci_cell([b[l][k] - a[l][k] for k in a[l] if k in b.get(l, {})], signed=True)
+                        for l in a if l in b}})
     width = max(12, *(len(str(v)) + 2 for c in cols for v in c.values()))
     return "\n".join(_grid(["accuracy (%)"] + labels + ["scored items (n)"], cols, width=width))
+
+
+def stage_verdicts(named, scores, chance, checks=("chance", "gain")):
+    """Plain-language lines under the stages table. "chance": a stage (after the first) whose accuracy interval reaches
+    down to chance has not learned the task. "gain": each stage against the one before it (paired interval): clear of
+    zero, or said plainly that it did not beat it."""
+    out = []
+    for i, ((name, _), sc) in enumerate(zip(named, scores)):
+        v = [x for _, x in sc.values()]
+        m, (lo, hi) = sum(v) / len(v), bootstrap_ci(v)
+        if i > 0 and "chance" in checks and chance is not None and lo <= chance:
+            out.append(f"AT CHANCE: {name} {100 * m:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}] is not above chance "
+                       f"({100 * chance:.0f}%): the model did not learn to read the videos in this run. Try more steps "
+                       f"or another seed (demo.sh --sft_steps= --seed=); docs/BENCHMARKS.md, 'End-to-end demo'.")
+        if i > 0 and "gain" in checks:
+            prev_name, prev = named[i - 1][0], scores[i - 1]
+            d = [sc[k][1] - prev[k][1] for k in prev if k in sc]
+            dm, (dlo, dhi) = sum(d) / len(d), bootstrap_ci(d)
+            what = f"{name} vs {prev_name}: {100 * dm:+.1f} points [{100 * dlo:+.1f}, {100 * dhi:+.1f}] (paired)"
+            if dlo > 0:
+                out.append(f"ok: {what}, clear of zero.")
+            else:
+                out.append(f"NO CLEAR GAIN: {what}: {name} does not beat {prev_name} beyond the noise of "
+                           f"{len(d)} questions in this run. One run is one draw: the recipe's lift over seeds is in "
+                           f"docs/BENCHMARKS.md; try more steps or prompts (demo.sh --rl_steps= --rl_prompts=) or "
+                           f"measure over seeds (bench/rl_lift.py).")
+    return out
+
+
+def load_scores(path):
+    """An eval out_dir or results.json -> question_scores of its items.jsonl (single frame count), or None."""
+    res = load_results(path)[0]
+    d = path if os.path.isdir(path) else os.path.dirname(path)
+    f = os.path.join(d, f"frames_{res.get('frames')}", "items.jsonl")
+    if not os.path.isfile(f):
+        return None
+    with open(f) as fh:
+        return question_scores(json.loads(line) for line in fh if line.strip())
 
 
 def plot_reward_curve(metrics_path, path, key="reward_mean", window=5):
@@ -323,10 +413,20 @@ if __name__ == "__main__":
     argv = sys.argv[1:]
     if argv[:1] == ["--stages"]:   # python eval.py --stages base=DIR sft=DIR rl=DIR [--reward_curve=metrics.jsonl]
         curve = [a.split("=", 1)[1] for a in argv[1:] if a.startswith("--reward_curve=")]
+        checks = ([a.split("=", 1)[1] for a in argv[1:] if a.startswith("--checks=")] or ["chance,gain"])[-1]
         named = [a.split("=", 1) for a in argv[1:] if not a.startswith("--")]
         if not named or any(len(n) != 2 for n in named):
-            raise SystemExit("usage: python eval.py --stages NAME=results.json|out_dir ... [--reward_curve=FILE]")
-        print(stages_table([(n, load_results(p)[0]) for n, p in named]))
+            raise SystemExit("usage: python eval.py --stages NAME=results.json|out_dir ... [--reward_curve=FILE] "
+                             "[--checks=chance,gain]")
+        named_res = [(n, load_results(p)[0]) for n, p in named]
+        scores = [load_scores(p) for _, p in named]
+        print(stages_table(named_res, scores))
+        if all(s is not None for s in scores):
+            k = named_res[-1][1].get("n_options")   # every question has k options: chance is 1/k
+            chance = 1 / k if k else None
+            print("cells: accuracy % [95% bootstrap interval over questions]")
+            for line in stage_verdicts(named_res, scores, chance, checks=checks.split(",")):
+                print(line)
         if curve:
             png = plot_reward_curve(curve[0], os.path.join(os.path.dirname(curve[0]), "reward_curve.png"))
             print(f"wrote {png}" if png else "reward_curve.png not written: pip install matplotlib")

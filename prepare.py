@@ -9,7 +9,7 @@ Generate the synthetic set, then the tiny checkpoint on its text:
     python prepare.py --out=data/synth                                  # 640/64/128 questions, 256 frames @ 8 fps
     python prepare.py --out=data/synth --n_train=2000 --num_frames=512 --seed=1
     python prepare.py --tiny=out/tiny --data=data/synth                 # ~0.7M-param Qwen2.5-VL + processor
-    python prepare.py --tiny=out/tiny8 --data=data/synth --tiny_heads=8 --tiny_rope_theta=1e4   # the demo's variant
+    python prepare.py --tiny=out/tiny8 --data=data/synth --tiny_heads=8 --tiny_rope_theta=3   # the demo's variant
 """
 import contextlib
 import glob
@@ -37,7 +37,7 @@ workers = min(2, os.cpu_count() or 1)   # processes encoding the mp4s (the outpu
 tiny = ""             # write the tiny checkpoint here (its tokenizer is trained on --data's text)
 data = "data/synth"   # --tiny: the dataset folder (or one JSONL file) whose text the tokenizer learns
 tiny_heads = 4        # --tiny: LM attention heads (the demo uses 8)
-tiny_rope_theta = 1e6  # --tiny: LM rope base (the demo uses 1e4)
+tiny_rope_theta = 1e6  # --tiny: LM rope base (the demo uses 3: bench/probe_tiny.py)
 seed = 0              # everything is deterministic given the seed
 
 # -----------------------------------------------------------------------------
@@ -285,8 +285,10 @@ def _tiny_text(heads, rope_theta):
 def init_tiny(out_dir, data_dir, seed=0, vocab_size=1024, heads=4, rope_theta=1e6):
     """Write a random-init Qwen2_5_VLForConditionalGeneration + processor as a standard HF checkpoint.
     heads / rope_theta: the LM's attention heads (width 128 fixed; head_dim = 128 / heads, KV heads = heads / 2) and
-    rope base. The demo uses 8 heads and theta 1e4: in our runs that variant learned to read the synthetic videos
-    within ~1000 SFT steps, while the default (4 heads, theta 1e6, Qwen's) mostly stayed at chance (BENCHMARKS.md)."""
+    rope base. The demo uses 8 heads and theta 3: with head_dim 16 each M-RoPE axis gets 2-3 frequencies, and only a
+    small base makes them fast enough to tell this model's few positions apart (bench/probe_tiny.py; at 1e4 the w
+    axis turns by 0.003 rad between the two token columns). The default (4 heads, theta 1e6, Qwen's) is what the
+    tests use (BENCHMARKS.md, "Why SFT learning is fragile")."""
     from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
                               Qwen2VLImageProcessor, Qwen2VLVideoProcessor, GenerationConfig)
     tokenizer = train_tokenizer(_dataset_texts(data_dir), vocab_size)

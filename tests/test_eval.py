@@ -112,6 +112,26 @@ def test_stages_table_and_reward_curve(tmp_path):
         assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def test_stages_table_intervals_and_verdicts():
+    """With per-question scores every cell carries a bootstrap interval, the change is paired, and the verdicts say
+    plainly when a stage is at chance or does not beat the one before it."""
+    ids = [f"q{i}" for i in range(40)]
+    base = {k: ("plot", 0.0) for k in ids}
+    sft = {k: ("plot", float(i % 4 == 0)) for i, k in enumerate(ids)}             # 25%: chance
+    rl = {k: ("plot", 1.0 if i % 4 == 0 or i < 20 else 0.0) for i, k in enumerate(ids)}   # 62.5%
+    res = ev.summarize([_row(k, "plot", "A", n_options=4) for k in ids])
+    assert res["n_options"] == 4
+    t = _table(ev.stages_table([("before", res), ("sft", res), ("rl", res)], [base, sft, rl]))
+    assert t["overall"][0] == "0.0 [0.0, 0.0]" and t["overall"][-1].startswith("+62.5 [")
+    lo, hi = ev.bootstrap_ci([1.0] * 10 + [0.0] * 30)
+    assert lo < 0.25 < hi
+    v = ev.stage_verdicts([("before", res), ("sft", res), ("rl", res)], [base, sft, rl], chance=0.25)
+    assert any(x.startswith("AT CHANCE: sft") for x in v) and not any(x.startswith("AT CHANCE: rl") for x in v)
+    assert any(x.startswith("ok: rl vs sft") for x in v)
+    v = ev.stage_verdicts([("sft", res), ("rl", res)], [rl, rl], chance=0.25)
+    assert any(x.startswith("NO CLEAR GAIN: rl vs sft") for x in v)
+
+
 # -----------------------------------------------------------------------------
 # end to end through the CLI
 @pytest.fixture(scope="module")
