@@ -1148,6 +1148,8 @@ class VLLMEngine:
 
     def wake(self):
         if self.asleep:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()   # the trainer's cached blocks back first: vLLM maps its weights + KV pool
             self._call("wake(weights)", vllm_wake, ["weights"])
         if self.stale:
             self._call("sync", vllm_sync_weights, self.policy)

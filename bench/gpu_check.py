@@ -566,8 +566,8 @@ def check_model(report, kind, dev, tok, tiny_dir=""):
     train_est, roll_est = estimate_for(config, seq, sh["response"], 2)
     got = {k: f"{v:.2f}" for k, v in mem.items()}
     report.add(sec, "peak memory per phase vs estimate.estimate_memory (1 GPU, SP 1)", "INFO",
-               f"measured GiB {got}; estimate: train {train_est:.2f}, rollout {roll_est:.2f} (it assumes bf16 weights "
-               "+ fp32 master, a vLLM engine, the 7B's vocabulary: compare the order, not the digits)"
+               f"measured GiB {got}; estimate: train {train_est:.2f}, rollout {roll_est:.2f} (estimate.py's per-phase "
+               "model of rl.py, whose engine and flags differ from this check's: compare the order, not the digits)"
                if dev.type == "cuda" else f"CPU peak RSS so far {got}; estimate (GPU): train {train_est:.2f}")
     del policy, opt, params
     gc.collect()
