@@ -381,9 +381,13 @@ def _abort(why):
         return
     if not store.check([_ABORT_KEY]):
         store.set(_ABORT_KEY, why)
-    t_end = time.time() + 5.0
-    while time.time() < t_end and not store.check([f"{_ABORT_KEY}_seen_{r}" for r in range(world)
-                                                   if r != _watch["rank"]]):
+    _wait_for(store, [f"{_ABORT_KEY}_seen_{r}" for r in range(world) if r != _watch["rank"]], seconds=5.0)
+
+
+def _wait_for(store, keys, seconds):
+    """Poll the store until every key is set or `seconds` pass (the other ranks' watchdogs post within ~0.5 s)."""
+    t_end = time.time() + seconds
+    while time.time() < t_end and not store.check(keys):
         time.sleep(0.1)
 
 
@@ -409,9 +413,7 @@ def _who_is_late():
     if store is not None:
         store.set(f"{_ABORT_KEY}_late_{w['rank']}", posts[w["rank"]])
         keys = {r: f"{_ABORT_KEY}_late_{r}" for r in range(w["world"]) if r != w["rank"]}
-        t_end = time.time() + 2.0
-        while time.time() < t_end and not store.check(list(keys.values())):
-            time.sleep(0.1)
+        _wait_for(store, list(keys.values()), seconds=2.0)
         posts.update({r: store.get(k).decode() for r, k in keys.items() if store.check([k])})
     busy = {r: p.split("|", 1)[1] for r, p in sorted(posts.items()) if p[0] == "0"}
     idle = sorted(r for r, p in posts.items() if p[0] == "1")
