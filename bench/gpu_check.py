@@ -306,21 +306,17 @@ def run_dist(backend, dev, timeout=150):
 
 def check_attention_dist(report, dev):
     sec = "attention"
+    def real_layout(backend, what):   # a layout people train with: any failure is a FAIL
+        rows, why = run_dist(backend, dev)
+        if rows is None:
+            report.add(sec, f"ring/ulysses world {dist_world} ({what})", "FAIL", why)
+        for r in rows or []:
+            report.check(sec, r["check"] + f" {backend}", r["ok"], r["value"], r["limit"], r["s"])
+
     if dev.type == "cpu":
-        rows, why = run_dist("gloo", dev)
-        if rows is None:
-            report.add(sec, f"ring/ulysses world {dist_world} (gloo)", "FAIL", why)
-        for r in rows or []:
-            report.check(sec, r["check"] + " gloo", r["ok"], r["value"], r["limit"], r["s"])
-        return
-    n_gpu = torch.cuda.device_count()
-    if n_gpu >= dist_world:   # the real layout: one GPU per rank, NCCL
-        rows, why = run_dist("nccl", dev)
-        if rows is None:
-            report.add(sec, f"ring/ulysses world {dist_world} (NCCL, {dist_world} GPUs)", "FAIL", why)
-        for r in rows or []:
-            report.check(sec, r["check"] + " nccl", r["ok"], r["value"], r["limit"], r["s"])
-        return
+        return real_layout("gloo", "gloo")
+    if torch.cuda.device_count() >= dist_world:   # the real layout: one GPU per rank, NCCL
+        return real_layout("nccl", f"NCCL, {dist_world} GPUs")
     # one GPU: NCCL refuses two ranks on one device; gloo implements only all_reduce / broadcast for CUDA tensors (no
     # send/recv, no all_to_all), which the ring and Ulysses need. Both are tried (a short timeout: a refusal is quick,
     # a hang must not eat the budget) and what happened is reported. Neither is a layout anyone trains with, so a
