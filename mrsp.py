@@ -1011,7 +1011,9 @@ def vllm_start(model_dir, max_model_len, seed=0, dtype="auto", gpu_memory_utiliz
     if eos is None:
         eos = cfg.get("eos_token_id", (cfg.get("text_config") or {}).get("eos_token_id"))
     mc = llm.llm_engine.model_config
-    llm.mrsp = dict(model_type=cfg["model_type"], video_token_id=cfg["video_token_id"], max_model_len=mc.max_model_len,
+    llm.mrsp = dict(model_type=cfg["model_type"], video_token_id=cfg["video_token_id"],
+                    vision_start_id=cfg.get("vision_start_token_id"), vision_end_id=cfg.get("vision_end_token_id"),
+                    max_model_len=mc.max_model_len,
                     eos_id=eos, dtype=mc.dtype, vision_tower=bool(kw["limit_mm_per_prompt"].get("video")))
     return llm
 
@@ -1023,6 +1025,19 @@ def _collapse_video_pads(ids, video_token_id):
         if not (t == video_token_id and out and out[-1] == video_token_id):
             out.append(t)
     return out
+
+
+def _collapse_timestamped_video(ids, video_token_id, vision_start_id, vision_end_id):
+    """Qwen3-VL: expanded prompt ids (one video: <|vision_start|> then per frame group "<t seconds>" <|vision_start|>
+    pads <|vision_end|>, then <|vision_end|>, data.video_text) -> the prompt with that whole inside collapsed to one
+    <|video_pad|>: vLLM (with a transformers 5.x processor) expands the bare pad again into timestamps + groups."""
+    first = ids.index(video_token_id)
+    last = len(ids) - 1 - ids[::-1].index(video_token_id)
+    start = first - 2   # first - 1 is the first group's <|vision_start|>; before it the first timestamp's text
+    while ids[start] != vision_start_id:
+        start -= 1      # back to the video's outer <|vision_start|>
+    assert ids[last + 1] == vision_end_id and ids[last + 2] == vision_end_id, "not a Qwen3-VL timestamped video"
+    return ids[:start + 1] + [video_token_id] + ids[last + 2:]
 
 
 def vllm_rollout(llm, prompts, n=1, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=256, eos_id=None, seed=None,
@@ -1065,10 +1080,15 @@ def vllm_rollout(llm, prompts, n=1, temperature=1.0, top_p=1.0, top_k=0, max_new
                              f"(or use fewer frames)")
         req = {"prompt_token_ids": _collapse_video_pads(ids, vid)}
         if vid in ids:
+            # embeds: (N, D * (1 + L)), DeepStack features side by side -- exactly vLLM's Qwen3-VL video_embeds layout
             video = {"video_embeds": p["embeds"].detach().to("cpu", dtype),
                      "video_grid_thw": p["video_grid_thw"].reshape(-1, 3).long().cpu()}
             if meta["model_type"] == "qwen2_5_vl":   # Qwen2-VL has no time scaling: vLLM would apply one
                 video["second_per_grid_ts"] = p["second_per_grid_ts"].reshape(-1).float().cpu()
+            if meta["model_type"] == "qwen3_vl":     # time is in the text: vLLM rebuilds "<t seconds>" from these
+                req["prompt_token_ids"] = _collapse_timestamped_video(ids, vid, meta["vision_start_id"],
+                                                                      meta["vision_end_id"])
+                video["timestamps"] = [float(x) for x in p["timestamps"]]
             req["multi_modal_data"] = {"video": video}
         if greedy:
             reqs += [req] * n
