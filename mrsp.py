@@ -967,6 +967,7 @@ def vllm_start(model_dir, max_model_len, seed=0, dtype="auto", gpu_memory_utiliz
     requests differ between ranks (vllm_rollout's seeded ones do not depend on it).
     vision_tower=False: vLLM does not build its own vision tower (limit_mm_per_prompt 0 with enable_mm_embeds: it
     only ever gets embeddings here), one copy less per rank (~1.3 GB for a 7B in bf16); the weight sync skips it.
+    Qwen3-VL always builds it (vLLM 0.32 adds DeepStack features only with a tower; see below), unused.
     max_videos: videos per prompt when the tower is built (vLLM checks embeddings against it only then).
     max_model_len must hold the longest prompt (video tokens expanded) + max_new_tokens. dtype "auto" follows vLLM
     (which may down-cast an fp32 checkpoint); pass "float32" to compare with an fp32 policy.
@@ -985,6 +986,11 @@ def vllm_start(model_dir, max_model_len, seed=0, dtype="auto", gpu_memory_utiliz
     if cfg.get("model_type") not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"vllm_start({model_dir!r}): model_type {cfg.get('model_type')!r} is not supported; "
                          f"expected one of {SUPPORTED_MODEL_TYPES}")
+    if cfg["model_type"] == "qwen3_vl" and not vision_tower:
+        # vLLM 0.32's Qwen3-VL applies DeepStack (use_deepstack) only when its vision tower exists: without one it
+        # would take our (N, D * (1 + L)) embeddings for plain (N, D) ones and fail. The tower is built (weights, never
+        # run: it only gets embeddings) -- one tower copy per rank more, which vllm_sync_weights then sends too.
+        vision_tower = True
     rank, world = _torch_world()
     if world % tensor_parallel_size:
         raise ValueError(f"vllm_start: tensor_parallel_size={tensor_parallel_size} does not divide the torch world "
@@ -1088,7 +1094,7 @@ def vllm_rollout(llm, prompts, n=1, temperature=1.0, top_p=1.0, top_k=0, max_new
             if meta["model_type"] == "qwen3_vl":     # time is in the text: vLLM rebuilds "<t seconds>" from these
                 req["prompt_token_ids"] = _collapse_timestamped_video(ids, vid, meta["vision_start_id"],
                                                                       meta["vision_end_id"])
-                video["timestamps"] = [float(x) for x in p["timestamps"]]
+                video["timestamps"] = p["timestamps"].reshape(1, -1).double().cpu()   # (videos, t): batched per video
             req["multi_modal_data"] = {"video": video}
         if greedy:
             reqs += [req] * n
