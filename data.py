@@ -835,10 +835,30 @@ def _resize_frames(frames, h, w, chunk_bytes=1 << 28):
     return out
 
 
+def writes_timestamps(processor):
+    """Whether the checkpoint's processor writes "<t seconds>" text before each frame group (Qwen3-VL; Qwen2-VL and
+    Qwen2.5-VL put the time into the mrope positions instead). Read from the processor the checkpoint ships."""
+    return hasattr(processor, "_calculate_timestamps")
+
+
+def video_timestamps(processor, info):
+    """Seconds of each frame group (temporal patch) of a sampling, as the Qwen3-VL processor writes them: the mean of
+    the group's first and last frame time, index / video fps (24 fps when the header has none, as transformers
+    assumes), from the WHOLE sampling's indices (info["indices"]), never one SP rank's share.
+    -> float64 tensor (t_groups,), or None for a processor that writes no timestamps."""
+    import torch
+    if not writes_timestamps(processor):
+        return None
+    tp = processor.video_processor.temporal_patch_size
+    ts = processor._calculate_timestamps(list(info["indices"]), info.get("video_fps") or 24, tp)
+    return torch.tensor(ts, dtype=torch.float64)
+
+
 def process_video(processor, frames, info, min_pixels=None, max_pixels=None, total_pixels=None,
                   resized_height=None, resized_width=None):
     """Pixels for the vision tower: pixel_values_videos (N_patches, C*2*14*14), video_grid_thw (1, 3)
-    and second_per_grid_ts (1,) (mrope time scale = temporal_patch / sampled fps, qwen-vl-utils' sample fps).
+    and second_per_grid_ts (1,) (mrope time scale = temporal_patch / sampled fps, qwen-vl-utils' sample fps), plus
+    timestamps (t,) float64 for a processor that writes them (Qwen3-VL: video_timestamps).
 
     frames (T, H, W, 3) uint8 at the source resolution, all of the sampled frames or one SP rank's share of them
     (info["subset"]). The frame size is computed once, by processed_frame_size from the source size and the WHOLE
@@ -865,8 +885,12 @@ def process_video(processor, frames, info, min_pixels=None, max_pixels=None, tot
     tp = vp.temporal_patch_size
     assert grid.tolist() == [[-(-len(frames) // tp), h // vp.patch_size, w // vp.patch_size]], (grid, h, w)
     fps = info.get("sampled_fps") or FPS   # unknown video fps (some headers): assume the default 2 fps sampling
-    return dict(pixel_values_videos=out["pixel_values_videos"], video_grid_thw=grid,
-                second_per_grid_ts=torch.tensor([tp / fps], dtype=torch.float32))
+    vid = dict(pixel_values_videos=out["pixel_values_videos"], video_grid_thw=grid,
+               second_per_grid_ts=torch.tensor([tp / fps], dtype=torch.float32))
+    ts = video_timestamps(processor, info)
+    if ts is not None:   # Qwen3-VL: the prompt's "<t seconds>" texts (encode_text); always the WHOLE video's
+        vid["timestamps"] = ts
+    return vid
 
 
 def video_inputs(processor, record, **defaults):
@@ -876,9 +900,29 @@ def video_inputs(processor, record, **defaults):
     return process_video(processor, *load_video(record["video"], **decode_opts(opts)), **size_opts(opts))
 
 
-def encode_text(processor, record, video_grid_thw, with_target=True, max_length=None, truncate=False):
+def video_text(processor, video_grid_thw, timestamps=None):
+    """What the processor puts in place of the prompt's one <|video_pad|>: t*h*w/merge^2 <|video_pad|> tokens, or for
+    a processor that writes timestamps (Qwen3-VL) "<t seconds><|vision_start|>" + h*w/merge^2 pads + "<|vision_end|>"
+    per frame group (transformers 5.x keeps the prompt's outer <|vision_start|>/<|vision_end|> around it, and so does
+    vLLM with a 5.x processor). timestamps: (t,) seconds, process_video's / the cache's."""
+    import torch
+    merge = processor.video_processor.merge_size
+    t, h, w = (int(x) for x in torch.as_tensor(video_grid_thw).reshape(-1, 3)[0])
+    if not writes_timestamps(processor):
+        return "<|video_pad|>" * (t * h * w // merge ** 2)
+    if timestamps is None or len(timestamps) != t:
+        raise ValueError(f"{type(processor).__name__} writes a timestamp per frame group: expected {t} timestamps for "
+                         f"grid {[t, h, w]}, got {None if timestamps is None else len(timestamps)} (pass the "
+                         "video's `timestamps` from process_video or the embedding cache)")
+    pads = "<|video_pad|>" * (h * w // merge ** 2)
+    return "".join(f"<{float(x):.1f} seconds><|vision_start|>{pads}<|vision_end|>" for x in timestamps)
+
+
+def encode_text(processor, record, video_grid_thw, with_target=True, max_length=None, truncate=False,
+                timestamps=None):
     """Token ids for one sample given only its video grid (no pixels: this is how cached video
-    embeddings are reused): the chat prompt with <|video_pad|> expanded to t*h*w/merge^2 tokens,
+    embeddings are reused): the chat prompt with <|video_pad|> expanded to t*h*w/merge^2 tokens (video_text: with
+    Qwen3-VL's "<t seconds>" text per frame group, from `timestamps`),
     then (optionally) the target + <|im_end|>. Returns input_ids (S,), labels (S,) (-100 outside the
     target), mm_token_type_ids (S,) (0 text, 2 video), prompt_len, truncated.
 
@@ -888,7 +932,8 @@ def encode_text(processor, record, video_grid_thw, with_target=True, max_length=
     tok = processor.tokenizer
     merge = processor.video_processor.merge_size
     n_video = int(torch.as_tensor(video_grid_thw).reshape(-1, 3)[0].prod()) // merge ** 2
-    prompt = build_prompt(processor, record).replace("<|video_pad|>", "<|video_pad|>" * n_video, 1)
+    prompt = build_prompt(processor, record).replace("<|video_pad|>", video_text(processor, video_grid_thw,
+                                                                                timestamps), 1)
     ids = torch.tensor(tok(prompt, add_special_tokens=False)["input_ids"])
     prompt_len = ids.numel()
     labels = torch.full_like(ids, -100)
@@ -918,7 +963,8 @@ def encode_text(processor, record, video_grid_thw, with_target=True, max_length=
 def encode_sample(processor, record, frames, info, with_target=True, max_length=None, truncate=False, **sizing):
     """One training/eval sample from decoded frames: process_video (with the sizing options) + encode_text."""
     vid = process_video(processor, frames, info, **sizing)
-    return dict(encode_text(processor, record, vid["video_grid_thw"], with_target, max_length, truncate), **vid)
+    return dict(encode_text(processor, record, vid["video_grid_thw"], with_target, max_length, truncate,
+                            timestamps=vid.get("timestamps")), **vid)
 
 
 def _pad(seqs, value, left=False):

@@ -10,9 +10,11 @@
 # Knobs, as flags (--key=value) or environment variables (KEY=value), flags win:
 #   --nproc=2 --sp=2 --sft_sp=1 --frames=16 --sft_steps=1500 --rl_steps=20 --rl_prompts=32 --rl_lr=3e-4 --seed=0
 #   --out=out --data=data/synth --eval_n=128 --eval_tokens=80 --sft_args="..." --rl_args="..."
+#   --family=qwen2_5_vl (the tiny model's family: qwen2_vl, qwen2_5_vl or qwen3_vl; prepare.py --family)
 #   --dry_run=1 prints each stage's command instead of running it
 # (RL: 32-prompt steps; with 8 prompts a step the gradient noise wins on this tiny model -- BENCHMARKS.md)
-# A real checkpoint and dataset on GPUs: --model=DIR (a local HF Qwen2-VL / Qwen2.5-VL checkpoint) skips the synthetic
+# A real checkpoint and dataset on GPUs: --model=DIR (a local HF Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint; its
+# family is its config's model_type, --family is ignored) skips the synthetic
 # data and the tiny model; --data=DIR then holds train.jsonl, val.jsonl and test.jsonl (or give --train= --val=
 # --test= files; see README and data.py for the record formats):
 #   bash run.sh --model=/ckpt/Qwen2.5-VL-7B-Instruct --data=/data/lvr --nproc=8 --sp=4 --frames=256 \
@@ -21,7 +23,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 KNOBS="MODEL DATA TRAIN VAL TEST NPROC SP SFT_SP FRAMES SFT_STEPS RL_STEPS RL_PROMPTS RL_LR SEED OUT EVAL_N EVAL_TOKENS
-       SFT_ARGS RL_ARGS DRY_RUN"
+       SFT_ARGS RL_ARGS DRY_RUN FAMILY"
 for arg in "$@"; do
   case "$arg" in
     -h|--help) awk 'NR > 1 && /^#/ { print; next } NR > 1 { exit }' "$0"; exit 0 ;;
@@ -48,6 +50,7 @@ RL_STEPS=${RL_STEPS:-20}
 RL_PROMPTS=${RL_PROMPTS:-32}
 RL_LR=${RL_LR:-3e-4}
 EVAL_N=${EVAL_N:-128}
+FAMILY=${FAMILY:-qwen2_5_vl}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 RUN="torchrun --standalone --nproc_per_node=$NPROC"
 x() { if [ "${DRY_RUN:-0}" = 1 ]; then echo "+ $*"; else "$@"; fi; }   # run a stage (or print it: --dry_run=1)
@@ -59,11 +62,13 @@ if [ -z "$USER_MODEL" ]; then
   stamp "1/7 synthetic long-video QA (256 frames per video) -> $DATA"
   x python prepare.py --out="$DATA"
   MODEL=$OUT/tiny
-  stamp "2/7 tiny Qwen2.5-VL checkpoint -> $MODEL"
+  [ "$FAMILY" = qwen2_5_vl ] || MODEL=$OUT/tiny_$FAMILY   # one folder per family: never reuse another family's
+  stamp "2/7 tiny $FAMILY checkpoint -> $MODEL"
   # 8 heads (head_dim 16) and rope base 3: the M-RoPE frequencies then resolve this model's own position grid (8
   # temporal patches x 2x2 tokens); at Qwen's base (1e6, or 1e4) its few frequencies per axis are too slow to tell
   # neighbouring tokens apart, and whether SFT learns becomes a lottery (BENCHMARKS.md, "Why SFT learning is fragile")
-  [ -f "$MODEL/config.json" ] || x python prepare.py --tiny="$MODEL" --data="$DATA" --tiny_heads=8 --tiny_rope_theta=3
+  [ -f "$MODEL/config.json" ] || x python prepare.py --tiny="$MODEL" --data="$DATA" --tiny_heads=8 --tiny_rope_theta=3 \
+                                         --family="$FAMILY"
 fi
 TRAIN=${TRAIN:-$DATA/train.jsonl}
 VAL=${VAL:-$DATA/val.jsonl}

@@ -22,8 +22,18 @@ One RL step on long videos, in the order of this file's sections:
               |-> old-policy / reference log-probs: sequence-parallel prefill (ring attention)
               '-> training forward/backward: sequence-parallel, FSDP2 over the (dp, sp) mesh
 
-A library: sft.py, rl.py and eval.py put it together. Works with any local Qwen2-VL / Qwen2.5-VL checkpoint
-(the tiny one from prepare.py, or a real one).
+A library: sft.py, rl.py and eval.py put it together. Works with any local Qwen2-VL / Qwen2.5-VL / Qwen3-VL
+checkpoint (the tiny ones from prepare.py --family=..., or a real one). The family is the checkpoint's
+config.model_type; what differs per family is kept to a few marked branches:
+  * vision features: the vision tower's output per visual token, (N, D * (1 + L)): the merged embedding (D) followed
+    by L DeepStack features (Qwen3-VL: one per deepstack_visual_indexes entry, added to the hidden states of LLM layer
+    l at the visual tokens; L = 0 for Qwen2-VL / Qwen2.5-VL). One tensor -- vLLM's video_embeds layout -- so parallel
+    encoding gathers, the cache stores (bytes counted) and the engines receive all of it as one "embeds" value;
+    split_vision() splits it where the LLM needs the parts.
+  * the prompt's video text (data.video_text: Qwen3-VL's "<t seconds>" per frame group, from the cached timestamps)
+  * mrope positions (rope_index: Qwen2.5-VL's time scaling, Qwen3-VL's per-frame-group blocks)
+A new family (Qwen2.5-Omni's audio, Qwen3.5's linear-attention layers) adds its values to the cache dict, its branch
+to rope_index and its per-token inputs to lm_video_inputs / _sp_logprobs the same way.
 """
 import contextlib
 import json
@@ -34,12 +44,12 @@ import torch.distributed as dist
 
 from common import agree, hash56
 
-SUPPORTED_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
+SUPPORTED_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 # -----------------------------------------------------------------------------
 # loading a local checkpoint (tiny or real)
 def load_model(path, dtype="float32", device="cpu", attn_implementation="sdpa", vision=None):
-    """-> (model, processor) from a local HF Qwen2-VL / Qwen2.5-VL checkpoint directory.
+    """-> (model, processor) from a local HF Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint directory.
     vision: a vision tower module to SHARE instead of the checkpoint's own (rl.py: the rollout copy and the reference
     use the policy's frozen tower, one copy per rank instead of three). It replaces the loaded tower before the model
     moves to `device`, so the duplicate never reaches the GPU; it keeps its own dtype and device."""
@@ -50,7 +60,7 @@ def load_model(path, dtype="float32", device="cpu", attn_implementation="sdpa", 
     config = AutoConfig.from_pretrained(path)
     if config.model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"--model={path}: model_type {config.model_type!r} is not supported; "
-                         f"expected one of {SUPPORTED_MODEL_TYPES}")
+                         f"expected one of {SUPPORTED_MODEL_TYPES} (config.json's model_type)")
     torch_dtype = getattr(torch, dtype, None)
     if not isinstance(torch_dtype, torch.dtype):
         raise ValueError(f"--dtype={dtype!r}: expected float32, bfloat16 or float16")
@@ -244,6 +254,29 @@ def patch_runs(num_patches, parts):
     return plan
 
 
+def vision_dim(model):
+    """D: the width of one visual token's embedding (the LLM's hidden size)."""
+    inner = model.model if hasattr(model, "model") else model
+    vc = inner.config.vision_config
+    return getattr(vc, "out_hidden_size", None) or vc.hidden_size   # Qwen2-VL's tower calls it hidden_size
+
+
+def deepstack_levels(model):
+    """L: how many DeepStack features the vision tower returns per visual token (Qwen3-VL: one per entry of
+    vision_config.deepstack_visual_indexes, added to LLM layers 0..L-1; 0 for Qwen2-VL / Qwen2.5-VL)."""
+    inner = model.model if hasattr(model, "model") else model
+    return len(getattr(inner.config.vision_config, "deepstack_visual_indexes", None) or ())
+
+
+def split_vision(model, feats):
+    """(N, D * (1 + L)) vision features -> (embeds (N, D), deepstack: list of L (N, D), empty without DeepStack)."""
+    D, L = vision_dim(model), deepstack_levels(model)
+    if feats.shape[-1] != D * (1 + L):
+        raise ValueError(f"video features of width {feats.shape[-1]}, but this {model.config.model_type} model takes "
+                         f"{D} x (1 + {L} DeepStack levels) = {D * (1 + L)}: were they cached by another model?")
+    return feats[:, :D], [feats[:, D * (l + 1):D * (l + 2)] for l in range(L)]
+
+
 def encode_videos(model, pixel_values_videos, video_grid_thw, group=None, local=False):
     """Vision tower over a batch of videos with the work split across the ranks of `group`.
 
@@ -253,7 +286,8 @@ def encode_videos(model, pixel_values_videos, video_grid_thw, group=None, local=
     equal share of all the videos' patches (patch_runs), then the merged embeddings are all-gathered.
     pixel_values_videos: all the videos' pixel rows, or with local=True only this rank's share (its runs'
     rows in plan order: what get_video_embeds decodes when each rank reads its own frames).
-    -> (sum_i t_i*h_i*w_i / merge^2, D) on every rank, identical to one-rank encoding.
+    -> (sum_i t_i*h_i*w_i / merge^2, D * (1 + L)) vision features (split_vision) on every rank, identical to one-rank
+    encoding: for Qwen3-VL the DeepStack features are gathered with the embeddings (L = deepstack_levels).
     Differentiable (autograd all-gather) when the vision tower is trainable."""
     rank, P = _group_info(group)
     inner = model.model if hasattr(model, "model") else model
@@ -265,7 +299,7 @@ def encode_videos(model, pixel_values_videos, video_grid_thw, group=None, local=
         offsets.append(offsets[-1] + t * h * w)
     plan = patch_runs([t for t, _, _ in grid], P)
     runs = plan[rank]
-    D = inner.config.vision_config.out_hidden_size
+    D = vision_dim(model) * (1 + deepstack_levels(model))
     if local:
         want = sum((t1 - t0) * rows[i] for i, t0, t1 in runs)   # this rank's runs, as _decode_share decoded them
         assert pixel_values_videos.shape[0] == want, (rank, pixel_values_videos.shape[0], want, grid, P)
@@ -274,7 +308,10 @@ def encode_videos(model, pixel_values_videos, video_grid_thw, group=None, local=
             [pixel_values_videos[offsets[i] + t0 * rows[i]: offsets[i] + t1 * rows[i]] for i, t0, t1 in runs])
         # on the pixels' device: the vision tower builds its rotary positions on the grid's device
         sub_grid = torch.tensor([[t1 - t0, grid[i][1], grid[i][2]] for i, t0, t1 in runs], device=pix.device)
-        local_emb = torch.cat(inner.get_video_features(pix, sub_grid).pooler_output)     # (n_local, D)
+        out = inner.get_video_features(pix, sub_grid)
+        local_emb = torch.cat(out.pooler_output)                                        # (n_local, D)
+        if deepstack_levels(model):   # Qwen3-VL: + L DeepStack features per token, side by side (vLLM's layout)
+            local_emb = torch.cat([local_emb, *(torch.cat(f) for f in out.deepstack_features)], -1)   # (n, D*(1+L))
     else:  # more ranks than temporal patches: this rank idles
         local_emb = pixel_values_videos.new_zeros(0, D, dtype=inner.visual.dtype)
     if P == 1:
@@ -299,8 +336,9 @@ class EmbeddingCache:
 
     Key = video path + sampling parameters + vision-weights version, so a trainable vision tower
     (version bumped each step) never serves stale embeddings, while a frozen one (RL default) keeps
-    serving them across steps and epochs. Values: dict(embeds (N, D), video_grid_thw (1, 3),
-    second_per_grid_ts (1,)) on CPU or the model device."""
+    serving them across steps and epochs. Values: dict(embeds (N, D * (1 + L)) vision features (DeepStack included,
+    encode_videos), video_grid_thw (1, 3), second_per_grid_ts (1,), and for Qwen3-VL timestamps (t,) float64: the
+    prompt's "<t seconds>" texts) on CPU or the model device; nbytes counts every tensor of a value."""
 
     def __init__(self, budget_bytes=1 << 30, spill_dir=None):
         from collections import OrderedDict
@@ -376,7 +414,8 @@ def _decode_share(processor, records, opts, group):
     the frame size comes from the WHOLE sampling's frame count (data.process_video), so every share of a video gets
     the same grid; the grids (h, w and time scale) of videos this rank has no patch of come from the others (a sync
     point). opts: data.video_options per record.
-    -> (pixel rows of this rank's runs in plan order, video_grid_thw (n, 3), second_per_grid_ts list)."""
+    -> (pixel rows of this rank's runs in plan order, video_grid_thw (n, 3), second_per_grid_ts list, timestamps list
+    (None each for processors without timestamps))."""
     from data import VideoError, decode_opts, load_video, process_video, sampled_frame_count, size_opts
     rank, P = _group_info(group)
     tp = processor.video_processor.temporal_patch_size
@@ -389,7 +428,7 @@ def _decode_share(processor, records, opts, group):
             p = process_video(processor, frames, info, **size_opts(opts[i]))
             assert p["video_grid_thw"][0, 0].item() == t1 - t0, (p["video_grid_thw"], t0, t1)
             pix.append(p["pixel_values_videos"])
-            meta[i] = (p["video_grid_thw"][0, 1:].tolist(), p["second_per_grid_ts"])
+            meta[i] = (p["video_grid_thw"][0, 1:].tolist(), p["second_per_grid_ts"], p.get("timestamps"))
     except Exception as e:  # noqa: BLE001 - a file broken in one rank's frames must stop every rank, not hang them
         error = e
     parts = [None] * P
@@ -399,13 +438,15 @@ def _decode_share(processor, records, opts, group):
     for r, (m, err) in enumerate(parts):
         if err is not None:
             raise VideoError(f"SP rank {r} could not decode its share of the frames: {err}")
-        for i, (hw, ts) in m.items():
-            # process_video sizes every share from the whole sampling: shares of one video agree by construction
+        for i, (hw, ts, stamps) in m.items():
+            # process_video sizes every share from the whole sampling (and times it: Qwen3-VL's timestamps are the
+            # whole video's): shares of one video agree by construction
             assert i not in meta or (meta[i][0] == hw and torch.equal(meta[i][1], ts)), \
                 (records[i]["video"], meta[i], hw, ts)
-            meta[i] = (hw, ts)
+            meta[i] = (hw, ts, stamps)
     grid = torch.tensor([[k // tp, *meta[i][0]] for i, k in enumerate(n)])
-    return torch.cat(pix) if pix else None, grid, [meta[i][1] for i in range(len(records))]
+    return (torch.cat(pix) if pix else None, grid, [meta[i][1] for i in range(len(records))],
+            [meta[i][2] for i in range(len(records))])
 
 
 def get_video_embeds(model, processor, records, cache=None, num_frames=None, group=None, version=0, device="cpu",
@@ -431,13 +472,14 @@ def get_video_embeds(model, processor, records, cache=None, num_frames=None, gro
               videos=len(records), to_encode=len(todo), to_encode_hash=hash56("|".join(k for k, _, _ in todo)))
     if todo:
         if parallel:   # parallel decoding: this rank's frames only
-            pix, grid, ts = _decode_share(processor, [r for _, r, _ in todo], [o for _, _, o in todo], group)
+            pix, grid, ts, stamps = _decode_share(processor, [r for _, r, _ in todo], [o for _, _, o in todo], group)
         else:
             procs = [process_video(processor, *load_video(r["video"], **decode_opts(o)), **size_opts(o))
                      for _, r, o in todo]
             pix = torch.cat([p["pixel_values_videos"] for p in procs])
             grid = torch.cat([p["video_grid_thw"] for p in procs])
             ts = [p["second_per_grid_ts"] for p in procs]
+            stamps = [p.get("timestamps") for p in procs]
         if pix is None:                 # more ranks than temporal patches: this rank idles (encodes 0 rows)
             pix = torch.zeros(0, 0)
         with torch.no_grad():
@@ -447,8 +489,10 @@ def get_video_embeds(model, processor, records, cache=None, num_frames=None, gro
             else:                          # replicated tower: no FSDP collective, only the SP all-gather
                 emb = encode_videos(model, *args)
         sizes = (grid.prod(-1) // (processor.video_processor.merge_size ** 2)).tolist()
-        for (k, _, _), g, t, e in zip(todo, grid, ts, emb.split(sizes)):
+        for (k, _, _), g, t, st, e in zip(todo, grid, ts, stamps, emb.split(sizes)):
             found[k] = dict(embeds=e, video_grid_thw=g[None].clone(), second_per_grid_ts=t)
+            if st is not None:   # Qwen3-VL: the prompt's "<t seconds>" texts travel with the embeddings
+                found[k]["timestamps"] = st
             if cache is not None:
                 cache.put(k, found[k])
     return [found[k] for k in keys], len(todo)
@@ -461,16 +505,17 @@ def build_seq(rec, processor, model=None, cache=None, frames=32, group=None, dev
     and the dict carries `embeds`; model None: it carries `pixel_values_videos` (trainable vision tower).
     frames, **video: the stage's video option defaults (get_video_embeds).
     Keys: input_ids (S,), mm_token_type_ids (S,), loss_mask (S,) bool (the assistant target; all False
-    without target), labels, prompt_len, video_grid_thw (1, 3), second_per_grid_ts (1,), embeds | pixel_values_videos."""
+    without target), labels, prompt_len, video_grid_thw (1, 3), second_per_grid_ts (1,), embeds | pixel_values_videos,
+    and timestamps (t,) for Qwen3-VL."""
     from data import encode_text, video_inputs
     if model is not None:
         (v,), _ = get_video_embeds(model, processor, [rec], cache, num_frames=frames, group=group, version=version,
                                    device=device, **video)
-        vid = dict(embeds=v["embeds"], video_grid_thw=v["video_grid_thw"], second_per_grid_ts=v["second_per_grid_ts"])
+        vid = {k: v[k] for k in ("embeds", "video_grid_thw", "second_per_grid_ts", "timestamps") if k in v}
     else:
         vid = video_inputs(processor, rec, num_frames=frames, **video)
     t = encode_text(processor, rec, vid["video_grid_thw"], with_target=with_target, max_length=max_length,
-                    truncate=truncate)
+                    truncate=truncate, timestamps=vid.get("timestamps"))
     return dict(vid, input_ids=t["input_ids"], mm_token_type_ids=t["mm_token_type_ids"], labels=t["labels"],
                 prompt_len=t["prompt_len"], loss_mask=t["labels"] != -100)
 
@@ -478,14 +523,28 @@ def build_seq(rec, processor, model=None, cache=None, frames=32, group=None, dev
 # -----------------------------------------------------------------------------
 # model inputs from cached embeddings: token embeddings with the video slots filled, 3-D positions
 def embed_with_video(model, input_ids, video_embeds):
-    """(B, S) ids + (sum N_video, D) embeddings in order -> (B, S, D) inputs_embeds."""
+    """(B, S) ids + (sum N_video, D) embeddings (or D * (1 + L) vision features) in order -> (B, S, D) inputs_embeds."""
     inner = model.model
     emb = inner.get_input_embeddings()(input_ids)
     mask = (input_ids == model.config.video_token_id)
     if int(mask.sum()) != video_embeds.shape[0]:
         raise ValueError(f"{int(mask.sum())} <|video_pad|> tokens but {video_embeds.shape[0]} video embeddings: "
                          f"the prompt and the cached video do not match (frames/size changed?)")
+    video_embeds = video_embeds[:, :vision_dim(model)]   # the merged embedding (without DeepStack features)
     return emb.masked_scatter(mask.unsqueeze(-1), video_embeds.to(emb.dtype))
+
+
+def lm_video_inputs(model, input_ids, feats):
+    """The language model's inputs for (B, S) ids whose video slots take (sum N_video, D * (1 + L)) vision features in
+    order: dict(inputs_embeds (B, S, D)) and, for Qwen3-VL, visual_pos_masks (B, S) + deepstack_visual_embeds (L of
+    (N_video, D)), which its text model adds to the hidden states after layers 0..L-1 (transformers' names)."""
+    out = dict(inputs_embeds=embed_with_video(model, input_ids, feats))
+    _, deep = split_vision(model, feats)
+    if deep:   # Qwen3-VL DeepStack
+        dtype = out["inputs_embeds"].dtype
+        out.update(visual_pos_masks=input_ids == model.config.video_token_id,
+                   deepstack_visual_embeds=[d.to(input_ids.device, dtype) for d in deep])
+    return out
 
 
 # mrope position rule used by every MR-SP forward (training prefill, HF and vLLM rollouts, log-prob recompute):
@@ -510,7 +569,11 @@ def rope_index(model, input_ids, mm_token_type_ids, video_grid_thw=None, second_
     start; a vision block of llm grid (t, h/merge, w/merge) gets temporal ids t_i * interval, height and width ids
     h_i, w_i, all offset by the start, and the text after it starts at (largest position of the block) + 1.
     interval = tokens_per_second * second_per_grid_ts for Qwen2.5-VL videos (float64 product truncated to int, as
-    vLLM does), 1 for images and for Qwen2-VL (no time scaling). Grids (and second_per_grid_ts) are consumed in
+    vLLM does), 1 for images and for Qwen2-VL (no time scaling). Qwen3-VL: a video of t frame groups is t blocks of
+    grid (1, h, w), one per "<t seconds><|vision_start|>...<|vision_end|>" group (time is in the text, not the
+    positions; the interleaving of t/h/w frequencies is the rotary embedding's business, the ids are the same) --
+    transformers' Qwen3VLModel.get_rope_index and vLLM 0.32's Qwen3-VL get_mrope_input_positions agree with this
+    (tests/test_families.py). Grids (and second_per_grid_ts) are consumed in
     order over the batch; positions of masked-out tokens (attention_mask 0) are 0.
     rule "hf": the installed transformers' model.model.get_rope_index (same inputs and outputs)."""
     if rule == "hf":
@@ -528,6 +591,9 @@ def rope_index(model, input_ids, mm_token_type_ids, video_grid_thw=None, second_
     grids = {1: iter(image_grid_thw.tolist() if image_grid_thw is not None else []),
              2: iter(video_grid_thw.tolist() if video_grid_thw is not None else [])}
     sps = iter(second_per_grid_ts.tolist() if second_per_grid_ts is not None else [])
+    if cfg.model_type == "qwen3_vl" and video_grid_thw is not None:
+        # Qwen3-VL: timestamps text separates a video's frame groups, so each group is its own (1, h, w) block
+        grids[2] = iter([[1, h, w] for t, h, w in video_grid_thw.tolist() for _ in range(int(t))])
     deltas = []
     for b in range(B):
         keep = (attention_mask[b].bool() if attention_mask is not None
@@ -633,8 +699,9 @@ def sp_logprobs(model, seq, group=None, impl="ring", logit_chunk=1024, temperatu
 def _sp_logprobs(model, seq, group, impl, logit_chunk, temperature, return_entropy):
     """Log-probs of the target tokens of ONE sequence, with the sequence sharded over the SP `group`.
 
-    seq: dict(input_ids (N,), mm_token_type_ids (N,), embeds (N_video, D) (cached; or pixel_values_videos
-              to encode here with gradients), video_grid_thw (1, 3), second_per_grid_ts (1,),
+    seq: dict(input_ids (N,), mm_token_type_ids (N,), embeds (N_video, D * (1 + L)) (cached vision features,
+              DeepStack included; or pixel_values_videos to encode here with gradients), video_grid_thw (1, 3),
+              second_per_grid_ts (1,),
               loss_mask (N,) bool: the tokens to score, e.g. the response).
     -> logp (N,) in sequence order (token i scored by position i-1; 0 where loss_mask is False) and,
        with return_entropy, entropy (N,) of the same distributions (no grad; return_entropy="grad" with grad
@@ -679,12 +746,19 @@ def _sp_logprobs(model, seq, group, impl, logit_chunk, temperature, return_entro
     l_tgt = spa.shard_seq(targets, group, pad_value=-100)
     l_vid = spa.shard_seq(is_video, group, pad_value=False)
     l_vidx = spa.shard_seq(video_idx, group)
+    vis, deep = split_vision(model, seq["embeds"])                           # (N_video, D), L x (N_video, D)
     emb = model.model.get_input_embeddings()(l_ids)                          # (1, S_local, D)
-    emb = torch.where(l_vid[..., None], seq["embeds"].to(device, emb.dtype)[l_vidx.clamp(min=0)], emb)
+    emb = torch.where(l_vid[..., None], vis.to(device, emb.dtype)[l_vidx.clamp(min=0)], emb)
+    extra = {}
+    if deep:
+        # Qwen3-VL DeepStack: this rank adds, after layer l, feature l of exactly the visual tokens it holds, in its
+        # local token order (what the text model's visual_pos_masks selects)
+        local_idx = l_vidx[l_vid]                                            # (n_local_video,)
+        extra = dict(visual_pos_masks=l_vid, deepstack_visual_embeds=[d.to(device, emb.dtype)[local_idx] for d in deep])
 
     with sp_attention(model, group, impl):
         h = model.model.language_model(inputs_embeds=emb, position_ids=l_pos, attention_mask=None,
-                                       use_cache=False, sp_total_len=N).last_hidden_state   # (1, S_local, D)
+                                       use_cache=False, sp_total_len=N, **extra).last_hidden_state   # (1, S_local, D)
     sel = (l_tgt[0] != -100).nonzero()[:, 0]
     h_sel, t_sel = h[0, sel], l_tgt[0, sel]                                  # (M, D), (M,)
     parts, ents = [], []
@@ -807,11 +881,11 @@ def hf_rollout(model, prompts, n=1, temperature=1.0, top_p=1.0, top_k=0, max_new
         cache = DynamicCache(config=lm.config)
         if isinstance(p["embeds"], (list, tuple)):   # one video copy per sample (the naive loop): n prefills
             assert len(p["embeds"]) == n, f"{len(p['embeds'])} per-sample videos for n={n} samples"
-            x = torch.cat([embed_with_video(model, ids, e.to(device)) for e in p["embeds"]])   # (n, S, D)
-            h = lm(inputs_embeds=x, position_ids=pos.expand(3, n, -1), cache=cache, use_cache=True).last_hidden_state
+            x = lm_video_inputs(model, ids.expand(n, -1), torch.cat([e.to(device) for e in p["embeds"]]))   # (n, S, D)
+            h = lm(**x, position_ids=pos.expand(3, n, -1), cache=cache, use_cache=True).last_hidden_state
             logits = head(h[:, -1])                                             # (n, V)
         else:                                        # MR-SP: prefill the shared prefix once, replicate its KV
-            h = lm(inputs_embeds=embed_with_video(model, ids, p["embeds"].to(device)), position_ids=pos,
+            h = lm(**lm_video_inputs(model, ids, p["embeds"].to(device)), position_ids=pos,
                    cache=cache, use_cache=True).last_hidden_state
             logits = head(h[:, -1]).expand(n, -1)                               # (n, V) same start for all
             cache.batch_repeat_interleave(n)
@@ -893,6 +967,7 @@ def vllm_start(model_dir, max_model_len, seed=0, dtype="auto", gpu_memory_utiliz
     requests differ between ranks (vllm_rollout's seeded ones do not depend on it).
     vision_tower=False: vLLM does not build its own vision tower (limit_mm_per_prompt 0 with enable_mm_embeds: it
     only ever gets embeddings here), one copy less per rank (~1.3 GB for a 7B in bf16); the weight sync skips it.
+    Qwen3-VL always builds it (vLLM 0.32 adds DeepStack features only with a tower; see below), unused.
     max_videos: videos per prompt when the tower is built (vLLM checks embeddings against it only then).
     max_model_len must hold the longest prompt (video tokens expanded) + max_new_tokens. dtype "auto" follows vLLM
     (which may down-cast an fp32 checkpoint); pass "float32" to compare with an fp32 policy.
@@ -911,6 +986,11 @@ def vllm_start(model_dir, max_model_len, seed=0, dtype="auto", gpu_memory_utiliz
     if cfg.get("model_type") not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"vllm_start({model_dir!r}): model_type {cfg.get('model_type')!r} is not supported; "
                          f"expected one of {SUPPORTED_MODEL_TYPES}")
+    if cfg["model_type"] == "qwen3_vl" and not vision_tower:
+        # vLLM 0.32's Qwen3-VL applies DeepStack (use_deepstack) only when its vision tower exists: without one it
+        # would take our (N, D * (1 + L)) embeddings for plain (N, D) ones and fail. The tower is built (weights, never
+        # run: it only gets embeddings) -- one tower copy per rank more, which vllm_sync_weights then sends too.
+        vision_tower = True
     rank, world = _torch_world()
     if world % tensor_parallel_size:
         raise ValueError(f"vllm_start: tensor_parallel_size={tensor_parallel_size} does not divide the torch world "
@@ -937,7 +1017,9 @@ def vllm_start(model_dir, max_model_len, seed=0, dtype="auto", gpu_memory_utiliz
     if eos is None:
         eos = cfg.get("eos_token_id", (cfg.get("text_config") or {}).get("eos_token_id"))
     mc = llm.llm_engine.model_config
-    llm.mrsp = dict(model_type=cfg["model_type"], video_token_id=cfg["video_token_id"], max_model_len=mc.max_model_len,
+    llm.mrsp = dict(model_type=cfg["model_type"], video_token_id=cfg["video_token_id"],
+                    vision_start_id=cfg.get("vision_start_token_id"), vision_end_id=cfg.get("vision_end_token_id"),
+                    max_model_len=mc.max_model_len,
                     eos_id=eos, dtype=mc.dtype, vision_tower=bool(kw["limit_mm_per_prompt"].get("video")))
     return llm
 
@@ -949,6 +1031,19 @@ def _collapse_video_pads(ids, video_token_id):
         if not (t == video_token_id and out and out[-1] == video_token_id):
             out.append(t)
     return out
+
+
+def _collapse_timestamped_video(ids, video_token_id, vision_start_id, vision_end_id):
+    """Qwen3-VL: expanded prompt ids (one video: <|vision_start|> then per frame group "<t seconds>" <|vision_start|>
+    pads <|vision_end|>, then <|vision_end|>, data.video_text) -> the prompt with that whole inside collapsed to one
+    <|video_pad|>: vLLM (with a transformers 5.x processor) expands the bare pad again into timestamps + groups."""
+    first = ids.index(video_token_id)
+    last = len(ids) - 1 - ids[::-1].index(video_token_id)
+    start = first - 2   # first - 1 is the first group's <|vision_start|>; before it the first timestamp's text
+    while ids[start] != vision_start_id:
+        start -= 1      # back to the video's outer <|vision_start|>
+    assert ids[last + 1] == vision_end_id and ids[last + 2] == vision_end_id, "not a Qwen3-VL timestamped video"
+    return ids[:start + 1] + [video_token_id] + ids[last + 2:]
 
 
 def vllm_rollout(llm, prompts, n=1, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=256, eos_id=None, seed=None,
@@ -991,10 +1086,15 @@ def vllm_rollout(llm, prompts, n=1, temperature=1.0, top_p=1.0, top_k=0, max_new
                              f"(or use fewer frames)")
         req = {"prompt_token_ids": _collapse_video_pads(ids, vid)}
         if vid in ids:
+            # embeds: (N, D * (1 + L)), DeepStack features side by side -- exactly vLLM's Qwen3-VL video_embeds layout
             video = {"video_embeds": p["embeds"].detach().to("cpu", dtype),
                      "video_grid_thw": p["video_grid_thw"].reshape(-1, 3).long().cpu()}
             if meta["model_type"] == "qwen2_5_vl":   # Qwen2-VL has no time scaling: vLLM would apply one
                 video["second_per_grid_ts"] = p["second_per_grid_ts"].reshape(-1).float().cpu()
+            if meta["model_type"] == "qwen3_vl":     # time is in the text: vLLM rebuilds "<t seconds>" from these
+                req["prompt_token_ids"] = _collapse_timestamped_video(ids, vid, meta["vision_start_id"],
+                                                                      meta["vision_end_id"])
+                video["timestamps"] = p["timestamps"].reshape(1, -1).double().cpu()   # (videos, t): batched per video
             req["multi_modal_data"] = {"video": video}
         if greedy:
             reqs += [req] * n

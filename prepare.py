@@ -10,6 +10,7 @@ Generate the synthetic set, then the tiny checkpoint on its text:
     python prepare.py --out=data/synth --n_train=2000 --num_frames=512 --seed=1
     python prepare.py --tiny=out/tiny --data=data/synth                 # ~0.7M-param Qwen2.5-VL + processor
     python prepare.py --tiny=out/tiny8 --data=data/synth --tiny_heads=8 --tiny_rope_theta=3   # the demo's variant
+    python prepare.py --tiny=out/tiny3 --data=data/synth --family=qwen3_vl     # a tiny Qwen3-VL (also qwen2_vl)
 """
 import contextlib
 import glob
@@ -38,6 +39,7 @@ tiny = ""             # write the tiny checkpoint here (its tokenizer is trained
 data = "data/synth"   # --tiny: the dataset folder (or one JSONL file) whose text the tokenizer learns
 tiny_heads = 4        # --tiny: LM attention heads (the demo uses 8)
 tiny_rope_theta = 1e6  # --tiny: LM rope base (the demo uses 3: bench/probe_tiny.py)
+family = "qwen2_5_vl"  # --tiny: the model family (transformers model_type): qwen2_vl, qwen2_5_vl or qwen3_vl
 seed = 0              # everything is deterministic given the seed
 
 # -----------------------------------------------------------------------------
@@ -239,6 +241,16 @@ TINY_VISION = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, 
                    patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
                    fullatt_block_indexes=[1], tokens_per_second=2)
 TINY_PIXELS = 56 * 56  # every frame resized to 56x56 -> 4 video tokens per 2 frames
+# The other families' towers (--family): Qwen2-VL's (no window attention; embed_dim in, hidden_size out) and
+# Qwen3-VL's (patch 16, learned position grid of num_position_embeddings, DeepStack mergers after the blocks listed
+# in deepstack_visual_indexes: their features are added to the first LLM layers' hidden states at visual tokens).
+TINY_VISION_QWEN2 = dict(depth=2, embed_dim=64, hidden_size=128, mlp_ratio=2, num_heads=4, patch_size=14,
+                         spatial_merge_size=2, temporal_patch_size=2)
+TINY_VISION_QWEN3 = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=128,
+                         patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=16,
+                         deepstack_visual_indexes=[0, 1])
+TINY_PIXELS_QWEN3 = 64 * 64  # Qwen3-VL: patch 16 x merge 2 = 32-pixel factor; 64x64 -> 4 video tokens per 2 frames
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 
 # -----------------------------------------------------------------------------
@@ -282,31 +294,62 @@ def _tiny_text(heads, rope_theta):
                 rope_parameters=dict(rope_type="default", rope_theta=float(rope_theta), mrope_section=sec))
 
 
-def init_tiny(out_dir, data_dir, seed=0, vocab_size=1024, heads=4, rope_theta=1e6):
+def _tiny_family(family, text, ids, tokenizer):
+    """-> (config, model class, processor) of the tiny checkpoint of one family (transformers' model_type)."""
+    import transformers as tf
+    special = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                   vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+                   tie_word_embeddings=True)
+    if family == "qwen3_vl":
+        # Qwen3-VL: head_dim explicit, interleaved M-RoPE (sections in frequency pairs, t:h:w = 6:5:5 of 16, as the
+        # real 24:20:20 of 64); its processor writes "<t seconds>" before each frame group (data.encode_text).
+        head_dim = text["hidden_size"] // text["num_attention_heads"]
+        half = head_dim // 2
+        rope = dict(text["rope_parameters"], mrope_section=[half - 2 * (5 * half // 16), 5 * half // 16,
+                                                            5 * half // 16], mrope_interleaved=True)
+        config = tf.Qwen3VLConfig(text_config=dict(text, head_dim=head_dim, rope_parameters=rope),
+                                  vision_config=TINY_VISION_QWEN3, **special)
+        processor = tf.Qwen3VLProcessor(
+            image_processor=tf.Qwen2VLImageProcessor(patch_size=16, min_pixels=TINY_PIXELS_QWEN3,
+                                                     max_pixels=TINY_PIXELS_QWEN3),
+            video_processor=tf.Qwen3VLVideoProcessor(
+                size={"shortest_edge": TINY_PIXELS_QWEN3, "longest_edge": TINY_PIXELS_QWEN3},
+                cap_pixels_per_frame=True),
+            tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
+        return config, tf.Qwen3VLForConditionalGeneration, processor
+    image_processor = tf.Qwen2VLImageProcessor(min_pixels=TINY_PIXELS, max_pixels=TINY_PIXELS)
+    video_processor = tf.Qwen2VLVideoProcessor(min_pixels=TINY_PIXELS, max_pixels=TINY_PIXELS, cap_pixels_per_frame=True)
+    if family == "qwen2_vl":
+        processor = tf.Qwen2VLProcessor(image_processor=image_processor, video_processor=video_processor,
+                                        tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
+        config = tf.Qwen2VLConfig(text_config=text, vision_config=TINY_VISION_QWEN2, **special)
+        return config, tf.Qwen2VLForConditionalGeneration, processor
+    if family != "qwen2_5_vl":
+        raise ValueError(f"--family={family!r}: expected one of {FAMILIES}")
+    processor = tf.Qwen2_5_VLProcessor(image_processor=image_processor, video_processor=video_processor,
+                                       tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
+    config = tf.Qwen2_5_VLConfig(text_config=text, vision_config=TINY_VISION, **special)
+    return config, tf.Qwen2_5_VLForConditionalGeneration, processor
+
+
+def init_tiny(out_dir, data_dir, seed=0, vocab_size=1024, heads=4, rope_theta=1e6, family="qwen2_5_vl"):
     """Write a random-init Qwen2_5_VLForConditionalGeneration + processor as a standard HF checkpoint.
     heads / rope_theta: the LM's attention heads (width 128 fixed; head_dim = 128 / heads, KV heads = heads / 2) and
     rope base. The demo uses 8 heads and theta 3: with head_dim 16 each M-RoPE axis gets 2-3 frequencies, and only a
     small base makes them fast enough to tell this model's few positions apart (bench/probe_tiny.py; at 1e4 the w
     axis turns by 0.003 rad between the two token columns). The default (4 heads, theta 1e6, Qwen's) is what the
-    tests use (BENCHMARKS.md, "Why SFT learning is fragile")."""
-    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
-                              Qwen2VLImageProcessor, Qwen2VLVideoProcessor, GenerationConfig)
+    tests use (BENCHMARKS.md, "Why SFT learning is fragile").
+    family: qwen2_5_vl (the default), qwen2_vl or qwen3_vl -- the same tiny LM with that family's model class,
+    vision tower (TINY_VISION*) and processor."""
+    from transformers import GenerationConfig
     tokenizer = train_tokenizer(_dataset_texts(data_dir), vocab_size)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    processor = Qwen2_5_VLProcessor(
-        image_processor=Qwen2VLImageProcessor(min_pixels=TINY_PIXELS, max_pixels=TINY_PIXELS),
-        video_processor=Qwen2VLVideoProcessor(min_pixels=TINY_PIXELS, max_pixels=TINY_PIXELS,
-                                              cap_pixels_per_frame=True),
-        tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
     vocab = (len(tokenizer) + 63) // 64 * 64  # pad the embedding table, as real checkpoints do
-    config = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=vocab, bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
-                         pad_token_id=ids["<|endoftext|>"], **_tiny_text(heads, rope_theta)),
-        vision_config=TINY_VISION, image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=True)
+    text = dict(vocab_size=vocab, bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+                pad_token_id=ids["<|endoftext|>"], **_tiny_text(heads, rope_theta))
+    config, model_class, processor = _tiny_family(family, text, ids, tokenizer)
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config)
+    model = model_class(config)
     model.generation_config = GenerationConfig(eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
                                                bos_token_id=ids["<|endoftext|>"])
     os.makedirs(out_dir, exist_ok=True)
@@ -342,5 +385,5 @@ if __name__ == "__main__":
 
     # --- the tiny checkpoint
     if tiny:
-        n = init_tiny(tiny, data, seed, heads=tiny_heads, rope_theta=tiny_rope_theta)
-        print(f"wrote tiny Qwen2.5-VL ({n / 1e6:.2f}M params) to {tiny}")
+        n = init_tiny(tiny, data, seed, heads=tiny_heads, rope_theta=tiny_rope_theta, family=family)
+        print(f"wrote tiny {family} ({n / 1e6:.2f}M params) to {tiny}")

