@@ -66,7 +66,7 @@ keep_gathered = True        # FSDP: all-gather params / reduce-scatter grads onc
                             # (fewer collectives; costs full params + grads per rank: 0 for a 7B on 80 GB)
 max_length = 16384          # longer samples are an error ...
 truncate = False            # ... unless truncate=True, which cuts the target (never the video)
-eval_every = 50             # validation loss + answer accuracy every N steps (and at the end)
+eval_every = 50             # validation loss + answer accuracy every N steps (and at the end); 0 = only at the end
 eval_samples = 64
 max_new_tokens = 160        # generation budget for validation accuracy
 save_every = 50
@@ -208,7 +208,7 @@ if __name__ == "__main__":
                    tokens_per_s=stats["tokens"] / dt, step_time=dt, t_checks=check_seconds())
         if cache is not None:
             row.update(cache_hits=cache.stats["hits"], cache_misses=cache.stats["misses"])
-        if val and ((step + 1) % eval_every == 0 or step + 1 == steps):
+        if val and ((eval_every and (step + 1) % eval_every == 0) or step + 1 == steps):
             phase("eval", step + 1)
             row.update(validate(val, processor, policy, rollout_model, cache, answer_cache, mesh, device, world, rank))
         mem = phase_memory()   # per phase, the fullest rank (a sync point)
