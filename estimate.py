@@ -158,6 +158,15 @@ def load_estimate_config(model):
     v = {k: vis[k] for k in VISION_KEYS}
     v["out_hidden_size"] = vis.get("out_hidden_size", t["hidden_size"])
     v["gated"] = vis.get("gated", True)          # Qwen2.5-VL vision MLP is SwiGLU (gate, up, down)
+    v["deepstack"] = v["pos_embeddings"] = 0
+    t["qk_norm"] = False
+    if raw.get("model_type") == "qwen3_vl":
+        # Qwen3-VL: a GELU vision MLP with LayerNorms, a learned position table and a biased patch conv, plus one
+        # merger per DeepStack layer whose features ride along with each video token (the cache keeps D*(1+L) per
+        # token); its LLM has q/k RMSNorms and no q/k/v bias
+        v.update(gated=False, deepstack=len(vis.get("deepstack_visual_indexes") or ()),
+                 pos_embeddings=vis.get("num_position_embeddings", 0))
+        t["qk_norm"] = True
     dtype = raw.get("dtype") or raw.get("torch_dtype") or text.get("dtype") or text.get("torch_dtype")
     return name or raw.get("model_type", "model"), dict(text=t, vision=v, pixels=pixels, dtype=dtype)
 
@@ -207,6 +216,8 @@ def param_counts(c):
     d, I, V = t["hidden_size"], t["intermediate_size"], t["vocab_size"]
     q, kv = t["num_attention_heads"] * t["head_dim"], t["num_key_value_heads"] * t["head_dim"]
     layer = d * q + q + 2 * (d * kv + kv) + q * d + 3 * d * I + 2 * d   # q/k/v (bias), o, SwiGLU, 2 RMSNorm
+    if t.get("qk_norm"):   # Qwen3: no q/k/v bias, an RMSNorm over head_dim on q and on k
+        layer += 2 * t["head_dim"] - q - 2 * kv
     text = V * d * (1 if t["tie_word_embeddings"] else 2) + t["num_hidden_layers"] * layer + d
     h, Iv, m2 = v["hidden_size"], v["intermediate_size"], v["spatial_merge_size"] ** 2
     mlp = 3 * h * Iv + 2 * Iv + h if v["gated"] else 2 * h * Iv + Iv + h
@@ -214,6 +225,8 @@ def param_counts(c):
     out = v["out_hidden_size"]   # merger: norm, Linear(h·m², h·m²), GELU, Linear(h·m², out), with biases
     merger = h * (1 if v["gated"] else 2) + (h * m2) ** 2 + h * m2 + h * m2 * out + out
     vision = 3 * v["temporal_patch_size"] * v["patch_size"] ** 2 * h + v["depth"] * block + merger
+    if v.get("deepstack") or v.get("pos_embeddings"):   # Qwen3-VL: conv bias, position table, DeepStack mergers
+        vision += h + v["pos_embeddings"] * h + v["deepstack"] * (merger + 2 * h * m2 - 2 * h)   # their LayerNorm: h·m²
     return text, vision, layer, V * d
 
 
@@ -304,7 +317,7 @@ def estimate_memory(cfg, frames, world=None, sp=8, *, engine="vllm", vllm_memory
     pairs_local = math.ceil(per_rank_prompts * math.ceil(frames / tp) / sp)
     patches_local = pairs_local * per_pair * m * m         # vision patches (before the 2x2 merge)
     pix_row = 3 * tp * p * p                               # values per patch row (1176)
-    emb_video = n_video * D * wb                           # one video's cached embeddings
+    emb_video = n_video * D * (1 + v["deepstack"]) * wb    # one video's cached embeddings (+ DeepStack features)
 
     # --- resident in every phase (steady state: AdamW state exists from the first opt.step on)
     resident = {}
@@ -335,7 +348,8 @@ def estimate_memory(cfg, frames, world=None, sp=8, *, engine="vllm", vllm_memory
     # --- the vLLM engine (GPU): gpu_memory_utilization x the GPU = weights + profiled workspace + KV pool
     total = gpu_mem_gib * GiB
     kv_tok_vllm = 2 * L * kv * 2                           # K and V, every layer, bf16
-    vllm_w = 2 * P_text                                    # the LLM only: vision_tower=False, fed embeddings
+    # the LLM only (fed embeddings); for Qwen3-VL vLLM must build its vision tower to apply DeepStack (idle weights)
+    vllm_w = 2 * P_text + (2 * P_vis if v["deepstack"] else 0)
     # profiling forward of `batched` tokens, no grad, one layer at a time (hidden + residual, qkv, attention out,
     # gate_up, silu*up) + the sampler's fp32 logits for max_num_seqs
     vllm_ws = batched * (3 * d + qw + 2 * kv + 3 * I) * 2 + VLLM_MAX_SEQS * V * 4 * 2
@@ -386,7 +400,7 @@ def estimate_memory(cfg, frames, world=None, sp=8, *, engine="vllm", vllm_memory
         pts["HF decode end"] = {f"KV x G of prompt + {R} tokens": group_size * (S + R) * kv_tok,
                                 "one layer's cat in flight": group_size * (S + R) * kv_tok / L}
     else:
-        pts["vLLM rollout"] = {"the video embeddings inside vLLM": n_video * D * 2}
+        pts["vLLM rollout"] = {"the video embeddings inside vLLM": n_video * D * (1 + v["deepstack"]) * 2}
     collect = add(dict(resident, **engine_terms), pts, "working set")
 
     # --- the sequence forward shared by prefill and update

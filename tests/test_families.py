@@ -272,3 +272,26 @@ def test_one_sft_step_and_one_rl_step(fam_env, fam, tmp_path):
                "--max_new_tokens=4", "--lr=1e-4", *sp, nproc=nproc)
     assert len(m) == 1 and "reward_mean" in m[0]
     assert json.load(open(tmp_path / "rl" / "hf" / "config.json"))["model_type"] == fam
+
+
+@pytest.mark.parametrize("fam", FAMILIES)
+def test_estimate_counts_each_family(fam_env, fam):
+    """estimate.py's parameter counts equal the real modules', and a Qwen3-VL cache entry is (1 + DeepStack layers)
+    embeddings wide: what the cache stores (mrsp's encode returns D*(1+L) per token)."""
+    import estimate
+    from mrsp import load_model
+    _, ckpts = fam_env
+    model, _ = load_model(ckpts[fam])
+    name, c = estimate.load_estimate_config(ckpts[fam])
+    text, vision, _, _ = estimate.param_counts(c)
+    lm_head = 0 if model.config.tie_word_embeddings else model.lm_head.weight.numel()
+    assert text == sum(p.numel() for p in model.model.language_model.parameters()) + lm_head
+    assert vision == sum(p.numel() for p in model.model.visual.parameters())
+    L = len(getattr(model.config.vision_config, "deepstack_visual_indexes", None) or ())
+    assert c["vision"]["deepstack"] == L and (L > 0) == (fam == "qwen3_vl")
+    # the cached embeddings per video: D * (1 + L) values per token (the same config without DeepStack: D)
+    flat = (name, dict(c, vision=dict(c["vision"], deepstack=0)))
+    emb = [next(v for k, v in estimate.estimate_memory(cfg, 16, world=1, sp=1, engine="hf", device="cpu",
+                                                         videos_seen=1, prompts_per_step=1)
+                ["phases"]["update"].items() if k.startswith("video embeddings")) for cfg in ((name, c), flat)]
+    assert emb[0] == (1 + L) * emb[1] > 0
