@@ -548,6 +548,11 @@ def normalize_record(row, root=None, where="record"):
             if not row.get("options"):
                 raise RecordError(f"{where}: missing field 'options' (a multiple-choice record; set answer_type to "
                                   f"'open' or 'math' for other answers)")
+            if not videos and not images:
+                # a video QA record that lost its video (a typo in the key) must not turn into a text question:
+                # text-only multiple choice says so with answer_type "choice"
+                raise RecordError(f"{where}: missing field 'video' (or 'videos' / 'images'; a text-only "
+                                  f"multiple-choice record sets answer_type 'choice')")
             answer_type = "choice"
         if answer_type not in ANSWER_TYPES:
             raise RecordError(f"{where}: field 'answer_type': expected one of {', '.join(ANSWER_TYPES)}, "

@@ -258,3 +258,12 @@ def test_sft_rl_eval_on_text_only_records(tiny_math, math_dir, tmp_path):
     assert set(res["by_category"]) == {"arithmetic", "word", "fraction"}
     rows = [json.loads(x) for x in open(out / "eval" / "frames_32" / "items.jsonl")]
     assert all(r["answer_type"] == "math" and r["n_options"] is None for r in rows)
+
+
+def test_text_only_multiple_choice_is_explicit(tmp_path):
+    row = {"id": "t", "question": "2 + 2?", "options": ["3", "4"], "answer": "B"}
+    with pytest.raises(RecordError, match=r"t\.jsonl:1: missing field 'video' .*answer_type 'choice'"):
+        data.load_records(_write(tmp_path / "t.jsonl", [row]))   # a lost video key is not a text question
+    (r,) = data.load_records(_write(tmp_path / "t.jsonl", [dict(row, answer_type="choice")]))
+    assert data.record_media(r) == "text" and r["answer"] == "B"
+    assert data.score_answer("<think>.</think><answer>B</answer>", r) == dict(extracted="B", correct=True, format=True)
