@@ -1,8 +1,11 @@
 """
 data.py -- long-video QA data, as a library: video decoding (decord, PyAV fallback), frame sampling and sizing with
 qwen-vl-utils' rules (what Qwen2-VL / Qwen2.5-VL checkpoints were trained with), dataset records (LongVideo-Reason as
-released, our JSONL, Video-MME), prompts and targets, answer extraction, and SFT/RL collation. numpy + PyAV/decord;
-torch/torchvision only to process frames and collate; copy it into another project alone.
+released, our JSONL, Video-MME, GSM8K, MATH; one video, none, images or several videos; multiple-choice, open-ended or
+math answers), prompts and targets, answer extraction and scoring (score_answer: option letters, normalised open
+answers, the math verifier math_equal), and SFT/RL collation. numpy + PyAV/decord; torch/torchvision only to process
+frames and collate; sympy (and math-verify when installed) only to compare math expressions; copy it into another
+project alone.
 
     from data import load_records, video_options, load_video, process_video, decode_opts, size_opts
     recs = load_records("data/synth/train.jsonl")          # LongVideo-Reason / ours / Video-MME rows
@@ -11,7 +14,9 @@ torch/torchvision only to process frames and collate; copy it into another proje
     pixels = process_video(processor, frames, info, **size_opts(opts)) # sized from the whole sampling
 
 Records, all normalised to one dict:
-    {id, video (absolute path), question, options ["A. ...", ...], answer "B", reasoning, category,
+    {id, video (absolute path of the one video; None for text-only, image and several-video records), videos [paths],
+     images [paths], question, answer_type "choice" | "open" | "math", options ["A. ...", ...] ([] unless choice),
+     answer ("B", a short text, or a final math answer), answers [every acceptable answer], reasoning, category,
      duration, domain, task_type, source, video_opts {qwen-vl-utils per-sample keys}}
 The synthetic set and the tiny checkpoint are made by prepare.py.
 """
