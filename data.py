@@ -605,27 +605,31 @@ def normalize_record(row, root=None, where="record"):
     return rec
 
 
+def record_videos(rec):
+    """A normalised record's video paths, in order ([] for none)."""
+    return list(rec.get("videos") or ([rec["video"]] if rec.get("video") else []))
+
+
 def record_media(rec):
     """What a normalised record shows the model: "text" (nothing), "video" (exactly one video: the MR-SP path),
     "images", "videos" (several) or "mixed" (images and videos)."""
-    nv, ni = len(rec.get("videos") or ([rec["video"]] if rec.get("video") else [])), len(rec.get("images") or [])
+    nv, ni = len(record_videos(rec)), len(rec.get("images") or [])
     return "text" if not nv and not ni else "video" if nv == 1 and not ni else "mixed" if nv and ni else \
         "images" if ni else "videos"
 
 
 def check_supported(records, where=""):
-    """The stage scripts train / roll out / evaluate records with one video or none (text only): the MR-SP path
-    (embedding cache, parallel encode, sequence-parallel forward) is built per video. Image and several-video records
-    are read, prompted and processed by this module (image_inputs, video_inputs, encode_text) and go through a plain
-    HF forward (tests/test_tasks.py), but not yet through sft.py / rl.py / eval.py: RecordError naming the first such
-    record and what is supported, before any model work."""
+    """The stage scripts train / roll out / evaluate records with videos (one or several, each encoded and cached on
+    its own) or none (text only): the MR-SP path (embedding cache, parallel encode, sequence-parallel forward) is
+    built for videos. Image records are read, prompted and processed by this module (image_inputs, encode_text,
+    collate_sft) and go through a plain HF forward (tests/test_tasks.py), but not yet through sft.py / rl.py /
+    eval.py: RecordError naming the first such record and what is supported, before any model work."""
     for r in records:
-        kind = record_media(r)
-        if kind not in ("text", "video"):
-            raise RecordError(f"{where + ': ' if where else ''}record {r['id']!r} has {len(r['images'])} image(s) "
-                              f"and {len(r['videos'])} video(s): the stage scripts take one video or none per record "
-                              f"(text only); image and several-video records are supported by data.py's processing "
-                              f"and a plain HF forward only (README, Record formats)")
+        if r.get("images"):
+            raise RecordError(f"{where + ': ' if where else ''}record {r['id']!r} has {len(r['images'])} image(s): "
+                              f"the stage scripts take videos (one or several) or none (text only) per record; image "
+                              f"records are supported by data.py's processing and a plain HF forward only (README, "
+                              f"Record formats)")
 
 
 def load_records(path, video_root=None, on_error=None):

@@ -416,15 +416,23 @@ def get_video_embeds(model, processor, records, cache=None, num_frames=None, gro
     num_frames and **video (min_pixels, max_pixels, total_pixels, fps, ...: data.video_options' names) are the
     stage's defaults; a record's own qwen-vl-utils fields override them.
     -> (list of value dicts as stored in the cache, number of videos encoded)."""
-    from data import check_supported, decode_opts, load_video, no_video, process_video, size_opts, video_options
+    from data import (check_supported, decode_opts, load_video, no_video, process_video, record_videos, size_opts,
+                      video_options)
     if any(r.get("video") is None for r in records):
-        # a text-only record has nothing to encode: data.no_video(), outside the cache; images and several videos are
-        # not on this path yet (RecordError naming the record)
+        # records that are not one video: each video of a several-video record is encoded (and cached) on its own and
+        # the record gets their embeddings concatenated in its order, one grid row per video; a text-only record has
+        # nothing to encode: data.no_video(), outside the cache. Images are not on this path (RecordError naming it).
         check_supported(records)
-        vals, n = get_video_embeds(model, processor, [r for r in records if r.get("video") is not None], cache,
-                                   num_frames, group, version, device, **video)
-        it = iter(vals)
-        return [no_video() if r.get("video") is None else next(it) for r in records], n
+        paths = [record_videos(r) for r in records]
+        vals, n = get_video_embeds(model, processor, [dict(r, video=p) for r, ps in zip(records, paths) for p in ps],
+                                   cache, num_frames, group, version, device, **video)
+        it, out = iter(vals), []
+        for ps in paths:
+            vs = [next(it) for _ in ps]
+            out.append(no_video() if not vs else vs[0] if len(vs) == 1 else
+                       {k: torch.cat([v[k].reshape(-1, 3) if k == "video_grid_thw" else v[k].reshape(-1, *v[k].shape[1:])
+                                      for v in vs]) for k in ("embeds", "video_grid_thw", "second_per_grid_ts")})
+        return out, n
     opts = [video_options(r, num_frames=num_frames, **video) for r in records]
     keys = [EmbeddingCache.key(r["video"], o, version=version) for r, o in zip(records, opts)]
     found = {k: cache.get(k) for k in dict.fromkeys(keys)} if cache is not None else {k: None for k in keys}
@@ -470,8 +478,8 @@ def build_seq(rec, processor, model=None, cache=None, frames=32, group=None, dev
     frames, **video: the stage's video option defaults (get_video_embeds).
     Keys: input_ids (S,), mm_token_type_ids (S,), loss_mask (S,) bool (the assistant target; all False
     without target), labels, prompt_len, video_grid_thw (1, 3), second_per_grid_ts (1,), embeds | pixel_values_videos."""
-    from data import check_supported, encode_text, no_video, video_inputs
-    if rec.get("video") is None:   # text only (no_video): no pixels to process; the pixel path asks for none either
+    from data import check_supported, encode_text, no_video, record_media, video_inputs
+    if record_media(rec) == "text":   # text only (no_video): no pixels to process; the pixel path asks for none either
         check_supported([rec])
         vid = no_video()
         if model is None:   # the pixel path (trainable tower): the forward is asked to encode, and finds nothing to
@@ -1025,6 +1033,9 @@ def vllm_rollout(llm, prompts, n=1, temperature=1.0, top_p=1.0, top_k=0, max_new
                              f"{meta['max_model_len']} of the vLLM engine: start it with a larger max_model_len "
                              f"(or use fewer frames)")
         req = {"prompt_token_ids": _collapse_video_pads(ids, vid)}
+        if p["video_grid_thw"].reshape(-1, 3).shape[0] > 1:   # how vLLM takes several videos' embeddings: not wired
+            raise ValueError(f"prompt {i}: {p['video_grid_thw'].reshape(-1, 3).shape[0]} videos in one prompt: the "
+                             f"vLLM engine is fed one video per prompt here; use --engine=hf for several-video records")
         if vid in ids:
             video = {"video_embeds": p["embeds"].detach().to("cpu", dtype),
                      "video_grid_thw": p["video_grid_thw"].reshape(-1, 3).long().cpu()}
@@ -1280,7 +1291,7 @@ def evaluate(model, processor, records, frames, max_new_tokens=512, temperature=
     model.eval()
     tok = processor.tokenizer
     # the unit a rank takes: a video (its questions together), or a record without one (text only, ids are unique)
-    unit = [rec["video"] if rec.get("video") is not None else ("no video", rec["id"]) for rec in records]
+    unit = [rec["video"] if rec.get("video") is not None else ("record", rec["id"]) for rec in records]
     units = list(dict.fromkeys(unit))
     share = [set(units[r::world]) for r in range(world)]
     todo = [(i, rec) for i, rec in enumerate(records) if unit[i] in share[rank]]

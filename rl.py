@@ -398,7 +398,7 @@ def video_kw():
 
 def load_pixels(rec, processor):
     """Decode + process one video: pixel_values_videos, video_grid_thw (1, 3), second_per_grid_ts (1,)."""
-    if rec.get("video") is None:   # text only: no pixels (zero grid rows; the forwards fill no video slot)
+    if not rec.get("video") and not rec.get("videos"):   # text only: no pixels (zero grid rows; nothing to fill)
         return dict(video_grid_thw=no_video()["video_grid_thw"], second_per_grid_ts=no_video()["second_per_grid_ts"],
                     pixel_values_videos=torch.zeros(0, 0))
     return video_inputs(processor, rec, num_frames=frames, **video_kw())

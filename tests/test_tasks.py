@@ -50,8 +50,8 @@ def test_record_formats_normalise(tmp_path):
     assert [data.record_media(r) for r in (gsm, op, img, multi)] == ["text", "video", "images", "videos"]
     # text-only records need no file: check_videos keeps them; the stage scripts refuse images / several videos
     assert data.check_videos([gsm, ours])[0] == [gsm, ours]
-    data.check_supported([gsm, ours, op])
-    with pytest.raises(RecordError, match=r"--data=x: record 'i1' has 2 image\(s\) and 0 video\(s\)"):
+    data.check_supported([gsm, ours, op, multi])
+    with pytest.raises(RecordError, match=r"--data=x: record 'i1' has 2 image\(s\): the stage scripts take videos"):
         data.check_supported([gsm, img], where="--data=x")
 
 
@@ -226,10 +226,28 @@ def test_image_and_several_video_records_plain_forward(tiny_math, tmp_path):
     hf, _ = rope_index(model, t["input_ids"][None], t["mm_token_type_ids"][None], image_grid_thw=px["image_grid_thw"],
                        rule="hf")
     assert torch.equal(ours, hf)
-    # the MR-SP path refuses them with the record named (the stage scripts check at load time)
-    for rec in (img_rec, vids_rec):
-        with pytest.raises(RecordError, match=rf"record '{rec['id']}' has .* the stage scripts take one video or none"):
-            build_seq(rec, processor, model)
+    # the MR-SP path refuses images with the record named (the stage scripts check at load time) ...
+    with pytest.raises(RecordError, match=r"record 'img' has 2 image\(s\): the stage scripts take videos"):
+        build_seq(img_rec, processor, model)
+    # ... and takes several videos: each encoded and cached on its own, embeddings concatenated in order. Its target
+    # log-probs equal a plain HF forward from pixels at the same (canonical) positions.
+    from mrsp import EmbeddingCache, mrope_positions, sp_logprobs
+    cache = EmbeddingCache(1 << 26)
+    seq = build_seq(vids_rec, processor, model, cache, frames=4)
+    assert seq["video_grid_thw"].shape == (2, 3) and cache.stats["misses"] == 2
+    assert torch.equal(seq["input_ids"], tv["input_ids"])
+    with torch.no_grad():
+        lp = sp_logprobs(model, seq)
+        pos, _ = mrope_positions(model, tv["input_ids"][None], tv["mm_token_type_ids"][None], vx["video_grid_thw"],
+                                 vx["second_per_grid_ts"])
+        logits = model(input_ids=tv["input_ids"][None], pixel_values_videos=vx["pixel_values_videos"],
+                       video_grid_thw=vx["video_grid_thw"], second_per_grid_ts=vx["second_per_grid_ts"],
+                       mm_token_type_ids=tv["mm_token_type_ids"][None], position_ids=pos).logits[0]
+    ref = torch.log_softmax(logits[:-1].float(), -1).gather(-1, tv["input_ids"][1:, None])[:, 0]
+    m = seq["loss_mask"]
+    assert torch.allclose(lp[m], ref[m[1:]], atol=1e-5)
+    build_seq(vids_rec, processor, model, cache, frames=4)
+    assert cache.stats["hits"] == 2   # both videos served from the cache the second time
 
 
 # -----------------------------------------------------------------------------
