@@ -968,17 +968,18 @@ _FINAL_RE = re.compile(r"(?i:(?:final\s+)?answer\s*(?:is|:|=)|####)\s*(?P<x>[^\n
 
 def extract_math(text):
     """The final answer of a math response, as text, or None. Where: answer_text. What: the last \\boxed{} in it;
-    else, in an answer tag, the whole tag; else, in free text, what follows the last "answer is" / "answer:" / "####"
-    (up to the line's end), else the last number ("... so she has 18 apples." -> "18")."""
+    else what follows the last "answer is" / "answer:" / "####" (up to the line's end; "<answer>The answer is 5
+    </answer>" -> "5"); else, in an answer tag, the whole tag; else, in free text, the last number ("... so she has
+    18 apples." -> "18")."""
     part = answer_text(text)
     if part is None:
         return None
     boxed = last_boxed(part)
     if boxed is not None and boxed.strip():
         return boxed.strip()
-    if _ANSWER_TAG_RE.search(text):
-        return part.strip() or None
     m = list(_FINAL_RE.finditer(part))
+    if _ANSWER_TAG_RE.search(text) and not m:
+        return part.strip() or None
     if m:
         got = m[-1]["x"].strip().rstrip(".").strip()
         if got:

@@ -98,6 +98,7 @@ def test_extract_math():
     assert data.extract_math("She has 12 + 6 = 18 apples left.") == "18"                 # the last number
     assert data.extract_math("The answer is 1,200 dollars.\nCheck: 3 items") == "1,200 dollars"
     assert data.extract_math("#### 72") == "72"
+    assert data.extract_math("<think>.</think><answer>The final answer is 7.</answer>") == "7"
     assert data.extract_math("<think>so 4 then 5") is None                               # cut off mid-thought
     assert data.extract_math("<think>x</think><answer></answer>") is None
     assert data.extract_math("no number here") is None
