@@ -401,6 +401,9 @@ if __name__ == "__main__":
         have = json.load(open(os.path.join(out, "meta.json"))) if mine else {}
         if task not in ("video", "math"):
             raise SystemExit(f"prepare.py: --task={task!r}: expected video or math")
+        if mine and have.get("task", "video") != task:   # never overwrite one kind of set with the other
+            raise SystemExit(f"prepare.py: --out={out} holds a {have.get('task', 'video')} set: pick another --out "
+                             f"for --task={task}")
         if task == "math":   # text-only records, no videos: written in well under a second
             generate_math(out, n_train, n_val, n_test, seed)
             print(f"wrote {n_train}/{n_val}/{n_test} train/val/test math questions to {out}")
