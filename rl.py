@@ -397,7 +397,8 @@ def video_kw():
 
 
 def load_pixels(rec, processor):
-    """Decode + process one video: pixel_values_videos, video_grid_thw (1, 3), second_per_grid_ts (1,)."""
+    """Decode + process a record's video(s): pixel_values_videos, video_grid_thw (n_videos, 3), second_per_grid_ts
+    (n_videos,); zero rows for a text-only record."""
     if not rec.get("video") and not rec.get("videos"):   # text only: no pixels (zero grid rows; nothing to fill)
         return dict(video_grid_thw=no_video()["video_grid_thw"], second_per_grid_ts=no_video()["second_per_grid_ts"],
                     pixel_values_videos=torch.zeros(0, 0))
@@ -690,7 +691,7 @@ if __name__ == "__main__":
         val = load_records(val_data)[:eval_samples] if val_data else []
         check_videos(train, where=f"--data={data}")
         check_videos(val, where=f"--val_data={val_data}")
-        check_supported(train, where=f"--data={data}")   # one video or none (text only) per record
+        check_supported(train, where=f"--data={data}")   # videos or text only: no image records yet
         check_supported(val, where=f"--val_data={val_data}")
     except ValueError as e:
         raise SystemExit(str(e)) from None

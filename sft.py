@@ -154,7 +154,7 @@ if __name__ == "__main__":
     # --- data
     train = load_records(data)
     val = load_records(val_data)[:eval_samples] if val_data else []
-    check_supported(train, where=f"--data={data}")   # one video or none (text only) per record
+    check_supported(train, where=f"--data={data}")   # videos or text only: no image records yet
     check_supported(val, where=f"--val_data={val_data}")
     print0(f"data: {len(train)} train / {len(val)} val records; dp={mesh.dp_size} sp={mesh.sp_size}")
 
