@@ -1033,6 +1033,8 @@ def _sympy_expr(s):
     t = t.replace("^", "**")
     if len(t) > 200 or not re.fullmatch(r"[0-9a-z+\-*/().\s]*", t) or not t.strip():
         return None
+    if re.search(r"\d\s+\.?\d", t):   # "1 1/2" is a mixed number, not 1 * 1/2: not read
+        return None
     if any(len(w) > 1 and w not in _SYMPY_NAMES for w in re.findall(r"[a-z]+", t)):
         return None
     from sympy import Symbol, pi, sqrt
