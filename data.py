@@ -1,8 +1,11 @@
 """
 data.py -- long-video QA data, as a library: video decoding (decord, PyAV fallback), frame sampling and sizing with
 qwen-vl-utils' rules (what Qwen2-VL / Qwen2.5-VL checkpoints were trained with), dataset records (LongVideo-Reason as
-released, our JSONL, Video-MME), prompts and targets, answer extraction, and SFT/RL collation. numpy + PyAV/decord;
-torch/torchvision only to process frames and collate; copy it into another project alone.
+released, our JSONL, Video-MME, GSM8K, MATH; one video, none, images or several videos; multiple-choice, open-ended or
+math answers), prompts and targets, answer extraction and scoring (score_answer: option letters, normalised open
+answers, the math verifier math_equal), and SFT/RL collation. numpy + PyAV/decord; torch/torchvision only to process
+frames and collate; sympy (and math-verify when installed) only to compare math expressions; copy it into another
+project alone.
 
     from data import load_records, video_options, load_video, process_video, decode_opts, size_opts
     recs = load_records("data/synth/train.jsonl")          # LongVideo-Reason / ours / Video-MME rows
@@ -11,7 +14,9 @@ torch/torchvision only to process frames and collate; copy it into another proje
     pixels = process_video(processor, frames, info, **size_opts(opts)) # sized from the whole sampling
 
 Records, all normalised to one dict:
-    {id, video (absolute path), question, options ["A. ...", ...], answer "B", reasoning, category,
+    {id, video (absolute path of the one video; None for text-only, image and several-video records), videos [paths],
+     images [paths], question, answer_type "choice" | "open" | "math", options ["A. ...", ...] ([] unless choice),
+     answer ("B", a short text, or a final math answer), answers [every acceptable answer], reasoning, category,
      duration, domain, task_type, source, video_opts {qwen-vl-utils per-sample keys}}
 The synthetic set and the tiny checkpoint are made by prepare.py.
 """
@@ -39,6 +44,10 @@ LETTERS = "ABCDEFGHIJ"
 CATEGORIES = ("temporal", "goal", "spatial", "plot")  # LongVideo-Reason-eval categories
 INSTRUCTION = ("Think step by step inside <think> </think> tags, then give only the letter of the "
                "correct option inside <answer> </answer> tags.")
+OPEN_INSTRUCTION = ("Think step by step inside <think> </think> tags, then give only a short answer (a few words) "
+                    "inside <answer> </answer> tags.")
+MATH_INSTRUCTION = ("Think step by step inside <think> </think> tags, then give only the final answer (a number or "
+                    "an expression) inside <answer> </answer> tags.")
 
 
 class VideoError(ValueError):
@@ -430,11 +439,50 @@ def _record_video_opts(row, where):
     return opts
 
 
+ANSWER_TYPES = ("choice", "open", "math")   # lettered options | short free text | a number or expression
+_GSM8K_RE = re.compile(r"^(?P<reasoning>.*)####\s*(?P<answer>.+?)\s*$", re.S)
+
+
+def _where_id(where):
+    """An id for a row of a dataset that has none (GSM8K, MATH): "line12" (JSONL) / "item3" (JSON), else None."""
+    m = re.search(r"(?::(\d+)|: item (\d+))$", str(where))
+    return None if m is None else f"line{m[1]}" if m[1] else f"item{m[2]}"
+
+
+def _paths(row, field, where):
+    """A media field of a raw row (one path or a list of paths) -> list of path strings ([] when absent)."""
+    v = row.get(field)
+    if v is None or v == []:
+        return []
+    items = [v] if isinstance(v, (str, os.PathLike)) else v
+    if not isinstance(items, list) or any(not isinstance(p, (str, os.PathLike)) or not os.fspath(p).strip()
+                                          for p in items):
+        raise RecordError(f"{where}: field {field!r}: expected a path or a list of paths, got {v!r}")
+    return [os.fspath(p) for p in items]
+
+
+def _answers(v, where, field="answer"):
+    """An open-ended answer: one non-empty text or a list of acceptable texts -> list of strings."""
+    items = v if isinstance(v, list) else [v]
+    if not items or any(isinstance(a, bool) or not isinstance(a, (str, int, float)) or not str(a).strip()
+                        for a in items):
+        raise RecordError(f"{where}: field {field!r}: expected a non-empty text (or a list of acceptable texts), "
+                          f"got {v!r}")
+    return [str(a).strip() for a in items]
+
+
 def normalize_record(row, root=None, where="record"):
     """One raw row (any supported format) -> the normalised dict. `where` names it in errors.
-    qwen-vl-utils' optional per-sample video keys (nframes, fps, min_frames, max_frames, video_start, video_end,
-    min_pixels, max_pixels, total_pixels, resized_height, resized_width) are validated and kept in
-    rec["video_opts"] (empty when none); video_options() merges them with a stage's defaults."""
+
+    Formats (README "Record formats" has one example line each): LongVideo-Reason as released, Video-MME rows, our
+    JSONL (video / several videos / images / text only; answer_type "choice" (default), "open" or "math"), GSM8K rows
+    {"question", "answer": "... #### 42"} and MATH rows {"problem", "solution" with \\boxed{}}.
+    The normalised dict: id, question, answer_type, options (["A. ...", ...]; [] unless "choice"), answer (a letter;
+    the first acceptable text for "open"; the final answer for "math"), answers (every acceptable answer), reasoning,
+    category, source, videos (absolute paths), images (absolute paths), video (the path when the record has exactly
+    one video and no image -- the MR-SP path --, else None), video_opts (qwen-vl-utils per-sample video keys:
+    nframes, fps, min_frames, max_frames, video_start, video_end, min_pixels, max_pixels, total_pixels,
+    resized_height, resized_width, validated; video_options() merges them with a stage's defaults)."""
     def need(field):
         if field not in row or row[field] in (None, ""):
             raise RecordError(f"{where}: missing field {field!r}")
@@ -442,15 +490,27 @@ def normalize_record(row, root=None, where="record"):
 
     if not isinstance(row, dict):
         raise RecordError(f"{where}: expected a JSON object, got {type(row).__name__}")
-    extra = {}
-    if "problem" in row:  # LongVideo-Reason as released
+    extra, images, answer_type = {}, [], "choice"
+    if "problem" in row and "solution" in row and not row.get("videos"):  # MATH (Hendrycks) rows: no media
+        source, answer_type = "math", "math"
+        rid = row.get("id", row.get("problem_id", row.get("unique_id")))
+        rid = rid if rid is not None else _where_id(where)   # MATH's files carry no id: the line number
+        question, reasoning = need("problem"), need("solution")
+        if not isinstance(reasoning, str):
+            raise RecordError(f"{where}: field 'solution': expected text, got {reasoning!r}")
+        answer = row.get("answer") or last_boxed(reasoning)
+        if answer is None or not str(answer).strip():
+            raise RecordError(f"{where}: field 'solution': expected a final answer in \\boxed{{...}} (or an 'answer' "
+                              f"field), got {reasoning[-80:]!r}")
+        videos, options = [], []
+        category = row.get("type", row.get("category"))
+        extra = {k: row.get(k) for k in ("level",) if k in row}
+    elif "problem" in row:  # LongVideo-Reason as released
         source = "longvideo-reason"
         rid = row.get("problem_id", row.get("id"))
-        video = need("videos")
-        if isinstance(video, list):
-            if len(video) != 1:
-                raise RecordError(f"{where}: field 'videos': expected one video, got {len(video)}")
-            video = video[0]
+        videos = _paths(row, "videos", where) if "videos" in row else []
+        if not videos:
+            raise RecordError(f"{where}: missing field 'videos'")
         problem = need("problem")
         if not isinstance(problem, str):
             raise RecordError(f"{where}: field 'problem': expected a string")
@@ -466,42 +526,110 @@ def normalize_record(row, root=None, where="record"):
         vid = row.get("videoID") or row.get("video_id")
         if not vid:
             raise RecordError(f"{where}: missing field 'videoID'")
-        video = row.get("video") or (vid if str(vid).lower().endswith((".mp4", ".mkv", ".webm", ".avi")) else f"{vid}.mp4")
+        videos = [row.get("video") or (vid if str(vid).lower().endswith((".mp4", ".mkv", ".webm", ".avi"))
+                                       else f"{vid}.mp4")]
         question, options = need("question"), need("options")
         answer, reasoning = need("answer"), ""
         category = row.get("task_type")
         extra = {k: row.get(k) for k in ("duration", "domain", "sub_category", "task_type")}
-    else:  # ours
+    else:  # ours (and GSM8K rows, which are ours without media, options or answer_type)
         source = "normalized"
         rid = row.get("id")
-        video, question, options, answer = need("video"), need("question"), need("options"), need("answer")
+        if "video" in row and "videos" in row:
+            raise RecordError(f"{where}: fields 'video' and 'videos': give one of them")
+        videos = _paths(row, "video", where) + _paths(row, "videos", where)
+        images = _paths(row, "image", where) + _paths(row, "images", where)
+        question, answer = need("question"), row.get("answer")
         reasoning = row.get("reasoning") or ""
+        answer_type = row.get("answer_type")
+        gsm8k = (answer_type in (None, "math") and not videos and not images and not row.get("options")
+                 and isinstance(answer, str) and _GSM8K_RE.match(answer))
+        if gsm8k:   # GSM8K: "<solution with <<48/2=24>> calculator notes>\n#### 72"
+            source, answer_type = ("gsm8k" if answer_type is None else source), "math"
+            reasoning = reasoning or re.sub(r"<<[^<>]*>>", "", gsm8k["reasoning"]).strip()
+            answer = gsm8k["answer"]
+            rid = rid if rid is not None else _where_id(where)   # GSM8K's files carry no id: the line number
+        if answer_type is None:
+            if not row.get("options"):
+                raise RecordError(f"{where}: missing field 'options' (a multiple-choice record; set answer_type to "
+                                  f"'open' or 'math' for other answers)")
+            if not videos and not images:
+                # a video QA record that lost its video (a typo in the key) must not turn into a text question:
+                # text-only multiple choice says so with answer_type "choice"
+                raise RecordError(f"{where}: missing field 'video' (or 'videos' / 'images'; a text-only "
+                                  f"multiple-choice record sets answer_type 'choice')")
+            answer_type = "choice"
+        if answer_type not in ANSWER_TYPES:
+            raise RecordError(f"{where}: field 'answer_type': expected one of {', '.join(ANSWER_TYPES)}, "
+                              f"got {answer_type!r}")
+        options = need("options") if answer_type == "choice" else []
+        if answer_type != "choice" and row.get("options"):
+            raise RecordError(f"{where}: field 'options': a record with answer_type {answer_type!r} has no options "
+                              f"(drop them, or use answer_type 'choice')")
+        if answer is None or answer == "":
+            raise RecordError(f"{where}: missing field 'answer'")
         category = row.get("category")
         extra = {k: row.get(k) for k in ("duration", "domain", "task_type") if k in row}
 
     if rid is None:
         raise RecordError(f"{where}: missing field 'id' (or problem_id/question_id)")
-    if not isinstance(options, list) or len(options) < 2:
-        raise RecordError(f"{where}: field 'options': expected a list of at least 2 options, got {options!r}")
-    if len(options) > len(LETTERS):
-        raise RecordError(f"{where}: field 'options': at most {len(LETTERS)} options, got {len(options)}")
-    options = _norm_options(options)
-    ans = str(answer).strip()
-    m = _ANSWER_TAG_RE.search(ans)
-    ans = (m.group(1) if m else ans).strip().rstrip(".").strip("()").upper()
-    if len(ans) != 1 or ans not in LETTERS[:len(options)]:
-        raise RecordError(f"{where}: field 'answer': expected a letter in {LETTERS[:len(options)]!r} "
-                          f"(or <answer>X</answer>), got {answer!r}")
     if not isinstance(question, str) or not question.strip():
         raise RecordError(f"{where}: field 'question': expected non-empty text")
-    video = os.fspath(video)
-    if root is not None and not os.path.isabs(video):
-        video = os.path.normpath(os.path.join(root, video))
-    rec = dict(id=str(rid), video=video, question=question.strip(), options=options, answer=ans,
-               reasoning=str(reasoning).strip(), category=_norm_category(category), source=source)
+    if answer_type == "choice":
+        if not isinstance(options, list) or len(options) < 2:
+            raise RecordError(f"{where}: field 'options': expected a list of at least 2 options, got {options!r}")
+        if len(options) > len(LETTERS):
+            raise RecordError(f"{where}: field 'options': at most {len(LETTERS)} options, got {len(options)}")
+        options = _norm_options(options)
+        ans = str(answer).strip()
+        m = _ANSWER_TAG_RE.search(ans)
+        ans = (m.group(1) if m else ans).strip().rstrip(".").strip("()").upper()
+        if len(ans) != 1 or ans not in LETTERS[:len(options)]:
+            raise RecordError(f"{where}: field 'answer': expected a letter in {LETTERS[:len(options)]!r} "
+                              f"(or <answer>X</answer>), got {answer!r}")
+        answers = [ans]
+    elif answer_type == "open":
+        answers = _answers(answer, where)
+    else:   # math: one final answer (a number or an expression), as text
+        answers = _answers(answer, where)
+        if len(answers) != 1:
+            raise RecordError(f"{where}: field 'answer': a math record has one final answer, got {answer!r}")
+    def resolve(p):
+        return os.path.normpath(os.path.join(root, p)) if root is not None and not os.path.isabs(p) else p
+    videos, images = [resolve(p) for p in videos], [resolve(p) for p in images]
+    rec = dict(id=str(rid), video=videos[0] if len(videos) == 1 and not images else None, videos=videos,
+               images=images, question=question.strip(), answer_type=answer_type, options=options, answer=answers[0],
+               answers=answers, reasoning=str(reasoning).strip(), category=_norm_category(category), source=source)
     rec.update({k: v for k, v in extra.items() if k not in rec})
     rec["video_opts"] = _record_video_opts(row, where)
     return rec
+
+
+def record_videos(rec):
+    """A normalised record's video paths, in order ([] for none)."""
+    return list(rec.get("videos") or ([rec["video"]] if rec.get("video") else []))
+
+
+def record_media(rec):
+    """What a normalised record shows the model: "text" (nothing), "video" (exactly one video: the MR-SP path),
+    "images", "videos" (several) or "mixed" (images and videos)."""
+    nv, ni = len(record_videos(rec)), len(rec.get("images") or [])
+    return "text" if not nv and not ni else "video" if nv == 1 and not ni else "mixed" if nv and ni else \
+        "images" if ni else "videos"
+
+
+def check_supported(records, where=""):
+    """The stage scripts train / roll out / evaluate records with videos (one or several, each encoded and cached on
+    its own) or none (text only): the MR-SP path (embedding cache, parallel encode, sequence-parallel forward) is
+    built for videos. Image records are read, prompted and processed by this module (image_inputs, encode_text,
+    collate_sft) and go through a plain HF forward (tests/test_tasks.py), but not yet through sft.py / rl.py /
+    eval.py: RecordError naming the first such record and what is supported, before any model work."""
+    for r in records:
+        if r.get("images"):
+            raise RecordError(f"{where + ': ' if where else ''}record {r['id']!r} has {len(r['images'])} image(s): "
+                              f"the stage scripts take videos (one or several) or none (text only) per record; image "
+                              f"records are supported by data.py's processing and a plain HF forward only (README, "
+                              f"Record formats)")
 
 
 def load_records(path, video_root=None, on_error=None):
@@ -559,19 +687,23 @@ def load_records(path, video_root=None, on_error=None):
 
 
 def check_videos(records, where="", skip_bad=False):
-    """Missing video files, found before any model work. -> (records with a video, bad rows {"id", "reason"}).
-    Without skip_bad the first missing one raises VideoError naming `where` (e.g. "--data=train.jsonl"), the record
-    and the file."""
+    """Missing video (and image) files, found before any model work. -> (records whose files all exist -- text-only
+    records always --, bad rows {"id", "reason"}). Without skip_bad the first missing one raises VideoError naming
+    `where` (e.g. "--data=train.jsonl"), the record and the file."""
+    def missing(r):
+        return [p for p in (r.get("videos") or []) + (r.get("images") or []) if not os.path.isfile(p)]
     good, bad = [], []
     for r in records:
-        if os.path.isfile(r["video"]):
+        gone = missing(r)
+        if not gone:
             good.append(r)
         elif skip_bad:
-            bad.append(dict(id=r["id"], reason=f"{r['video']}: no such video file"))
+            bad.append(dict(id=r["id"], reason=f"{gone[0]}: no such {'image' if gone[0] in r['images'] else 'video'}"
+                                               f" file"))
         else:
-            n = sum(not os.path.isfile(x["video"]) for x in records)
-            raise VideoError(f"{where + ': ' if where else ''}{n} record(s) name a missing video, e.g. record "
-                             f"{r['id']!r}: {r['video']}: no such file (fix the data file or the video folder; "
+            n = sum(bool(missing(x)) for x in records)
+            raise VideoError(f"{where + ': ' if where else ''}{n} record(s) name a missing video or image, e.g. "
+                             f"record {r['id']!r}: {gone[0]}: no such file (fix the data file or the video folder; "
                              f"eval.py can skip and count such items with --skip_bad=1)")
     return good, bad
 
@@ -639,9 +771,16 @@ def video_key(path, opts):
 # -----------------------------------------------------------------------------
 # prompts and targets
 def build_messages(record):
-    """Chat messages for one QA record: a video, then question + lettered options + instruction."""
-    text = record["question"] + "\n" + "\n".join(record["options"]) + "\n" + INSTRUCTION
-    return [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": text}]}]
+    """Chat messages for one record: its images, then its videos (none for a text-only record), then the question,
+    the lettered options (multiple choice) and the instruction of its answer type."""
+    kind = record.get("answer_type", "choice")
+    if kind == "choice":
+        text = record["question"] + "\n" + "\n".join(record["options"]) + "\n" + INSTRUCTION
+    else:   # open / math: no options; the instruction asks for a short text / the final answer in the tag
+        text = record["question"] + "\n" + (OPEN_INSTRUCTION if kind == "open" else MATH_INSTRUCTION)
+    videos = record.get("videos") or ([record["video"]] if record.get("video") else [])
+    media = [{"type": "image"}] * len(record.get("images") or []) + [{"type": "video"}] * len(videos)
+    return [{"role": "user", "content": media + [{"type": "text", "text": text}]}]
 
 
 def build_prompt(processor, record):
@@ -650,18 +789,26 @@ def build_prompt(processor, record):
 
 
 def format_target(record):
-    """SFT target and the format rewarded in RL: <think>reasoning</think><answer>X</answer>."""
+    """SFT target and the format rewarded in RL: <think>reasoning</think><answer>X</answer> (X: the letter, the
+    short text or the final math answer)."""
     return f"<think>{record['reasoning']}</think><answer>{record['answer']}</answer>"
 
 
 FORMAT_RE = re.compile(r"<think>.*?</think>\s*<answer>(?P<answer>.*?)</answer>", re.S)   # that format
 
 
-def follows_format(text, num_options=4, options=None):
-    """The format RL rewards (and eval reports): <think>...</think><answer>...</answer>, and the answer tag names
-    exactly one option as extract_choice reads it (an empty tag, "B or C" or a refusal in the tag is not the format)."""
+def follows_format(text, num_options=4, options=None, answer_type="choice"):
+    """The format RL rewards (and eval reports): <think>...</think><answer>...</answer>, and the answer tag holds an
+    answer of the record's type: exactly one option as extract_choice reads it (an empty tag, "B or C" or a refusal
+    in the tag is not the format); for "math" an answer extract_math reads; for "open" any non-empty text."""
     m = FORMAT_RE.fullmatch(text.strip())
-    return m is not None and extract_choice(m["answer"], num_options, options) is not None
+    if m is None:
+        return False
+    if answer_type == "math":
+        return extract_math(m["answer"]) is not None
+    if answer_type == "open":
+        return bool(m["answer"].strip())
+    return extract_choice(m["answer"], num_options, options) is not None
 
 
 # ---- answer extraction: which option a free-form answer names (tests/test_extract.py, its corpus and the lmms-eval
@@ -785,6 +932,242 @@ def extract_choice(text, num_options=4, options=None):
     return None
 
 
+# ---- open-ended and math answers (tests/test_tasks.py). Where the answer is: answer_text (the same rule as
+# extract_choice). Open answers: normalised exact match. Math answers: math_equal -- our rules, then `math-verify`
+# when it is installed (imported lazily), else a sympy check of simple expressions.
+def answer_text(text):
+    """The part of a response that states its answer: the last <answer>...</answer> when there is one; None for a
+    response cut off inside <think> (an unclosed tag); else the text after the last </think>; else the whole text."""
+    if not isinstance(text, str):
+        return None
+    tags = _ANSWER_TAG_RE.findall(text)
+    if tags:
+        return tags[-1]
+    if "<think>" in text and "</think>" not in text:
+        return None
+    return text.rsplit("</think>", 1)[1] if "</think>" in text else text
+
+
+def last_boxed(text):
+    """The content of the last \\boxed{...} (or \\fbox{...}) in text, braces balanced, or None."""
+    i = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
+    j = text.find("{", i) if i >= 0 else -1
+    if j < 0 or text[i:j].strip() not in ("\\boxed", "\\fbox"):
+        return None
+    depth = 0
+    for k in range(j, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[k], 0)
+        if depth == 0:
+            return text[j + 1:k]
+    return None
+
+
+_NUM_RE = re.compile(r"-?\d+(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?(?:\s*/\s*\d+)?|-?\.\d+")
+_FINAL_RE = re.compile(r"(?i:(?:final\s+)?answer\s*(?:is|:|=)|####)\s*(?P<x>[^\n]+)")
+
+
+def extract_math(text):
+    """The final answer of a math response, as text, or None. Where: answer_text. What: the last \\boxed{} in it;
+    else what follows the last "answer is" / "answer:" / "####" (up to the line's end; "<answer>The answer is 5
+    </answer>" -> "5"); else, in an answer tag, the whole tag; else, in free text, the last number ("... so she has
+    18 apples." -> "18")."""
+    part = answer_text(text)
+    if part is None:
+        return None
+    boxed = last_boxed(part)
+    if boxed is not None and boxed.strip():
+        return boxed.strip()
+    m = list(_FINAL_RE.finditer(part))
+    if _ANSWER_TAG_RE.search(text) and not m:
+        return part.strip() or None
+    if m:
+        got = m[-1]["x"].strip().rstrip(".").strip()
+        if got:
+            return got
+    nums = _NUM_RE.findall(part)
+    return nums[-1].strip() if nums else None
+
+
+def _norm_math(s):
+    """Our normalisation of a math answer (rules 1-6 of math_equal): LaTeX wrappers and spacing dropped, units and
+    currency dropped after a number, thousands commas dropped, "x = 5" -> "5", \\dfrac -> \\frac."""
+    s = unicodedata.normalize("NFKC", str(s)).strip()
+    s = re.sub(r"\\(?:text|textbf|mathrm|mbox|operatorname)\s*\{([^{}]*)\}", r"\1", s)
+    s = re.sub(r"\\[dt]frac", r"\\frac", s)
+    s = re.sub(r"\\left|\\right|\\[,;:! ]|\$|\\\(|\\\)|\\\[|\\\]", " ", s)
+    s = re.sub(r"\^\s*\{?\s*\\circ\s*\}?|\\%|%|°", " ", s)            # degrees and percent signs
+    s = re.sub(r"^\s*[A-Za-z]\s*=\s*(?=\S)", "", s)                     # "x = 5" -> "5"
+    s = re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", s)                       # "1,000" -> "1000"
+    s = s.strip().rstrip(".").strip()
+    m = re.fullmatch(r"(-?\s*(?:\d+(?:\.\d+)?|\.\d+)(?:\s*/\s*\d+)?)\s*[A-Za-z][A-Za-z .]*", s)   # "18 dollars"
+    if m:
+        s = m[1]
+    return re.sub(r"\s+", " ", s).strip()
+
+
+def _to_number(s):
+    """A normalised answer as an exact Fraction ("3/4", "-2", "0.5", "\\frac{3}{4}", "\\frac34"), else None."""
+    from fractions import Fraction
+    t = s.replace(" ", "")
+    m = re.fullmatch(r"(-?)\\frac\{?(-?\d+(?:\.\d+)?)\}?\{?(\d+(?:\.\d+)?)\}?", t)
+    if m and not (len(m[2]) > 1 and "{" not in t):   # "\frac34" = 3/4; "\frac{12}{5}" needs the braces
+        return (-1 if m[1] else 1) * Fraction(m[2]) / Fraction(m[3]) if Fraction(m[3]) else None
+    try:
+        return Fraction(t) if re.fullmatch(r"-?(?:\d+(?:\.\d+)?|\.\d+)(?:/\d+)?", t) and not t.endswith("/0") else None
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+_SYMPY_NAMES = {"sqrt", "pi"}   # the only names longer than a letter
+
+
+def _sympy_expr(s):
+    """A simple LaTeX / plain expression -> a sympy expression, or None. Only digits, one-letter variables, + - * /
+    ^ ( ), \\frac, \\sqrt, \\pi, \\cdot, \\times are read (parse_expr evaluates Python: nothing else reaches it)."""
+    t = s
+    for _ in range(5):   # innermost first: \frac{a}{b} -> ((a)/(b)), \sqrt{a} -> sqrt(a)
+        t = re.sub(r"\\frac\s*\{([^{}]*)\}\s*\{([^{}]*)\}", r"((\1)/(\2))", t)
+        t = re.sub(r"\\sqrt\s*\{([^{}]*)\}", r"sqrt(\1)", t)
+    t = re.sub(r"\\sqrt\s*(\d+|[a-z])", r"sqrt(\1)", t)
+    t = t.replace("\\pi", " pi ").replace("\\cdot", "*").replace("\\times", "*").replace("{", "(").replace("}", ")")
+    t = t.replace("^", "**")
+    if len(t) > 200 or not re.fullmatch(r"[0-9a-z+\-*/().\s]*", t) or not t.strip():
+        return None
+    if re.search(r"\d\s+\.?\d", t):   # "1 1/2" is a mixed number, not 1 * 1/2: not read
+        return None
+    if any(len(w) > 1 and w not in _SYMPY_NAMES for w in re.findall(r"[a-z]+", t)):
+        return None
+    from sympy import Symbol, pi, sqrt
+    from sympy.parsing.sympy_parser import (implicit_multiplication_application, parse_expr,
+                                            standard_transformations)
+    names = {c: Symbol(c) for c in "abcdfghjklmnopqrstuvwxyz"}
+    names.update(sqrt=sqrt, pi=pi)
+    try:
+        return parse_expr(t, local_dict=names, global_dict={"__builtins__": {}, **_sympy_globals()},
+                          transformations=standard_transformations + (implicit_multiplication_application,))
+    except Exception:   # a malformed expression is no answer (SyntaxError, TokenError, TypeError, ...)
+        return None
+
+
+def _sympy_globals():
+    import sympy
+    return {k: getattr(sympy, k) for k in ("Integer", "Float", "Rational", "Symbol", "E", "I")}
+
+
+def _sympy_equal(a, b):
+    ea, eb = _sympy_expr(a), _sympy_expr(b)
+    if ea is None or eb is None:
+        return False
+    try:
+        import sympy
+        return bool(sympy.simplify(ea - eb) == 0)
+    except Exception:   # sympy could not decide: not equal
+        return False
+
+
+def _math_verify():
+    """The math_verify module when installed, else None (the fallback rules then decide alone)."""
+    try:
+        import math_verify
+        return math_verify
+    except ImportError:
+        return None
+
+
+def math_equal(pred, gold, use_math_verify=True):
+    """Whether a model's final math answer (extract_math's text) equals the gold answer. Our rules first, identical
+    whether or not math-verify is installed:
+      1. both normalised (_norm_math: $, \\(, \\text{}, \\left, spacing, degrees and % dropped; "x = 5" -> "5";
+         "1,000" -> "1000"; a unit or currency word after a number dropped: "18 dollars" -> "18") and equal ->
+         True ("\\frac{1}{2}" == "\\dfrac{1}{2}");
+      2. both exact numbers (integers, decimals, a/b, \\frac{a}{b}) -> equal as fractions ("0.5" == "1/2" ==
+         "\\frac{1}{2}", "18.00" == "18"; "0.33" != "1/3"), and no other rule is asked;
+    then, for expressions: 3. `math-verify` (pip install math-verify) when installed and use_math_verify
+    ("\\sqrt{2}/2" == "\\frac{1}{\\sqrt{2}}", sets, intervals); 4. otherwise sympy: simple expressions (digits,
+    one-letter variables, + - * / ^, \\frac, \\sqrt, \\pi) equal when their difference simplifies to 0
+    ("2x+2" == "2(x+1)"). None or an empty prediction is never equal."""
+    if pred is None or not str(pred).strip():
+        return False
+    p, g = _norm_math(pred), _norm_math(gold)
+    if p.replace(" ", "") == g.replace(" ", ""):
+        return True
+    pn, gn = _to_number(p), _to_number(g)
+    if pn is not None and gn is not None:
+        return pn == gn
+    mv = _math_verify() if use_math_verify else None
+    if mv is not None:
+        try:
+            return bool(mv.verify(mv.parse(f"${g}$"), mv.parse(f"${p}$")))
+        except Exception:   # math-verify failed on this input (timeouts run on signals: main thread only): ours
+            pass
+    return _sympy_equal(p, g)
+
+
+_NUMBER_WORDS = {w: i for i, w in enumerate("zero one two three four five six seven eight nine ten eleven twelve "
+                                            "thirteen fourteen fifteen sixteen seventeen eighteen nineteen".split())}
+_TENS = {w: 10 * i for i, w in enumerate("twenty thirty forty fifty sixty seventy eighty ninety".split(), 2)}
+
+
+def normalize_open(text):
+    """An open-ended answer for matching: NFKC, lower case, punctuation dropped, articles (a, an, the) dropped,
+    number words as digits ("Twenty-one" -> "21", "three" -> "3"), "1,000" -> "1000", whitespace collapsed."""
+    s = unicodedata.normalize("NFKC", str(text)).lower()
+    s = re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", s)
+    words = [w for w in re.findall(r"\d+(?:\.\d+)?|[^\W_]+", s) if w not in ("a", "an", "the")]
+    out = []
+    for w in words:
+        if w in _NUMBER_WORDS and out and out[-1] in {str(v) for v in _TENS.values()} and _NUMBER_WORDS[w] < 10:
+            out[-1] = str(int(out[-1]) + _NUMBER_WORDS[w])   # "twenty one" -> "21"
+        else:
+            out.append(str(_NUMBER_WORDS[w]) if w in _NUMBER_WORDS else str(_TENS[w]) if w in _TENS else w)
+    return " ".join(out)
+
+
+_LEAD_RE = re.compile(r"^(?i:(?:so\s*,?\s*)?(?:the\s+)?(?:final\s+)?answer\s*(?:is|:)\s*)")
+
+
+def extract_open(text):
+    """The short answer of an open-ended response, or None: answer_text, then a leading "the answer is" / "Answer:"
+    dropped (free text: from the last such phrase on). No match is attempted here (open_equal)."""
+    part = answer_text(text)
+    if part is None:
+        return None
+    if not _ANSWER_TAG_RE.search(text):
+        hits = list(re.finditer(r"(?i:answer\s*(?:is\s*:?|:))", part))
+        part = part[hits[-1].end():] if hits else part
+    part = _LEAD_RE.sub("", part.strip()).strip()
+    return part or None
+
+
+def open_equal(pred, answers):
+    """Normalised exact match (normalize_open) of a prediction with any of the acceptable answers."""
+    if pred is None:
+        return False
+    p = normalize_open(pred)
+    return bool(p) and any(p == normalize_open(a) for a in ([answers] if isinstance(answers, str) else answers))
+
+
+def score_answer(text, record):
+    """One response scored against a normalised record, by its answer type -> dict(extracted, correct, format).
+    "choice": extract_choice (the letter) == answer; "open": extract_open matches one of `answers` (open_equal);
+    "math": extract_math equals `answer` (math_equal). format: follows_format for the type."""
+    kind = record.get("answer_type", "choice")
+    opts = record.get("options") or None
+    n = len(opts) if opts else len(LETTERS)
+    if kind == "choice":
+        pred = extract_choice(text, n, opts)
+        correct = pred is not None and pred == record["answer"]
+    elif kind == "open":
+        pred = extract_open(text)
+        correct = open_equal(pred, record.get("answers") or [record["answer"]])
+    elif kind == "math":
+        pred = extract_math(text)
+        correct = math_equal(pred, record["answer"])
+    else:
+        raise ValueError(f"record {record.get('id')!r}: answer_type {kind!r}: expected one of {ANSWER_TYPES}")
+    return dict(extracted=pred, correct=bool(correct), format=follows_format(text, n, opts, kind))
+
+
 def video_metadata(info):
     """transformers' VideoMetadata for already-sampled frames; sets the mrope time scale right
     (without it the processor assumes 24 fps and second_per_grid_ts is wrong)."""
@@ -894,10 +1277,17 @@ def process_video(processor, frames, info, min_pixels=None, max_pixels=None, tot
 
 
 def video_inputs(processor, record, **defaults):
-    """Decode + process a record's video with the stage's option defaults (num_frames, min_pixels, ...) and the
-    record's own fields: process_video's dict (pixel_values_videos, video_grid_thw, second_per_grid_ts)."""
+    """Decode + process a record's video(s) with the stage's option defaults (num_frames, min_pixels, ...) and the
+    record's own fields: process_video's dict (pixel_values_videos, video_grid_thw, second_per_grid_ts), one grid row
+    per video in the record's order (a several-video record: rows concatenated; every video takes the same options)."""
+    import torch
     opts = video_options(record, **defaults)
-    return process_video(processor, *load_video(record["video"], **decode_opts(opts)), **size_opts(opts))
+    paths = record.get("videos") or [record["video"]]
+    procs = [process_video(processor, *load_video(p, **decode_opts(opts)), **size_opts(opts)) for p in paths]
+    if len(procs) == 1:
+        return procs[0]
+    # timestamps (Qwen3-VL) stay one tensor per video: each video's text is written from its own
+    return {k: [p[k] for p in procs] if k == "timestamps" else torch.cat([p[k] for p in procs]) for k in procs[0]}
 
 
 def video_text(processor, video_grid_thw, timestamps=None):
@@ -918,22 +1308,66 @@ def video_text(processor, video_grid_thw, timestamps=None):
     return "".join(f"<{float(x):.1f} seconds><|vision_start|>{pads}<|vision_end|>" for x in timestamps)
 
 
+def no_video():
+    """The video part of a sample without a video (a text-only record): zero grid rows, zero embeddings. Every
+    consumer (encode_text, mrsp's positions, forwards and rollout engines) treats it as "nothing to fill"."""
+    import torch
+    return dict(embeds=torch.zeros(0, 0), video_grid_thw=torch.zeros(0, 3, dtype=torch.long),
+                second_per_grid_ts=torch.zeros(0))
+
+
+def image_inputs(processor, record):
+    """A record's images through the processor's image path -> dict(pixel_values (N_patches, C*2*14*14),
+    image_grid_thw (n_images, 3)), the images in the record's order at the processor's own sizes (its min_pixels /
+    max_pixels). VideoError naming the file for an unreadable image."""
+    from PIL import Image
+    imgs = []
+    for p in record["images"]:
+        try:
+            with Image.open(p) as im:
+                imgs.append(im.convert("RGB"))
+        except (OSError, ValueError) as e:   # missing, truncated or not an image
+            raise VideoError(f"{p}: cannot read image of record {record.get('id')!r}: {e}") from None
+    out = processor.image_processor(images=imgs, return_tensors="pt")
+    return dict(pixel_values=out["pixel_values"], image_grid_thw=out["image_grid_thw"])
+
+
+def _expand(prompt, pad, texts, rid):
+    """Each <|..._pad|> placeholder of the chat text replaced by its item's text (its pads, video_text), in order."""
+    parts = prompt.split(pad)
+    if len(parts) - 1 != len(texts):
+        raise ValueError(f"record {rid!r}: the prompt holds {len(parts) - 1} {pad} but {len(texts)} grid row(s) "
+                         f"were given")
+    return parts[0] + "".join(t + rest for t, rest in zip(texts, parts[1:]))
+
+
 def encode_text(processor, record, video_grid_thw, with_target=True, max_length=None, truncate=False,
-                timestamps=None):
-    """Token ids for one sample given only its video grid (no pixels: this is how cached video
-    embeddings are reused): the chat prompt with <|video_pad|> expanded to t*h*w/merge^2 tokens (video_text: with
-    Qwen3-VL's "<t seconds>" text per frame group, from `timestamps`),
-    then (optionally) the target + <|im_end|>. Returns input_ids (S,), labels (S,) (-100 outside the
-    target), mm_token_type_ids (S,) (0 text, 2 video), prompt_len, truncated.
+                image_grid_thw=None, timestamps=None):
+    """Token ids for one sample given only its grids (no pixels: this is how cached video embeddings are reused):
+    the chat prompt with each <|image_pad|> / <|video_pad|> expanded to t*h*w/merge^2 tokens (grid rows in the
+    record's order; video_grid_thw None or zero rows for a record without a video; video_text: with Qwen3-VL's
+    "<t seconds>" text per frame group, from `timestamps`: (t,) for one video, a list of them for several), then
+    (optionally) the target + <|im_end|>. Returns input_ids (S,), labels (S,) (-100 outside the target),
+    mm_token_type_ids (S,) (0 text, 1 image, 2 video), prompt_len, truncated.
 
     Over-long samples: SampleTooLongError unless truncate=True, which cuts the *target* only
     (the prompt holds the video tokens, which cannot be cut without breaking the model input)."""
     import torch
     tok = processor.tokenizer
-    merge = processor.video_processor.merge_size
-    n_video = int(torch.as_tensor(video_grid_thw).reshape(-1, 3)[0].prod()) // merge ** 2
-    prompt = build_prompt(processor, record).replace("<|video_pad|>", video_text(processor, video_grid_thw,
-                                                                                timestamps), 1)
+
+    def rows(grid):
+        return [] if grid is None else list(torch.as_tensor(grid).reshape(-1, 3))
+    vrows, irows = rows(video_grid_thw), rows(image_grid_thw)
+    merge_v, merge_i = processor.video_processor.merge_size, processor.image_processor.merge_size
+    n_videos = [int(g.prod()) // merge_v ** 2 for g in vrows]
+    n_images = [int(g.prod()) // merge_i ** 2 for g in irows]
+    stamps = [None] * len(vrows) if timestamps is None else [timestamps] if len(vrows) == 1 else list(timestamps)
+    if len(stamps) != len(vrows):
+        raise ValueError(f"record {record['id']!r}: {len(vrows)} videos but timestamps for {len(stamps)}")
+    prompt = _expand(build_prompt(processor, record), "<|image_pad|>", ["<|image_pad|>" * c for c in n_images],
+                     record["id"])
+    prompt = _expand(prompt, "<|video_pad|>", [video_text(processor, g, ts) for g, ts in zip(vrows, stamps)],
+                     record["id"])
     ids = torch.tensor(tok(prompt, add_special_tokens=False)["input_ids"])
     prompt_len = ids.numel()
     labels = torch.full_like(ids, -100)
@@ -953,9 +1387,11 @@ def encode_text(processor, record, video_grid_thw, with_target=True, max_length=
     elif max_length is not None and prompt_len > max_length:
         raise SampleTooLongError(f"sample {record['id']!r}: prompt of {prompt_len} tokens > "
                                  f"max_length={max_length}; use fewer frames or a smaller frame size")
-    video_id = tok.convert_tokens_to_ids("<|video_pad|>")
-    assert int((ids == video_id).sum()) == n_video, "the prompt text must hold exactly one video"
-    mm = (ids == video_id).long() * 2
+    video_id, image_id = tok.convert_tokens_to_ids("<|video_pad|>"), tok.convert_tokens_to_ids("<|image_pad|>")
+    # the text itself (question, reasoning) must not hold a pad token: it would be taken for a vision slot
+    assert int((ids == video_id).sum()) == sum(n_videos), "the prompt text must hold exactly its videos' tokens"
+    assert int((ids == image_id).sum()) == sum(n_images), "the prompt text must hold exactly its images' tokens"
+    mm = (ids == video_id).long() * 2 + (ids == image_id).long()
     return dict(input_ids=ids, labels=labels, mm_token_type_ids=mm, prompt_len=prompt_len, truncated=truncated,
                 id=record["id"], answer=record["answer"])
 
@@ -978,6 +1414,9 @@ def _pad(seqs, value, left=False):
     return out
 
 
+VISION_KEYS = ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts", "pixel_values", "image_grid_thw")
+
+
 def _collate(samples, pad_id, left):
     import torch
     ids = [s["input_ids"] for s in samples]
@@ -985,11 +1424,15 @@ def _collate(samples, pad_id, left):
         input_ids=_pad(ids, pad_id, left),                                  # (B, S)
         attention_mask=_pad([torch.ones_like(i) for i in ids], 0, left),   # (B, S)
         mm_token_type_ids=_pad([s["mm_token_type_ids"] for s in samples], 0, left),
-        pixel_values_videos=torch.cat([s["pixel_values_videos"] for s in samples]),  # (sum N, C)
-        video_grid_thw=torch.cat([s["video_grid_thw"] for s in samples]),            # (B, 3)
-        second_per_grid_ts=torch.cat([s["second_per_grid_ts"] for s in samples]),    # (B,)
         ids=[s["id"] for s in samples], answers=[s["answer"] for s in samples],
     )
+    # vision inputs, concatenated in sample order: pixel_values_videos (sum N, C), video_grid_thw (n_videos, 3),
+    # second_per_grid_ts (n_videos,), pixel_values / image_grid_thw for images; a kind no sample has is left out
+    # (a text-only batch has none: the HF forward then runs on text alone)
+    for k in VISION_KEYS:
+        parts = [s[k] for s in samples if k in s and s[k] is not None and s[k].numel()]
+        if parts:
+            batch[k] = torch.cat(parts)
     return batch
 
 
@@ -1011,6 +1454,5 @@ def collate_rl(samples, pad_id):
 def model_inputs(batch, device):
     """The tensors of a data.py batch that the HF forward takes. mm_token_type_ids must be passed:
     without it Qwen2.5-VL silently falls back to 1-D positions (transformers 5.24; logits off by ~1e-2)."""
-    keys = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values_videos", "video_grid_thw",
-            "second_per_grid_ts", "labels")
+    keys = ("input_ids", "attention_mask", "mm_token_type_ids", *VISION_KEYS, "labels")
     return {k: batch[k].to(device) for k in keys if k in batch}

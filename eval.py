@@ -42,7 +42,8 @@ import sys
 import time
 
 from common import apply_overrides, config_of, gather_rows, phase, print0, setup_dist, teardown, watchdog
-from data import CATEGORIES, RecordError, VideoError, check_videos, extract_choice, load_records, video_flags
+from data import (CATEGORIES, RecordError, VideoError, check_supported, check_videos, extract_choice, load_records,
+                  video_flags)
 from mrsp import EmbeddingCache, VLLMEngine, evaluate, load_model, vllm_start
 
 __all__ = ["extract_choice", "read_records", "check_videos", "evaluate", "gather_rows", "summarize", "format_table",
@@ -130,6 +131,9 @@ def summarize(rows, **meta):
         res["by_duration"] = _groups([r for r in scored if isinstance(r.get("duration"), str)], "duration", DURATIONS)
     if any(r.get("domain") for r in scored):
         res["by_domain"] = _groups(scored, "domain")
+    if any(r.get("answer_type") for r in scored):   # open / math items beside (or instead of) multiple choice
+        res["by_answer_type"] = _groups([dict(r, answer_type=r.get("answer_type") or "choice") for r in scored],
+                                        "answer_type", ("choice", "open", "math"))
     res["bad"] = bad
     k = {r.get("n_options") for r in scored}
     if len(k) == 1 and None not in k:
@@ -456,6 +460,7 @@ if __name__ == "__main__":
         if max_samples:
             records = records[:max_samples]
         records, bad_videos = check_videos(records, where=f"--data={data}", skip_bad=skip_bad)
+        check_supported(records, where=f"--data={data}")   # videos or text only: no image records yet
     except (RecordError, VideoError) as e:
         raise SystemExit(f"eval.py: {e}") from None
     bad_rows = [dict(id=b["id"], index=-1, bad=b["reason"]) for b in bad_rows + bad_videos]

@@ -457,7 +457,25 @@ def get_video_embeds(model, processor, records, cache=None, num_frames=None, gro
     num_frames and **video (min_pixels, max_pixels, total_pixels, fps, ...: data.video_options' names) are the
     stage's defaults; a record's own qwen-vl-utils fields override them.
     -> (list of value dicts as stored in the cache, number of videos encoded)."""
-    from data import decode_opts, load_video, process_video, size_opts, video_options
+    from data import (check_supported, decode_opts, load_video, no_video, process_video, record_videos, size_opts,
+                      video_options)
+    if any(r.get("video") is None for r in records):
+        # records that are not one video: each video of a several-video record is encoded (and cached) on its own and
+        # the record gets their embeddings concatenated in its order, one grid row per video; a text-only record has
+        # nothing to encode: data.no_video(), outside the cache. Images are not on this path (RecordError naming it).
+        check_supported(records)
+        paths = [record_videos(r) for r in records]
+        vals, n = get_video_embeds(model, processor, [dict(r, video=p) for r, ps in zip(records, paths) for p in ps],
+                                   cache, num_frames, group, version, device, **video)
+        it, out = iter(vals), []
+        for ps in paths:
+            vs = [next(it) for _ in ps]
+            out.append(no_video() if not vs else vs[0] if len(vs) == 1 else
+                       dict({k: torch.cat([v[k].reshape(-1, 3) if k == "video_grid_thw" else v[k].reshape(-1, *v[k].shape[1:])
+                                           for v in vs]) for k in ("embeds", "video_grid_thw", "second_per_grid_ts")},
+                            # Qwen3-VL: each video's timestamps write its own text (data.encode_text)
+                            **({"timestamps": [v["timestamps"] for v in vs]} if "timestamps" in vs[0] else {})))
+        return out, n
     opts = [video_options(r, num_frames=num_frames, **video) for r in records]
     keys = [EmbeddingCache.key(r["video"], o, version=version) for r, o in zip(records, opts)]
     found = {k: cache.get(k) for k in dict.fromkeys(keys)} if cache is not None else {k: None for k in keys}
@@ -507,8 +525,14 @@ def build_seq(rec, processor, model=None, cache=None, frames=32, group=None, dev
     Keys: input_ids (S,), mm_token_type_ids (S,), loss_mask (S,) bool (the assistant target; all False
     without target), labels, prompt_len, video_grid_thw (1, 3), second_per_grid_ts (1,), embeds | pixel_values_videos,
     and timestamps (t,) for Qwen3-VL."""
-    from data import encode_text, video_inputs
-    if model is not None:
+    from data import check_supported, encode_text, no_video, record_media, video_inputs
+    if record_media(rec) == "text":   # text only (no_video): no pixels to process; the pixel path asks for none either
+        check_supported([rec])
+        vid = no_video()
+        if model is None:   # the pixel path (trainable tower): the forward is asked to encode, and finds nothing to
+            vid = dict(video_grid_thw=vid["video_grid_thw"], second_per_grid_ts=vid["second_per_grid_ts"],
+                       pixel_values_videos=torch.zeros(0, 0))
+    elif model is not None:
         (v,), _ = get_video_embeds(model, processor, [rec], cache, num_frames=frames, group=group, version=version,
                                    device=device, **video)
         vid = {k: v[k] for k in ("embeds", "video_grid_thw", "second_per_grid_ts", "timestamps") if k in v}
@@ -527,6 +551,8 @@ def embed_with_video(model, input_ids, video_embeds):
     inner = model.model
     emb = inner.get_input_embeddings()(input_ids)
     mask = (input_ids == model.config.video_token_id)
+    if not video_embeds.numel() and not mask.any():   # no video (a text-only prompt): nothing to fill
+        return emb
     if int(mask.sum()) != video_embeds.shape[0]:
         raise ValueError(f"{int(mask.sum())} <|video_pad|> tokens but {video_embeds.shape[0]} video embeddings: "
                          f"the prompt and the cached video do not match (frames/size changed?)")
@@ -731,9 +757,13 @@ def _sp_logprobs(model, seq, group, impl, logit_chunk, temperature, return_entro
                              seq["video_grid_thw"].to(device), seq["second_per_grid_ts"].to(device))  # (3, 1, N)
     targets = torch.full((1, N), -100, dtype=torch.long, device=device)
     targets[0, :-1] = torch.where(mask[1:], ids[0, 1:], -100)                # position i predicts token i+1
-    if "embeds" not in seq:  # trainable vision tower: parallel encoding with autograd, inside the root call
+    no_video = seq["video_grid_thw"].numel() == 0     # a text-only sequence (data.no_video): nothing to encode
+    blank = no_video and "embeds" not in seq and vision_is_sharded(model)
+    if "embeds" not in seq and not no_video:  # trainable vision tower: parallel encoding with autograd, in the root call
         seq = dict(seq, embeds=encode_videos(model, seq["pixel_values_videos"].to(device),
                                              seq["video_grid_thw"].to(device), group))
+    elif no_video:   # zero rows of the full width (with Qwen3-VL's DeepStack features): split_vision checks it
+        seq = dict(seq, embeds=torch.zeros(0, vision_dim(model) * (1 + deepstack_levels(model)), device=device))
     is_video = ids == model.config.video_token_id
     if int(is_video.sum()) != seq["embeds"].shape[0]:
         raise ValueError(f"{int(is_video.sum())} <|video_pad|> tokens but {seq['embeds'].shape[0]} video "
@@ -748,13 +778,19 @@ def _sp_logprobs(model, seq, group, impl, logit_chunk, temperature, return_entro
     l_vidx = spa.shard_seq(video_idx, group)
     vis, deep = split_vision(model, seq["embeds"])                           # (N_video, D), L x (N_video, D)
     emb = model.model.get_input_embeddings()(l_ids)                          # (1, S_local, D)
-    emb = torch.where(l_vid[..., None], vis.to(device, emb.dtype)[l_vidx.clamp(min=0)], emb)
+    if not no_video:
+        emb = torch.where(l_vid[..., None], vis.to(device, emb.dtype)[l_vidx.clamp(min=0)], emb)
     extra = {}
-    if deep:
+    if deep and not no_video:
         # Qwen3-VL DeepStack: this rank adds, after layer l, feature l of exactly the visual tokens it holds, in its
         # local token order (what the text model's visual_pos_masks selects)
         local_idx = l_vidx[l_vid]                                            # (n_local_video,)
         extra = dict(visual_pos_masks=l_vid, deepstack_visual_embeds=[d.to(device, emb.dtype)[local_idx] for d in deep])
+    if blank:
+        # a trainable, FSDP-sharded tower runs for every sequence that asked for pixels: its all-gathers and
+        # reduce-scatters are collectives that a DP rank holding a video sequence runs. A text-only sequence runs it
+        # on one blank 2x2-patch block at weight 0 (no effect on the loss or the gradients) to stay in lockstep.
+        emb = emb + 0.0 * _blank_video_embeds(model, device).to(emb.dtype).sum()
 
     with sp_attention(model, group, impl):
         h = model.model.language_model(inputs_embeds=emb, position_ids=l_pos, attention_mask=None,
@@ -796,6 +832,15 @@ def _sp_logprobs(model, seq, group, impl, logit_chunk, temperature, return_entro
         ent_local = ent_local + 0.0 * h.sum()
     ent_pos = spa.gather_seq(ent_local, N, group)[0]
     return logp, torch.cat([ent_pos.new_zeros(1), ent_pos[:-1]])
+
+
+def _blank_video_embeds(model, device):
+    """The vision tower run on one all-zero temporal patch of merge x merge patches (-> one embedding)."""
+    vc = model.config.vision_config
+    m = vc.spatial_merge_size
+    dim = getattr(vc, "in_channels", getattr(vc, "in_chans", 3)) * vc.temporal_patch_size * vc.patch_size ** 2
+    pix = torch.zeros(m * m, dim, device=device, dtype=model.model.visual.dtype)
+    return torch.cat(model.model.get_video_features(pix, torch.tensor([[1, m, m]], device=device)).pooler_output)
 
 
 # -----------------------------------------------------------------------------
@@ -1085,6 +1130,9 @@ def vllm_rollout(llm, prompts, n=1, temperature=1.0, top_p=1.0, top_k=0, max_new
                              f"{meta['max_model_len']} of the vLLM engine: start it with a larger max_model_len "
                              f"(or use fewer frames)")
         req = {"prompt_token_ids": _collapse_video_pads(ids, vid)}
+        if p["video_grid_thw"].reshape(-1, 3).shape[0] > 1:   # how vLLM takes several videos' embeddings: not wired
+            raise ValueError(f"prompt {i}: {p['video_grid_thw'].reshape(-1, 3).shape[0]} videos in one prompt: the "
+                             f"vLLM engine is fed one video per prompt here; use --engine=hf for several-video records")
         if vid in ids:
             # embeds: (N, D * (1 + L)), DeepStack features side by side -- exactly vLLM's Qwen3-VL video_embeds layout
             video = {"video_embeds": p["embeds"].detach().to("cpu", dtype),
@@ -1305,13 +1353,17 @@ def rollout(prompts, n, seeds, temperature, max_new_tokens, tokenizer, model=Non
 
 
 def answer_row(rec, frames, text, finish_reason):
-    """One scored answer: the letter extract_choice reads, whether it is right, whether the text has the rewarded
+    """One scored answer (data.score_answer, by the record's answer type): what the extraction reads (the option
+    letter, the open text or the final math answer), whether it is right, whether the text has the rewarded
     <think>...</think><answer>...</answer> format, and the record's fields the reports group by."""
-    from data import extract_choice, follows_format
-    pred = extract_choice(text, len(rec["options"]), rec["options"])
-    row = dict(id=rec["id"], category=rec.get("category"), answer=rec["answer"], prediction=text, extracted=pred,
-               correct=pred == rec["answer"], format=follows_format(text, len(rec["options"]), rec["options"]),
-               finish_reason=finish_reason, frames=frames, n_options=len(rec["options"]))
+    from data import score_answer
+    s = score_answer(text, rec)   # by the record's answer type: the option letter, an open text, a math answer
+    kind = rec.get("answer_type", "choice")
+    row = dict(id=rec["id"], category=rec.get("category"), answer=rec["answer"], prediction=text,
+               extracted=s["extracted"], correct=s["correct"], format=s["format"], finish_reason=finish_reason,
+               frames=frames, n_options=len(rec["options"]) if kind == "choice" else None)
+    if kind != "choice":
+        row["answer_type"] = kind
     row.update({k: rec[k] for k in ("duration", "domain", "task_type") if rec.get(k) is not None})
     return row
 
@@ -1341,12 +1393,14 @@ def evaluate(model, processor, records, frames, max_new_tokens=512, temperature=
     was_training = model.training
     model.eval()
     tok = processor.tokenizer
-    videos = list(dict.fromkeys(r["video"] for r in records))
-    share = [set(videos[r::world]) for r in range(world)]
-    todo = [(i, rec) for i, rec in enumerate(records) if rec["video"] in share[rank]]
+    # the unit a rank takes: a video (its questions together), or a record without one (text only, ids are unique)
+    unit = [rec["video"] if rec.get("video") is not None else ("record", rec["id"]) for rec in records]
+    units = list(dict.fromkeys(unit))
+    share = [set(units[r::world]) for r in range(world)]
+    todo = [(i, rec) for i, rec in enumerate(records) if unit[i] in share[rank]]
     chunk = batch_size if llm is not None else 1
     # every rank's number of rounds is known to all (a pure function of the records): all run the longest one
-    rounds = max(math.ceil(sum(rec["video"] in s for rec in records) / chunk) for s in share)
+    rounds = max(math.ceil(sum(u in s for u in unit) / chunk) for s in share)
     rows = []
     for c in tqdm(range(rounds), desc=desc, disable=rank != 0, leave=False):
         seqs = []
@@ -1356,7 +1410,8 @@ def evaluate(model, processor, records, frames, max_new_tokens=512, temperature=
                                                with_target=False, version=version, **(video or {}))))
             except (VideoError, RecordError, SampleTooLongError) as e:
                 if not skip_bad:
-                    raise RecordError(f"record {rec['id']!r} (video {rec['video']}, frames={frames}): {e} "
+                    raise RecordError(f"record {rec['id']!r} ({'video ' + rec['video'] + ', ' if rec.get('video') else ''}"
+                                      f"frames={frames}): {e} "
                                       f"(pass --skip_bad=1 to skip and count such items)") from None
                 rows.append(dict(id=rec["id"], index=i, bad=str(e)))
         if not seqs and llm is None:

@@ -11,6 +11,8 @@ Generate the synthetic set, then the tiny checkpoint on its text:
     python prepare.py --tiny=out/tiny --data=data/synth                 # ~0.7M-param Qwen2.5-VL + processor
     python prepare.py --tiny=out/tiny8 --data=data/synth --tiny_heads=8 --tiny_rope_theta=3   # the demo's variant
     python prepare.py --tiny=out/tiny3 --data=data/synth --family=qwen3_vl     # a tiny Qwen3-VL (also qwen2_vl)
+Text-only synthetic math (arithmetic, word problems, fractions; answer_type "math"), and a tiny checkpoint on it:
+    python prepare.py --out=data/math --task=math && python prepare.py --tiny=out/tiny_math --data=data/math
 """
 import contextlib
 import glob
@@ -41,6 +43,7 @@ tiny_heads = 4        # --tiny: LM attention heads (the demo uses 8)
 tiny_rope_theta = 1e6  # --tiny: LM rope base (the demo uses 3: bench/probe_tiny.py)
 family = "qwen2_5_vl"  # --tiny: the model family (transformers model_type): qwen2_vl, qwen2_5_vl or qwen3_vl
 seed = 0              # everything is deterministic given the seed
+task = "video"        # --out: "video" (the long-video QA set) or "math" (text-only arithmetic / word problems)
 
 # -----------------------------------------------------------------------------
 # synthetic long-video QA: coloured squares and a moving ball; answers need the whole video
@@ -213,6 +216,68 @@ def generate_synthetic(out, n_train=640, n_val=64, n_test=128, num_frames=256, f
     return meta
 
 
+# -----------------------------------------------------------------------------
+# synthetic math (text-only records): arithmetic, word problems and fractions with a worked solution, for the CPU
+# demo and the tests of the text path (answer_type "math", scored by data.math_equal)
+MATH_KINDS = ("arithmetic", "word", "fraction")
+_NAMES = ("Ana", "Ben", "Chen", "Dana", "Eli", "Fatima", "Goran", "Hana")
+_ITEMS = ("apples", "marbles", "stickers", "books", "coins", "pencils")
+
+
+def make_math_sample(rng, kind):
+    """One text-only math record (without id): question, answer (text), reasoning (the worked steps), category.
+    arithmetic: "What is 37 + 48 * 2?"; word: a two-step story ("Ana has 12 apples. She buys 5 more and gives 3 to
+    Ben..."); fraction: a sum or difference of two fractions, answered in lowest terms ("7/8", or a whole number)."""
+    from fractions import Fraction
+    r = lambda lo, hi: int(rng.integers(lo, hi + 1))
+    if kind == "arithmetic":
+        a, b, c = r(2, 60), r(2, 30), r(2, 9)
+        op = ("+", "-")[r(0, 1)]
+        val = a + b * c if op == "+" else a - b * c
+        question = f"What is {a} {op} {b} * {c}?"
+        reasoning = f"Multiplication first: {b} * {c} = {b * c}. Then {a} {op} {b * c} = {val}."
+        answer = str(val)
+    elif kind == "word":
+        name, other, item = _NAMES[r(0, 7)], _NAMES[r(0, 7)], _ITEMS[r(0, 5)]
+        other = other if other != name else _NAMES[(_NAMES.index(name) + 1) % len(_NAMES)]
+        have, buy, give = r(5, 40), r(2, 20), r(1, 5)
+        question = (f"{name} has {have} {item}. {name} buys {buy} more, then gives {give} to {other}. How many "
+                    f"{item} does {name} have now?")
+        reasoning = f"{name} starts with {have}. After buying: {have} + {buy} = {have + buy}. After giving: " \
+                    f"{have + buy} - {give} = {have + buy - give}."
+        answer = str(have + buy - give)
+    elif kind == "fraction":
+        p, q, s, t = r(1, 9), r(2, 9), r(1, 9), r(2, 9)
+        op = ("+", "-")[r(0, 1)]
+        val = Fraction(p, q) + Fraction(s, t) if op == "+" else Fraction(p, q) - Fraction(s, t)
+        question = f"Compute {p}/{q} {op} {s}/{t} and give the result in lowest terms."
+        common = q * t
+        num = p * t + s * q if op == "+" else p * t - s * q
+        reasoning = f"Over a common denominator: {p * t}/{common} {op} {s * q}/{common} = {num}/{common} = {val}."
+        answer = str(val)
+    else:
+        raise ValueError(f"math kind {kind!r}: expected one of {MATH_KINDS}")
+    return dict(question=question, answer=answer, answer_type="math", reasoning=reasoning, category=kind)
+
+
+def generate_math(out, n_train=640, n_val=64, n_test=128, seed=0):
+    """Write {out}/{train,val,test}.jsonl of synthetic math records (text only, our JSONL with answer_type "math")
+    and {out}/meta.json. Deterministic given the arguments; kinds cycle arithmetic, word, fraction."""
+    os.makedirs(out, exist_ok=True)
+    for s_i, (split, n) in enumerate((("train", n_train), ("val", n_val), ("test", n_test))):
+        rng = np.random.default_rng([seed, 100 + s_i])
+        tmp = os.path.join(out, f"{split}.jsonl.tmp")
+        with open(tmp, "w") as f:
+            for i in range(n):
+                rec = make_math_sample(rng, MATH_KINDS[i % len(MATH_KINDS)])
+                f.write(json.dumps(dict(id=f"math-{split}-{i:05d}", **rec)) + "\n")
+        os.replace(tmp, os.path.join(out, f"{split}.jsonl"))
+    meta = dict(task="math", n_train=n_train, n_val=n_val, n_test=n_test, seed=seed, categories=list(MATH_KINDS))
+    with open(os.path.join(out, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+    return meta
+
+
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
                   "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
                   "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
@@ -377,7 +442,15 @@ if __name__ == "__main__":
                              "--out; to run the demo on it, pass --model=CHECKPOINT too)")
         keys = ("n_train", "n_val", "n_test", "num_frames", "fps", "size", "seed")
         have = json.load(open(os.path.join(out, "meta.json"))) if mine else {}
-        if mine and all(have.get(k) == cfg[k] for k in keys):
+        if task not in ("video", "math"):
+            raise SystemExit(f"prepare.py: --task={task!r}: expected video or math")
+        if mine and have.get("task", "video") != task:   # never overwrite one kind of set with the other
+            raise SystemExit(f"prepare.py: --out={out} holds a {have.get('task', 'video')} set: pick another --out "
+                             f"for --task={task}")
+        if task == "math":   # text-only records, no videos: written in well under a second
+            generate_math(out, n_train, n_val, n_test, seed)
+            print(f"wrote {n_train}/{n_val}/{n_test} train/val/test math questions to {out}")
+        elif mine and all(have.get(k) == cfg[k] for k in keys):
             print(f"{out}: already generated with this config, skipping")
         else:
             generate_synthetic(out, n_train, n_val, n_test, num_frames, fps, size, seed, workers=workers)

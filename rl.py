@@ -86,7 +86,8 @@ from tqdm import tqdm
 from common import (apply_overrides, autocast, batch_indices, check_seconds, clip_grad, config_of, export_hf,
                     gather_rows, load_checkpoint, metrics_logger, phase, phase_memory, print0, reduce_sum,
                     sample_seed, save_checkpoint, setup_dist, teardown, tick, watchdog)
-from data import LETTERS, check_videos, encode_text, extract_choice, follows_format, load_records, video_flags, video_inputs
+from data import (LETTERS, check_supported, check_videos, encode_text, extract_choice, follows_format, load_records,
+                  no_video, score_answer, video_flags, video_inputs)
 from mrsp import (EmbeddingCache, VLLMEngine, accuracy_metrics, encode_videos, evaluate, fsdp_gathered,
                   get_video_embeds, load_model, load_models, rollout, setup_mesh, sp_logprobs, sync_weights,
                   vllm_start)
@@ -366,11 +367,18 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_low=0.2, clip_hig
     return loss, stats
 
 
-def reward_fn(text, answer, options=None, acc_weight=0.9, format_weight=0.1):
+def reward_fn(text, answer, options=None, acc_weight=0.9, format_weight=0.1, answer_type="choice"):
     """-> dict(accuracy, format, total). accuracy: the option letter named by the response (data.extract_choice: the
     last <answer> tag alone when there is one -- the extraction eval.py uses) equals `answer`; format:
     <think>...</think><answer>...</answer> with one option named in the tag, read by the same parser
-    (data.follows_format); total = acc_weight * accuracy + format_weight * format (paper release: 0.9 / 0.1)."""
+    (data.follows_format); total = acc_weight * accuracy + format_weight * format (paper release: 0.9 / 0.1).
+    answer_type "open" (answer: a text or a list of acceptable texts; normalised match) or "math" (answer: the final
+    answer; data.math_equal, math-verify when installed): data.score_answer, the scoring eval.py uses."""
+    if answer_type != "choice":
+        s = score_answer(text, dict(answer_type=answer_type, answer=answer if isinstance(answer, str) else answer[0],
+                                    answers=[answer] if isinstance(answer, str) else list(answer), options=[]))
+        acc, fmt = float(s["correct"]), float(s["format"])
+        return dict(accuracy=acc, format=fmt, total=acc_weight * acc + format_weight * fmt)
     n = len(options) if options else len(LETTERS)
     acc = float(extract_choice(text, n, options) == answer)
     fmt = float(follows_format(text, n, options))
@@ -389,7 +397,11 @@ def video_kw():
 
 
 def load_pixels(rec, processor):
-    """Decode + process one video: pixel_values_videos, video_grid_thw (1, 3), second_per_grid_ts (1,)."""
+    """Decode + process a record's video(s): pixel_values_videos, video_grid_thw (n_videos, 3), second_per_grid_ts
+    (n_videos,); zero rows for a text-only record."""
+    if not rec.get("video") and not rec.get("videos"):   # text only: no pixels (zero grid rows; nothing to fill)
+        return dict(video_grid_thw=no_video()["video_grid_thw"], second_per_grid_ts=no_video()["second_per_grid_ts"],
+                    pixel_values_videos=torch.zeros(0, 0))
     return video_inputs(processor, rec, num_frames=frames, **video_kw())
 
 
@@ -438,7 +450,8 @@ def finish_response(tokens, finish, logprobs, rec, tokenizer, video_token_id):
         tokens, logprobs, finish = tokens[:k], logprobs[:k], "video_pad"
     text = tokenizer.decode(tokens, skip_special_tokens=True)
     r = (dict(accuracy=0.0, format=0.0, total=0.0) if cut else
-         reward_fn(text, rec["answer"], rec["options"], reward_acc_weight, reward_format_weight))
+         reward_fn(text, rec["answer"] if rec.get("answer_type", "choice") == "choice" else rec["answers"],
+                   rec["options"], reward_acc_weight, reward_format_weight, rec.get("answer_type", "choice")))
     return dict(tokens=list(tokens), text=text, finish=finish, cut=cut, logprobs=list(logprobs), **r)
 
 
@@ -681,6 +694,8 @@ if __name__ == "__main__":
         val = load_records(val_data)[:eval_samples] if val_data else []
         check_videos(train, where=f"--data={data}")
         check_videos(val, where=f"--val_data={val_data}")
+        check_supported(train, where=f"--data={data}")   # videos or text only: no image records yet
+        check_supported(val, where=f"--val_data={val_data}")
     except ValueError as e:
         raise SystemExit(str(e)) from None
     print0(f"data: {len(train)} train / {len(val)} val records; dp={mesh.dp_size} sp={mesh.sp_size} "
