@@ -271,6 +271,9 @@ def deepstack_levels(model):
 def split_vision(model, feats):
     """(N, D * (1 + L)) vision features -> (embeds (N, D), deepstack: list of L (N, D), empty without DeepStack)."""
     D, L = vision_dim(model), deepstack_levels(model)
+    if feats.shape[0] == 0:   # no video (data.no_video: zero rows of any width): nothing to split
+        empty = feats.new_zeros(0, D)
+        return empty, [empty] * L
     if feats.shape[-1] != D * (1 + L):
         raise ValueError(f"video features of width {feats.shape[-1]}, but this {model.config.model_type} model takes "
                          f"{D} x (1 + {L} DeepStack levels) = {D * (1 + L)}: were they cached by another model?")
@@ -762,8 +765,8 @@ def _sp_logprobs(model, seq, group, impl, logit_chunk, temperature, return_entro
     if "embeds" not in seq and not no_video:  # trainable vision tower: parallel encoding with autograd, in the root call
         seq = dict(seq, embeds=encode_videos(model, seq["pixel_values_videos"].to(device),
                                              seq["video_grid_thw"].to(device), group))
-    elif no_video:   # zero rows of the full width (with Qwen3-VL's DeepStack features): split_vision checks it
-        seq = dict(seq, embeds=torch.zeros(0, vision_dim(model) * (1 + deepstack_levels(model)), device=device))
+    elif no_video:
+        seq = dict(seq, embeds=torch.zeros(0, 0, device=device))
     is_video = ids == model.config.video_token_id
     if int(is_video.sum()) != seq["embeds"].shape[0]:
         raise ValueError(f"{int(is_video.sum())} <|video_pad|> tokens but {seq['embeds'].shape[0]} video "

@@ -295,3 +295,40 @@ def test_estimate_counts_each_family(fam_env, fam):
                                                          videos_seen=1, prompts_per_step=1)
                 ["phases"]["update"].items() if k.startswith("video embeddings")) for cfg in ((name, c), flat)]
     assert emb[0] == (1 + L) * emb[1] > 0
+
+
+def test_qwen3_vl_text_only_and_two_video_records(fam_env, tmp_path):
+    """The record kinds of data.py on Qwen3-VL: a text-only record (no DeepStack features, nothing to split) and a
+    two-video record (each video's own timestamps text, both videos' DeepStack features), MR-SP log-probs == the
+    HF forward (on pixels for the videos, at transformers' own Qwen3-VL positions)."""
+    from data import collate_sft, model_inputs, video_inputs
+    data, ckpts = fam_env
+    model, processor = _perturbed(ckpts["qwen3_vl"])
+    vids = [r["video"] for r in _recs(data, 2)]
+    path = tmp_path / "kinds.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in [
+        {"id": "t", "question": "What is 2 + 3?", "answer": "5", "answer_type": "math", "reasoning": "2 + 3 = 5."},
+        {"id": "v2", "videos": vids, "question": "Which video is longer?", "options": ["first", "second"],
+         "answer": "A", "reasoning": "Both are."}]) + "\n")
+    text_rec, two_rec = load_records(str(path))
+    seq = build_seq(text_rec, processor, model)
+    batch = collate_sft([encode_text(processor, text_rec, None)], processor.tokenizer.pad_token_id)
+    with torch.no_grad():
+        lp = sp_logprobs(model, seq)
+        hf = model(**model_inputs(batch, "cpu")).loss
+    assert float(-lp.sum() / seq["loss_mask"].sum()) == pytest.approx(float(hf), abs=1e-5)
+
+    seq = build_seq(two_rec, processor, model, frames=8)
+    vx = video_inputs(processor, two_rec, num_frames=8)
+    assert len(vx["timestamps"]) == 2 and len(seq["timestamps"]) == 2
+    t = encode_text(processor, two_rec, vx["video_grid_thw"], with_target=True, timestamps=vx["timestamps"])
+    assert torch.equal(t["input_ids"], seq["input_ids"])
+    assert processor.tokenizer.decode(t["input_ids"]).count(" seconds>") == int(vx["video_grid_thw"][:, 0].sum())
+    ids, mm = t["input_ids"][None], t["mm_token_type_ids"][None]
+    with torch.no_grad():
+        lp = sp_logprobs(model, seq)
+        logits = model(input_ids=ids, mm_token_type_ids=mm, pixel_values_videos=vx["pixel_values_videos"],
+                       video_grid_thw=vx["video_grid_thw"]).logits[0].float()
+    ref = torch.cat([torch.zeros(1), torch.log_softmax(logits[:-1], -1).gather(-1, ids[0, 1:, None])[:, 0]])
+    m = seq["loss_mask"]
+    assert (lp[m] - ref[m]).abs().max() <= 1e-5
