@@ -29,6 +29,8 @@ FRAME_FACTOR = 2          # Qwen2.5-VL's temporal patch: frame counts are multip
 FPS = 2.0                 # default sampling rate when no frame count is given
 FPS_MIN_FRAMES = 4
 FPS_MAX_FRAMES = 768
+COUNTS = dict(decodes=0, decoded_frames=0, processor_runs=0)   # this process's work (rl.py's metrics read it)
+DECODE_THREADS = 0        # codec threads per decode (0: one per core, at most 16: libavcodec's auto)
 SEEK_SLACK = 8            # decode on rather than seek when the next keyframe is at most this many frames ahead
 # frame sizes are counted in merged tokens of factor x factor pixels (factor = patch 14 x merge 2 = 28 for Qwen2.5-VL)
 VIDEO_MIN_TOKENS = 128    # per-frame pixel floor: 128 * 28 * 28
@@ -203,7 +205,7 @@ def _part(seq, subset, path=""):
 def _decord_open(path):
     """-> (reader, total frames, fps) from the header."""
     import decord  # optional dependency
-    vr = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
+    vr = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=DECODE_THREADS)
     return vr, len(vr), float(vr.get_avg_fps())
 
 
@@ -307,7 +309,7 @@ def gop_plan(targets, keyframes, slack=SEEK_SLACK):
     return plan
 
 
-def _pyav_read(path, sampling, subset, threads=0):
+def _pyav_read(path, sampling, subset, threads=None):
     """PyAV, GOP-aware: seek to a keyframe only where that skips work (gop_plan), codec threading on (threads: 0 =
     one per core). Frames are matched by their timestamp against the packet table (pyav_index), so they are exactly
     those a sequential decode yields at the same positions; streams without a usable table decode sequentially."""
@@ -317,7 +319,7 @@ def _pyav_read(path, sampling, subset, threads=0):
         idx = _sample(path, total, video_fps, sampling)
         sel = _part(idx, subset, path)
         stream.thread_type = "AUTO"                  # frame + slice threads: same pixels, less wall time
-        stream.codec_context.thread_count = threads
+        stream.codec_context.thread_count = DECODE_THREADS if threads is None else threads
         table = pyav_index(container, stream)
         if table is None:
             return np.stack(_pyav_read_sequential(container, stream, path, sel, total)), total, video_fps, idx
@@ -386,6 +388,8 @@ def load_video(path, num_frames=None, fps=FPS, min_frames=FPS_MIN_FRAMES, max_fr
         if frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] != n:
             raise VideoError(f"{path}: decoder returned frames of shape {frames.shape}, expected "
                              f"({n}, H, W, 3)")
+        COUNTS["decodes"] += 1
+        COUNTS["decoded_frames"] += n
         info = dict(video_fps=video_fps, total_frames=total, indices=idx,
                     duration=total / video_fps if video_fps else None,
                     sampled_fps=sampled_fps(len(idx), total, video_fps, video_start, video_end),
@@ -413,6 +417,100 @@ def sampled_frame_count(path, num_frames=None, fps=FPS, min_frames=FPS_MIN_FRAME
     return len(_sample(path, total, video_fps, dict(num_frames=num_frames, fps=fps, min_frames=min_frames,
                                                     max_frames=max_frames, video_start=video_start,
                                                     video_end=video_end)))
+
+
+class FrameCache:
+    """On-disk cache of decoded + resized frames (Long-RL's `cache_dir` idea), for datasets read again every epoch:
+    a hit skips decoding and resizing. One .npz per entry, named by the sha1 of its key, written to a temporary
+    name and renamed (atomic: a crash or a concurrent writer never leaves a half file; ranks may share the folder).
+    Key (frame_key): data.video_key of the path + decode and size options, the processor's factor and range, the
+    SP share (subset), and the file's size and mtime (a replaced video is a miss, never stale frames).
+    stats: hits, misses, writes, bytes_written; hit_rate()."""
+
+    def __init__(self, root):
+        self.root = os.fspath(root)
+        os.makedirs(self.root, exist_ok=True)
+        self.stats = dict(hits=0, misses=0, writes=0)
+        self.bytes_written = 0
+
+    def _file(self, key):
+        import hashlib
+        return os.path.join(self.root, hashlib.sha1(key.encode()).hexdigest() + ".npz")
+
+    def get(self, key):
+        """-> (frames (T, h, w, 3) uint8, info dict) or None."""
+        f = self._file(key)
+        try:
+            with np.load(f) as z:
+                if bytes(z["key"]).decode() != key:      # a sha1 collision or a foreign file: treat as a miss
+                    raise KeyError(key)
+                frames, info = z["frames"], json.loads(bytes(z["info"]).decode())
+        except (OSError, KeyError, ValueError):
+            self.stats["misses"] += 1
+            return None
+        self.stats["hits"] += 1
+        info["subset"] = tuple(info["subset"]) if info.get("subset") is not None else None
+        return frames, info
+
+    def put(self, key, frames, info):
+        f = self._file(key)
+        tmp = f"{f}.{os.getpid()}.tmp"
+        with open(tmp, "wb") as fh:
+            np.savez(fh, frames=frames, key=np.frombuffer(key.encode(), np.uint8),
+                     info=np.frombuffer(json.dumps(info).encode(), np.uint8))
+        os.replace(tmp, f)
+        self.stats["writes"] += 1
+        self.bytes_written += os.path.getsize(f)
+
+    def hit_rate(self):
+        n = self.stats["hits"] + self.stats["misses"]
+        return self.stats["hits"] / n if n else None
+
+
+FRAME_CACHE = None   # the process's FrameCache (a stage's --frame_cache_dir sets it); None: no frame cache
+
+
+def frame_key(path, opts, processor=None, subset=None):
+    """The frame cache's key: video_key(path, opts) (decode + size options) + the processor's factor and per-frame
+    range (they change the resized size) + the SP share + the file's size and mtime."""
+    path = os.fspath(path)
+    st = os.stat(path)
+    vp = getattr(processor, "video_processor", None)
+    proc = "" if vp is None else f"|proc={vp.patch_size * vp.merge_size},{getattr(vp, 'size', None)}"
+    return f"{video_key(path, opts)}{proc}|subset={tuple(subset) if subset else None}|file={st.st_size},{st.st_mtime_ns}"
+
+
+def load_frames(processor, path, opts, subset=None, cache=None, backend=None):
+    """load_video + the resize of process_video, through the on-disk frame cache. opts: video_options (decode and
+    size options). -> (frames (T, h, w, 3) uint8, already at the size process_video gives them, info with
+    source_size (H, W)): process_video(processor, frames, info, **size_opts(opts)) then skips its resize and yields
+    exactly the pixels it yields from load_video's frames. cache: a FrameCache, default FRAME_CACHE (None: none)."""
+    cache = FRAME_CACHE if cache is None else cache
+    key = frame_key(path, opts, processor, subset) if cache is not None else None
+    if cache is not None:
+        got = cache.get(key)
+        if got is not None:
+            return got
+    frames, info = load_video(path, **decode_opts(opts), subset=subset, backend=backend)
+    H, W = frames.shape[1:3]
+    h, w = processed_frame_size(processor, H, W, len(info["indices"]), **size_opts(opts))
+    frames = _resize_frames(frames, h, w).permute(0, 2, 3, 1).numpy()     # (T, h, w, 3) uint8
+    info = dict(info, source_size=[int(H), int(W)])
+    if cache is not None:
+        cache.put(key, np.ascontiguousarray(frames), info)
+    return frames, info
+
+
+def load_video_cached(path, cache, backend=None, subset=None, **decode):
+    """Decoded frames at the source size through a FrameCache (no processor needed): for benchmarks and tools."""
+    opts = {k: v for k, v in decode.items() if v is not None}
+    key = frame_key(path, opts, None, subset)
+    got = cache.get(key)
+    if got is not None:
+        return got
+    frames, info = load_video(path, backend=backend, subset=subset, **opts)
+    cache.put(key, frames, info)
+    return frames, info
 
 
 # -----------------------------------------------------------------------------
@@ -940,8 +1038,13 @@ def process_video(processor, frames, info, min_pixels=None, max_pixels=None, tot
     if len(frames) != len(_part(info["indices"], info.get("subset"))):
         raise ValueError(f"process_video: {len(frames)} frames for info describing "
                          f"{len(_part(info['indices'], info.get('subset')))} (subset={info.get('subset')})")
-    h, w = processed_frame_size(processor, frames.shape[1], frames.shape[2], n, min_pixels, max_pixels,
-                                total_pixels, resized_height, resized_width)
+    H, W = info.get("source_size") or frames.shape[1:3]   # load_frames' frames come resized: size from the source
+    h, w = processed_frame_size(processor, H, W, n, min_pixels, max_pixels, total_pixels, resized_height,
+                                resized_width)
+    if frames.shape[1:3] not in ((H, W), (h, w)):
+        raise ValueError(f"process_video: frames of {frames.shape[1]}x{frames.shape[2]} for a {H}x{W} source: "
+                         f"expected the source size or the processed size {h}x{w}")
+    COUNTS["processor_runs"] += 1
     pixels = _resize_frames(frames, h, w)   # (T, 3, h, w) uint8
     out = vp(videos=[pixels], video_metadata=[video_metadata(info)], do_resize=False, do_sample_frames=False,
              return_tensors="pt")

@@ -377,7 +377,7 @@ def _decode_share(processor, records, opts, group):
     the same grid; the grids (h, w and time scale) of videos this rank has no patch of come from the others (a sync
     point). opts: data.video_options per record.
     -> (pixel rows of this rank's runs in plan order, video_grid_thw (n, 3), second_per_grid_ts list)."""
-    from data import VideoError, decode_opts, load_video, process_video, sampled_frame_count, size_opts
+    from data import VideoError, decode_opts, load_frames, process_video, sampled_frame_count, size_opts
     rank, P = _group_info(group)
     tp = processor.video_processor.temporal_patch_size
     n = [sampled_frame_count(r["video"], **decode_opts(o)) for r, o in zip(records, opts)]
@@ -385,7 +385,8 @@ def _decode_share(processor, records, opts, group):
     pix, meta, error = [], {}, None
     try:
         for i, t0, t1 in patch_runs([k // tp for k in n], P)[rank]:
-            frames, info = load_video(records[i]["video"], **decode_opts(opts[i]), subset=(t0 * tp, t1 * tp))
+            # decoded + resized through data.FRAME_CACHE (the on-disk frame cache, when a stage sets one)
+            frames, info = load_frames(processor, records[i]["video"], opts[i], subset=(t0 * tp, t1 * tp))
             p = process_video(processor, frames, info, **size_opts(opts[i]))
             assert p["video_grid_thw"][0, 0].item() == t1 - t0, (p["video_grid_thw"], t0, t1)
             pix.append(p["pixel_values_videos"])
@@ -416,7 +417,7 @@ def get_video_embeds(model, processor, records, cache=None, num_frames=None, gro
     num_frames and **video (min_pixels, max_pixels, total_pixels, fps, ...: data.video_options' names) are the
     stage's defaults; a record's own qwen-vl-utils fields override them.
     -> (list of value dicts as stored in the cache, number of videos encoded)."""
-    from data import decode_opts, load_video, process_video, size_opts, video_options
+    from data import load_frames, process_video, size_opts, video_options
     opts = [video_options(r, num_frames=num_frames, **video) for r in records]
     keys = [EmbeddingCache.key(r["video"], o, version=version) for r, o in zip(records, opts)]
     found = {k: cache.get(k) for k in dict.fromkeys(keys)} if cache is not None else {k: None for k in keys}
@@ -433,7 +434,7 @@ def get_video_embeds(model, processor, records, cache=None, num_frames=None, gro
         if parallel:   # parallel decoding: this rank's frames only
             pix, grid, ts = _decode_share(processor, [r for _, r, _ in todo], [o for _, _, o in todo], group)
         else:
-            procs = [process_video(processor, *load_video(r["video"], **decode_opts(o)), **size_opts(o))
+            procs = [process_video(processor, *load_frames(processor, r["video"], o), **size_opts(o))
                      for _, r, o in todo]
             pix = torch.cat([p["pixel_values_videos"] for p in procs])
             grid = torch.cat([p["video_grid_thw"] for p in procs])

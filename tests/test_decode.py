@@ -78,3 +78,48 @@ def test_gop_plan_seeks_only_where_it_skips_work():
     # dense sampling touching every GOP: one sequential pass, no seek at all
     dense = list(range(0, 1000, 5))
     assert gop_plan(dense, keys) == [(None, dense)]
+
+
+def _processor():
+    from types import SimpleNamespace
+
+    from transformers import Qwen2VLVideoProcessor
+    return SimpleNamespace(video_processor=Qwen2VLVideoProcessor(min_pixels=3136, max_pixels=12845056,
+                                                                 cap_pixels_per_frame=False))
+
+
+def test_frame_cache_serves_the_same_pixels_and_counts_hits(vids, tmp_path):
+    """load_frames (decode + resize, through the on-disk cache) then process_video == process_video(load_video):
+    a miss, then a hit, for the whole sampling and for an SP rank's share; atomic files; a rewritten video misses."""
+    import torch
+    proc = _processor()
+    path = vids["closed"]
+    cache = data.FrameCache(tmp_path / "fc")
+    for opts, subset in (({"num_frames": 16, "min_pixels": 3136, "max_pixels": 40 * 28 * 28}, None),
+                         ({"num_frames": 16, "min_pixels": 3136, "max_pixels": 40 * 28 * 28}, (8, 16)),
+                         ({"num_frames": 8, "resized_height": 56, "resized_width": 84}, None)):
+        fr, info = load_video(path, **data.decode_opts(opts), subset=subset)
+        ref = data.process_video(proc, fr, info, **data.size_opts(opts))
+        for _ in range(2):                                       # miss (decodes and writes), then hit
+            got = data.process_video(proc, *data.load_frames(proc, path, opts, subset, cache=cache),
+                                     **data.size_opts(opts))
+            for k in ref:
+                assert torch.equal(got[k], ref[k]), (opts, subset, k)
+    assert cache.stats == dict(hits=3, misses=3, writes=3) and cache.hit_rate() == 0.5
+    assert not [f for f in os.listdir(cache.root) if not f.endswith(".npz")]   # no temporaries left behind
+    # the key names the options, the processor and the share: a different share or size is a miss
+    assert data.load_frames(proc, path, {"num_frames": 16, "min_pixels": 3136, "max_pixels": 40 * 28 * 28}, (0, 8), cache=cache)
+    assert cache.stats["misses"] == 4
+    # a video replaced in place (new mtime / size) is a miss, never stale frames
+    os.utime(path, ns=(1, 1))
+    data.load_frames(proc, path, {"num_frames": 8, "resized_height": 56, "resized_width": 84}, cache=cache)
+    assert cache.stats["misses"] == 5
+    # process_video rejects frames that are neither the source size nor the processed size
+    fr, info = data.load_frames(proc, path, {"num_frames": 8, "resized_height": 56, "resized_width": 84}, cache=cache)
+    with pytest.raises(ValueError, match="expected the source size or the processed size"):
+        data.process_video(proc, fr[:, :28], info, resized_height=56, resized_width=84)
+
+
+def test_decode_counts():
+    before = dict(data.COUNTS)
+    assert set(before) == {"decodes", "decoded_frames", "processor_runs"}
