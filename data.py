@@ -19,6 +19,7 @@ import json
 import math
 import os
 import re
+import time
 import unicodedata
 
 import numpy as np
@@ -29,7 +30,8 @@ FRAME_FACTOR = 2          # Qwen2.5-VL's temporal patch: frame counts are multip
 FPS = 2.0                 # default sampling rate when no frame count is given
 FPS_MIN_FRAMES = 4
 FPS_MAX_FRAMES = 768
-COUNTS = dict(decodes=0, decoded_frames=0, processor_runs=0)   # this process's work (rl.py's metrics read it)
+COUNTS = dict(decodes=0, decoded_frames=0, processor_runs=0, decode_s=0.0, decode_cpu_s=0.0, process_s=0.0,
+              process_cpu_s=0.0)   # this process's decode / pre-process work, wall and CPU s (rl.py's metrics)
 DECODE_THREADS = 0        # codec threads per decode (0: one per core, at most 16: libavcodec's auto)
 SEEK_SLACK = 8            # decode on rather than seek when the next keyframe is at most this many frames ahead
 # frame sizes are counted in merged tokens of factor x factor pixels (factor = patch 14 x merge 2 = 28 for Qwen2.5-VL)
@@ -184,6 +186,20 @@ def frame_size(height, width, nframes, factor=28, min_pixels=None, max_pixels=No
 
 # -----------------------------------------------------------------------------
 # decoding: decord first (fast seeks), PyAV fallback
+class _timed:
+    """Adds a block's wall and CPU (process, all threads) seconds to COUNTS[f"{name}_s"], COUNTS[f"{name}_cpu_s"]."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def __enter__(self):
+        self.w, self.c = time.perf_counter(), time.process_time()
+
+    def __exit__(self, *exc):
+        COUNTS[f"{self.name}_s"] += time.perf_counter() - self.w
+        COUNTS[f"{self.name}_cpu_s"] += time.process_time() - self.c
+
+
 def _check_file(path):
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -351,6 +367,13 @@ def _pyav_read(path, sampling, subset, threads=None):
 
 def load_video(path, num_frames=None, fps=FPS, min_frames=FPS_MIN_FRAMES, max_frames=FPS_MAX_FRAMES,
                backend=None, subset=None, video_start=None, video_end=None):
+    """load_video (below), its time added to COUNTS["decode_s"] / ["decode_cpu_s"]."""
+    with _timed("decode"):
+        return _load_video(path, num_frames, fps, min_frames, max_frames, backend, subset, video_start, video_end)
+
+
+def _load_video(path, num_frames=None, fps=FPS, min_frames=FPS_MIN_FRAMES, max_frames=FPS_MAX_FRAMES,
+                backend=None, subset=None, video_start=None, video_end=None):
     """Decode the sampled frames of a video (sampling: sample_frame_indices; video_start/video_end in seconds
     restrict it to a clip, as qwen-vl-utils' per-sample keys do). Frames come at the source resolution:
     process_video sizes them.
@@ -494,7 +517,8 @@ def load_frames(processor, path, opts, subset=None, cache=None, backend=None):
     frames, info = load_video(path, **decode_opts(opts), subset=subset, backend=backend)
     H, W = frames.shape[1:3]
     h, w = processed_frame_size(processor, H, W, len(info["indices"]), **size_opts(opts))
-    frames = _resize_frames(frames, h, w).permute(0, 2, 3, 1).numpy()     # (T, h, w, 3) uint8
+    with _timed("process"):
+        frames = _resize_frames(frames, h, w).permute(0, 2, 3, 1).numpy()     # (T, h, w, 3) uint8
     info = dict(info, source_size=[int(H), int(W)])
     if cache is not None:
         cache.put(key, np.ascontiguousarray(frames), info)
@@ -1019,6 +1043,14 @@ def _resize_frames(frames, h, w, chunk_bytes=1 << 28):
 
 def process_video(processor, frames, info, min_pixels=None, max_pixels=None, total_pixels=None,
                   resized_height=None, resized_width=None):
+    """_process_video (below), its time added to COUNTS["process_s"] / ["process_cpu_s"]."""
+    with _timed("process"):
+        return _process_video(processor, frames, info, min_pixels, max_pixels, total_pixels, resized_height,
+                              resized_width)
+
+
+def _process_video(processor, frames, info, min_pixels=None, max_pixels=None, total_pixels=None,
+                   resized_height=None, resized_width=None):
     """Pixels for the vision tower: pixel_values_videos (N_patches, C*2*14*14), video_grid_thw (1, 3)
     and second_per_grid_ts (1,) (mrope time scale = temporal_patch / sampled fps, qwen-vl-utils' sample fps).
 

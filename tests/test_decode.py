@@ -120,6 +120,11 @@ def test_frame_cache_serves_the_same_pixels_and_counts_hits(vids, tmp_path):
         data.process_video(proc, fr[:, :28], info, resized_height=56, resized_width=84)
 
 
-def test_decode_counts():
+def test_decode_counts(vids):
+    """load_video / process_video count their runs and time (rl.py's per-step decode and pre-process figures)."""
     before = dict(data.COUNTS)
-    assert set(before) == {"decodes", "decoded_frames", "processor_runs"}
+    fr, info = load_video(vids["closed"], num_frames=8, subset=(0, 4))
+    data.process_video(_processor(), fr, info, resized_height=56, resized_width=56)
+    assert data.COUNTS["decodes"] - before["decodes"] == 1 and data.COUNTS["decoded_frames"] - before["decoded_frames"] == 4
+    assert data.COUNTS["processor_runs"] - before["processor_runs"] == 1
+    assert data.COUNTS["decode_s"] > before["decode_s"] and data.COUNTS["process_cpu_s"] > before["process_cpu_s"]
