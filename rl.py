@@ -68,6 +68,13 @@ Design choices (and the traps they avoid):
     embeddings carry no gradient and are not the reference's).
   * --loop=naive: every rollout request carries its own freshly encoded video (G encodes + G prefills per prompt,
     decode still batched), and the old/ref prefills and training forwards take pixels; vision_passes in metrics.jsonl.
+  * --loop=baseline: the paper's baseline as EasyR1 / Long-RL run it (bench/bench_baseline.py documents each step):
+    per prompt the dataset decodes the video, the rollout worker decodes + pre-processes it and encodes it once for
+    ONE prefill shared by the G samples, the actor decodes + pre-processes it for each of the G sequences, and the
+    old/ref/update forwards run the vision tower per sequence: G+2 decodes, G+1 processor runs, 3G+1 vision passes.
+    --decode_once=1 keeps the vision passes and decodes once (its compute-only control). metrics.jsonl counts
+    decodes_step, processor_runs_step, rollout_prefills and times decode_s_step / process_s_step (+ _cpu_), t_old,
+    t_ref, t_actor_prep.
 
 Outputs in out_dir: metrics.jsonl (one row per step: reward/accuracy/format, KL, clip fractions, entropy, the
 rollout/trainer mismatch tis_mismatch_mean/max and tis_trunc_frac, time split encode/rollout/prefill/train/sync,
