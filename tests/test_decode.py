@@ -128,3 +128,31 @@ def test_decode_counts(vids):
     assert data.COUNTS["decodes"] - before["decodes"] == 1 and data.COUNTS["decoded_frames"] - before["decoded_frames"] == 4
     assert data.COUNTS["processor_runs"] - before["processor_runs"] == 1
     assert data.COUNTS["decode_s"] > before["decode_s"] and data.COUNTS["process_cpu_s"] > before["process_cpu_s"]
+
+
+def test_baseline_loop_counts_and_same_tokens_as_mrsp(tmp_path, tiny_ckpt, synth_dir):
+    """rl.py --loop=baseline (EasyR1 semantics) and its --decode_once control against --loop=mrsp, one step each:
+    the same rollouts, rewards and loss (same math), and per prompt G+2 decodes, G+1 processor runs, 3G+1 vision
+    passes and one rollout prefill (MR-SP: 1 decode, 1 processor run, 1 vision pass, 1 prefill)."""
+    import json
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    P, G = 2, 3
+    run = [f"--model={tiny_ckpt}", f"--data={synth_dir}/train.jsonl", "--val_data=", "--frames=8",
+           f"--prompts_per_step={P}", f"--group_size={G}", "--max_new_tokens=8", "--lr=1e-4", "--seed=1",
+           "--steps=1", "--save_every=100"]
+    m = {}
+    for name, flags in (("mrsp", ["--loop=mrsp"]), ("baseline", ["--loop=baseline"]),
+                        ("compute", ["--loop=baseline", "--decode_once=1"])):
+        out = tmp_path / name
+        r = subprocess.run([sys.executable, "rl.py", *run, f"--out_dir={out}", *flags], cwd=root, capture_output=True,
+                           text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        assert r.returncode == 0, r.stderr[-3000:]
+        m[name] = json.loads(open(out / "metrics.jsonl").readline())
+    for name in ("baseline", "compute"):
+        for k in ("reward_mean", "response_len", "loss", "grad_norm", "kl", "clip_frac"):
+            assert abs(m[name][k] - m["mrsp"][k]) <= 1e-5 * max(1.0, abs(m["mrsp"][k])), (name, k)
+    got = lambda n: [m[n][k] for k in ("decodes_step", "processor_runs_step", "vision_passes", "rollout_prefills")]  # noqa: E731
+    assert got("baseline") == [P * (G + 2), P * (G + 1), P * (3 * G + 1), P]
+    assert got("compute") == [P, P, P * (3 * G + 1), P]
+    assert got("mrsp") == [P, P, P, P]
