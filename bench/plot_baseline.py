@@ -34,9 +34,13 @@ def tables(rows):
            "vision (collect) s | rollout s | actor prep s | old s | ref s | update s | decodes | processor runs | "
            "vision passes | rollout prefills | peak GB/rank | same tokens |")
     out += [hdr, "|" + "---|" * (hdr.count("|") - 1)]
+    rows = sorted(rows, key=lambda r: (r["nproc"], r["frames"]))
     for r in rows:
         b = r["arms"].get("baseline")
-        for a, s in r["arms"].items():
+        for a in ("baseline", "compute-only", "stage1", "stage1+2"):
+            if a not in r["arms"]:
+                continue
+            s = r["arms"][a]
             if not s:
                 out.append(f"| {r['nproc']} | {r['frames']} | {a} | failed |")
                 continue
@@ -56,10 +60,11 @@ def plot(rows):
     import matplotlib.pyplot as plt
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     for nproc, mk in ((1, "o"), (2, "s")):
-        rs = [r for r in rows if r["nproc"] == nproc and r["arms"].get("baseline")]
+        rs = sorted([r for r in rows if r["nproc"] == nproc and r["arms"].get("baseline")], key=lambda r: r["frames"])
         for arm, c in (("stage1", "C0"), ("stage1+2", "C1"), ("compute-only", "C2")):
             pts = [(r["frames"], r["arms"]["baseline"]["cpu_s"] / r["arms"][arm]["cpu_s"],
-                    r["arms"]["baseline"]["decode_cpu_s_step"] / r["arms"]["stage1"]["cpu_s"])
+                    # decode CPU is rank 0's (each DP rank decodes its own prompts); step CPU is all ranks'
+                    r["arms"]["baseline"]["decode_cpu_s_step"] * r["nproc"] / r["arms"]["stage1"]["cpu_s"])
                    for r in rs if r["arms"].get(arm) and r["arms"].get("stage1")]
             if not pts:
                 continue
