@@ -1,5 +1,6 @@
 """
-data.py -- long-video QA data, as a library: video decoding (decord, PyAV fallback), frame sampling and sizing with
+data.py -- long-video QA data, as a library: video decoding (decord, GOP-aware PyAV; an on-disk frame cache), frame
+sampling and sizing with
 qwen-vl-utils' rules (what Qwen2-VL / Qwen2.5-VL checkpoints were trained with), dataset records (LongVideo-Reason as
 released, our JSONL, Video-MME), prompts and targets, answer extraction, and SFT/RL collation. numpy + PyAV/decord;
 torch/torchvision only to process frames and collate; copy it into another project alone.
@@ -185,7 +186,8 @@ def frame_size(height, width, nframes, factor=28, min_pixels=None, max_pixels=No
 
 
 # -----------------------------------------------------------------------------
-# decoding: decord first (fast seeks), PyAV fallback
+# decoding: decord first, PyAV fallback. Both decode only the GOPs the sampled frames touch (decord's get_batch seeks
+# across GOPs only; our PyAV reader plans it: gop_plan), codec threads on (bench/bench_decode.py, docs/BENCHMARKS.md)
 class _timed:
     """Adds a block's wall and CPU (process, all threads) seconds to COUNTS[f"{name}_s"], COUNTS[f"{name}_cpu_s"]."""
 
