@@ -1,8 +1,9 @@
 """
 data.py -- long-video QA data, as a library: video decoding (decord, GOP-aware PyAV; an on-disk frame cache), frame
 sampling and sizing with qwen-vl-utils' rules (what Qwen2-VL / Qwen2.5-VL checkpoints were trained with), dataset
-records (LongVideo-Reason as released, our JSONL, Video-MME), prompts and targets, answer extraction, and SFT/RL collation. numpy + PyAV/decord;
-torch/torchvision only to process frames and collate; copy it into another project alone.
+records (LongVideo-Reason as released, our JSONL, Video-MME), prompts and targets, answer extraction, and SFT/RL
+collation. numpy + PyAV/decord; torch/torchvision only to process frames and collate; copy it into another project
+alone.
 
     from data import load_records, video_options, load_video, process_video, decode_opts, size_opts
     recs = load_records("data/synth/train.jsonl")          # LongVideo-Reason / ours / Video-MME rows
