@@ -502,7 +502,8 @@ def frame_key(path, opts, processor=None, subset=None):
     st = os.stat(path)
     vp = getattr(processor, "video_processor", None)
     proc = "" if vp is None else f"|proc={vp.patch_size * vp.merge_size},{getattr(vp, 'size', None)}"
-    return f"{video_key(path, opts)}{proc}|subset={tuple(subset) if subset else None}|file={st.st_size},{st.st_mtime_ns}"
+    share = tuple(subset) if subset else None
+    return f"{video_key(path, opts)}{proc}|subset={share}|file={st.st_size},{st.st_mtime_ns}"
 
 
 def load_frames(processor, path, opts, subset=None, cache=None, backend=None):

@@ -76,7 +76,8 @@ def make_data(root, video, n):
     return path
 
 
-ARM_FLAGS = {"baseline": ["--loop=baseline", "--sp=1"], "compute-only": ["--loop=baseline", "--decode_once=1", "--sp=1"],
+ARM_FLAGS = {"baseline": ["--loop=baseline", "--sp=1"],
+             "compute-only": ["--loop=baseline", "--decode_once=1", "--sp=1"],
              "stage1": ["--loop=mrsp", "--sp=1"], "stage1+2": None}   # stage1+2: --sp=nproc
 
 
@@ -88,7 +89,8 @@ def run_arm(arm, model_dir, data_file, F):
     launch = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                   f"--nproc_per_node={nproc}"]
     cmd = launch + [os.path.join(ROOT, "rl.py"), f"--model={model_dir}", f"--data={data_file}", "--val_data=",
-                    f"--out_dir={run_dir}", f"--frames={F}", f"--steps={steps}", f"--prompts_per_step={prompts_per_step}",
+                    f"--out_dir={run_dir}", f"--frames={F}", f"--steps={steps}",
+                    f"--prompts_per_step={prompts_per_step}",
                     f"--group_size={group_size}", f"--max_new_tokens={max_new_tokens}", f"--kl_coef={kl_coef}",
                     f"--seed={seed}", f"--save_every={steps + 1000}", f"--log_every={steps + 1000}",
                     "--keep_gathered=0"] + flags
@@ -161,9 +163,9 @@ def main():
         res.append(row)
         b, s1 = sums.get("baseline"), sums.get("stage1")
         if b and s1:
-            line = (f"  {F} frames: baseline {b['step_time']:.2f} / {b['cpu_s']:.2f} s, stage1 {s1['step_time']:.2f} / "
-                    f"{s1['cpu_s']:.2f} s -> {b['step_time'] / s1['step_time']:.2f}x wall, {b['cpu_s'] / s1['cpu_s']:.2f}x "
-                    f"CPU; decode share {b['decode_s_step'] / s1['step_time']:.2f}")
+            line = (f"  {F} frames: baseline {b['step_time']:.2f} / {b['cpu_s']:.2f} s, stage1 "
+                    f"{s1['step_time']:.2f} / {s1['cpu_s']:.2f} s -> {b['step_time'] / s1['step_time']:.2f}x wall, "
+                    f"{b['cpu_s'] / s1['cpu_s']:.2f}x CPU; decode share {b['decode_s_step'] / s1['step_time']:.2f}")
             for a in ("compute-only", "stage1+2"):
                 if sums.get(a):
                     line += f"; {a} {sums[a]['step_time']:.2f} / {sums[a]['cpu_s']:.2f} s"

@@ -145,7 +145,8 @@ if __name__ == "__main__":
                 res[a]["frames_data"] = fr
         # exactness: ours-pyav equals torchvision's decode-everything loop at the same indices (same converter)
         same = None
-        if "ours-pyav" in res and "qvu-torchvision" in res and res["ours-pyav"]["indices"] == res["qvu-torchvision"]["indices"]:
+        tv = res.get("qvu-torchvision")
+        if "ours-pyav" in res and tv and res["ours-pyav"]["indices"] == tv["indices"]:
             same = bool(np.array_equal(res["ours-pyav"]["frames_data"], res["qvu-torchvision"]["frames_data"]))
         if "ours-pyav-half" in res and "ours-pyav" in res:
             same = (same is not False) and bool(np.array_equal(res["ours-pyav-half"]["frames_data"],

@@ -108,7 +108,8 @@ def test_frame_cache_serves_the_same_pixels_and_counts_hits(vids, tmp_path):
     assert cache.stats == dict(hits=3, misses=3, writes=3) and cache.hit_rate() == 0.5
     assert not [f for f in os.listdir(cache.root) if not f.endswith(".npz")]   # no temporaries left behind
     # the key names the options, the processor and the share: a different share or size is a miss
-    assert data.load_frames(proc, path, {"num_frames": 16, "min_pixels": 3136, "max_pixels": 40 * 28 * 28}, (0, 8), cache=cache)
+    assert data.load_frames(proc, path, {"num_frames": 16, "min_pixels": 3136, "max_pixels": 40 * 28 * 28}, (0, 8),
+                            cache=cache)
     assert cache.stats["misses"] == 4
     # a video replaced in place (new mtime / size) is a miss, never stale frames
     os.utime(path, ns=(1, 1))
@@ -125,7 +126,8 @@ def test_decode_counts(vids):
     before = dict(data.COUNTS)
     fr, info = load_video(vids["closed"], num_frames=8, subset=(0, 4))
     data.process_video(_processor(), fr, info, resized_height=56, resized_width=56)
-    assert data.COUNTS["decodes"] - before["decodes"] == 1 and data.COUNTS["decoded_frames"] - before["decoded_frames"] == 4
+    assert data.COUNTS["decodes"] - before["decodes"] == 1
+    assert data.COUNTS["decoded_frames"] - before["decoded_frames"] == 4
     assert data.COUNTS["processor_runs"] - before["processor_runs"] == 1
     assert data.COUNTS["decode_s"] > before["decode_s"] and data.COUNTS["process_cpu_s"] > before["process_cpu_s"]
 
@@ -152,7 +154,8 @@ def test_baseline_loop_counts_and_same_tokens_as_mrsp(tmp_path, tiny_ckpt, synth
     for name in ("baseline", "compute"):
         for k in ("reward_mean", "response_len", "loss", "grad_norm", "kl", "clip_frac"):
             assert abs(m[name][k] - m["mrsp"][k]) <= 1e-5 * max(1.0, abs(m["mrsp"][k])), (name, k)
-    got = lambda n: [m[n][k] for k in ("decodes_step", "processor_runs_step", "vision_passes", "rollout_prefills")]  # noqa: E731
+    keys = ("decodes_step", "processor_runs_step", "vision_passes", "rollout_prefills")
+    got = lambda n: [m[n][k] for k in keys]  # noqa: E731
     assert got("baseline") == [P * (G + 2), P * (G + 1), P * (3 * G + 1), P]
     assert got("compute") == [P, P, P * (3 * G + 1), P]
     assert got("mrsp") == [P, P, P, P]
