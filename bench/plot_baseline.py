@@ -33,6 +33,9 @@ def tables(rows):
     hdr = ("| procs | frames | arm | s/step wall / CPU | speed-up wall / CPU | decode s wall / CPU | pre-process s | "
            "vision (collect) s | rollout s | actor prep s | old s | ref s | update s | decodes | processor runs | "
            "vision passes | rollout prefills | peak GB/rank | same tokens |")
+    # phases: rank 0's wall s (pre-process: the processor incl. the resize; actor prep: the baseline's per-sequence
+    # decode + pre-process, also inside the decode / pre-process columns; old / ref / update include their vision
+    # passes); counts per step, rank 0 (each DP rank decodes its own prompts); CPU s/step: all ranks
     out += [hdr, "|" + "---|" * (hdr.count("|") - 1)]
     rows = sorted(rows, key=lambda r: (r["nproc"], r["frames"]))
     for r in rows:
