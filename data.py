@@ -1,11 +1,11 @@
 """
-data.py -- long-video QA data, as a library: video decoding (decord, PyAV fallback), frame sampling and sizing with
-qwen-vl-utils' rules (what Qwen2-VL / Qwen2.5-VL checkpoints were trained with), dataset records (LongVideo-Reason as
-released, our JSONL, Video-MME, GSM8K, MATH; one video, none, images or several videos; multiple-choice, open-ended or
-math answers), prompts and targets, answer extraction and scoring (score_answer: option letters, normalised open
-answers, the math verifier math_equal), and SFT/RL collation. numpy + PyAV/decord; torch/torchvision only to process
-frames and collate; sympy (and math-verify when installed) only to compare math expressions; copy it into another
-project alone.
+data.py -- long-video QA data, as a library: video decoding (decord, GOP-aware PyAV; an on-disk frame cache), frame
+sampling and sizing with qwen-vl-utils' rules (what Qwen2-VL / Qwen2.5-VL checkpoints were trained with), dataset
+records (LongVideo-Reason as released, our JSONL, Video-MME, GSM8K, MATH; one video, none, images or several videos;
+multiple-choice, open-ended or math answers), prompts and targets, answer extraction and scoring (score_answer: option
+letters, normalised open answers, the math verifier math_equal), and SFT/RL collation. numpy + PyAV/decord;
+torch/torchvision only to process frames and collate; sympy (and math-verify when installed) only to compare math
+expressions; copy it into another project alone.
 
     from data import load_records, video_options, load_video, process_video, decode_opts, size_opts
     recs = load_records("data/synth/train.jsonl")          # LongVideo-Reason / ours / Video-MME rows
@@ -24,6 +24,7 @@ import json
 import math
 import os
 import re
+import time
 import unicodedata
 
 import numpy as np
@@ -34,6 +35,10 @@ FRAME_FACTOR = 2          # Qwen2.5-VL's temporal patch: frame counts are multip
 FPS = 2.0                 # default sampling rate when no frame count is given
 FPS_MIN_FRAMES = 4
 FPS_MAX_FRAMES = 768
+COUNTS = dict(decodes=0, decoded_frames=0, processor_runs=0, decode_s=0.0, decode_cpu_s=0.0, process_s=0.0,
+              process_cpu_s=0.0)   # this process's decode / pre-process work, wall and CPU s (rl.py's metrics)
+DECODE_THREADS = 0        # codec threads per decode (0: one per core, at most 16: libavcodec's auto)
+SEEK_SLACK = 8            # decode on rather than seek when the next keyframe is at most this many frames ahead
 # frame sizes are counted in merged tokens of factor x factor pixels (factor = patch 14 x merge 2 = 28 for Qwen2.5-VL)
 VIDEO_MIN_TOKENS = 128    # per-frame pixel floor: 128 * 28 * 28
 VIDEO_MAX_TOKENS = 768    # per-frame pixel ceiling: 768 * 28 * 28
@@ -189,7 +194,22 @@ def frame_size(height, width, nframes, factor=28, min_pixels=None, max_pixels=No
 
 
 # -----------------------------------------------------------------------------
-# decoding: decord first (fast seeks), PyAV fallback
+# decoding: decord first, PyAV fallback. Both decode only the GOPs the sampled frames touch (decord's get_batch seeks
+# across GOPs only; our PyAV reader plans it: gop_plan), codec threads on (bench/bench_decode.py, docs/BENCHMARKS.md)
+class _timed:
+    """Adds a block's wall and CPU (process, all threads) seconds to COUNTS[f"{name}_s"], COUNTS[f"{name}_cpu_s"]."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def __enter__(self):
+        self.w, self.c = time.perf_counter(), time.process_time()
+
+    def __exit__(self, *exc):
+        COUNTS[f"{self.name}_s"] += time.perf_counter() - self.w
+        COUNTS[f"{self.name}_cpu_s"] += time.process_time() - self.c
+
+
 def _check_file(path):
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -211,7 +231,7 @@ def _part(seq, subset, path=""):
 def _decord_open(path):
     """-> (reader, total frames, fps) from the header."""
     import decord  # optional dependency
-    vr = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
+    vr = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=DECODE_THREADS)
     return vr, len(vr), float(vr.get_avg_fps())
 
 
@@ -248,32 +268,122 @@ def _pyav_header(container, path):
     return stream, _pyav_count(container, stream), (float(rate) if rate else None)
 
 
-def _pyav_read(path, sampling, subset):
+def _pyav_read_sequential(container, stream, path, sel, total):
+    """Decode from the start, keeping the frames at positions `sel` (presentation order, as counted by decode()).
+    The fallback of _pyav_read for streams without usable timestamps."""
+    want, i = {}, -1
+    for j, k in enumerate(sel):
+        want.setdefault(k, []).append(j)
+    out = [None] * len(sel)
+    last = max(sel)
+    for i, frame in enumerate(container.decode(stream)):
+        if i in want:
+            arr = frame.to_ndarray(format="rgb24")
+            for j in want[i]:
+                out[j] = arr
+        if i >= last:
+            break
+    if i < last:
+        raise VideoError(f"{path}: truncated: header/packets say {total} frames but only "
+                         f"{i + 1} decoded (needed frame {last})")
+    return out
+
+
+def pyav_index(container, stream):
+    """The frame table of a stream from its packets alone (demuxing, no decoding): -> (pts of every frame in
+    presentation order, presentation positions of the keyframes, sorted), or None when some packet has no pts or two
+    share one (then frames cannot be told apart by timestamp and only sequential decoding is exact). Rewinds."""
+    pts, key_pts = [], []
+    try:
+        for p in container.demux(stream):
+            if p.size == 0:
+                continue
+            if p.pts is None:
+                return None
+            pts.append(p.pts)
+            if p.is_keyframe:
+                key_pts.append(p.pts)
+    finally:
+        container.seek(0)
+    order = sorted(pts)
+    if len(set(order)) != len(order) or not key_pts:
+        return None
+    pos = {t: i for i, t in enumerate(order)}
+    return order, sorted(pos[t] for t in key_pts)
+
+
+def gop_plan(targets, keyframes, slack=SEEK_SLACK):
+    """Where to seek when decoding the frames `targets` (sorted presentation positions) of a stream whose keyframes
+    sit at `keyframes` (sorted positions, the first normally 0). -> [(seek_to or None, [targets...]), ...]: each
+    segment starts by seeking to keyframe `seek_to` (None: carry on from where the previous one stopped, i.e. from
+    the start for the first) and decodes forward until its last target.
+
+    A target whose GOP begins after the frame last decoded starts a new segment with a seek to that GOP's keyframe,
+    which skips every frame in between; otherwise (same GOP, or the next keyframe is at most `slack` frames ahead,
+    where a seek and the decoder's threading pipeline refill would cost more than the few frames it skips) decoding
+    just continues. So every decoded frame lies in a GOP that holds a target, from its keyframe up to the target:
+    N sampled frames never cost more than one sequential decode of the GOPs they touch."""
+    import bisect
+    plan, cur = [], -1            # cur: the position of the last frame decoded
+    for t in targets:
+        k = keyframes[max(0, bisect.bisect_right(keyframes, t) - 1)]   # this target's GOP starts at frame k
+        if not plan or k > cur + 1 + slack:
+            plan.append((k if (plan or k > slack) else None, [t]))
+        else:
+            plan[-1][1].append(t)
+        cur = t
+    return plan
+
+
+def _pyav_read(path, sampling, subset, threads=None):
+    """PyAV, GOP-aware: seek to a keyframe only where that skips work (gop_plan), codec threading on (threads: 0 =
+    one per core). Frames are matched by their timestamp against the packet table (pyav_index), so they are exactly
+    those a sequential decode yields at the same positions; streams without a usable table decode sequentially."""
     import av
     with av.open(path) as container:
         stream, total, video_fps = _pyav_header(container, path)
         idx = _sample(path, total, video_fps, sampling)
         sel = _part(idx, subset, path)
-        want, i = {}, -1
-        for j, k in enumerate(sel):
-            want.setdefault(k, []).append(j)
-        out = [None] * len(sel)
-        last = max(sel)
-        for i, frame in enumerate(container.decode(stream)):
-            if i in want:
-                arr = frame.to_ndarray(format="rgb24")
-                for j in want[i]:
-                    out[j] = arr
-            if i >= last:
+        stream.thread_type = "AUTO"                  # frame + slice threads: same pixels, less wall time
+        stream.codec_context.thread_count = DECODE_THREADS if threads is None else threads
+        table = pyav_index(container, stream)
+        if table is None:
+            return np.stack(_pyav_read_sequential(container, stream, path, sel, total)), total, video_fps, idx
+        order, keyframes = table
+        pos = {t: i for i, t in enumerate(order)}
+        if max(sel) >= len(order):
+            raise VideoError(f"{path}: truncated: header says {total} frames but the packets hold {len(order)} "
+                             f"(needed frame {max(sel)})")
+        got = {}
+        for seek_to, targets in gop_plan(sorted(set(sel)), keyframes):
+            if seek_to is not None:
+                container.seek(order[seek_to], stream=stream, backward=True, any_frame=False)
+            need, last = set(targets), targets[-1]
+            for frame in container.decode(stream):
+                i = pos.get(frame.pts)
+                if i is None:
+                    break                            # a frame the table does not know: trust only a full decode
+                if i in need:
+                    got[i] = frame.to_ndarray(format="rgb24")
+                if i >= last:
+                    break
+            if not need <= got.keys():
                 break
-        if i < last:
-            raise VideoError(f"{path}: truncated: header/packets say {total} frames but only "
-                             f"{i + 1} decoded (needed frame {last})")
-    return np.stack(out), total, video_fps, idx
+        if not set(sel) <= got.keys():   # a decoder that dropped or retimed frames (open GOP leads, ...): redo exactly
+            container.seek(0)
+            return np.stack(_pyav_read_sequential(container, stream, path, sel, total)), total, video_fps, idx
+    return np.stack([got[k] for k in sel]), total, video_fps, idx
 
 
 def load_video(path, num_frames=None, fps=FPS, min_frames=FPS_MIN_FRAMES, max_frames=FPS_MAX_FRAMES,
                backend=None, subset=None, video_start=None, video_end=None):
+    """load_video (below), its time added to COUNTS["decode_s"] / ["decode_cpu_s"]."""
+    with _timed("decode"):
+        return _load_video(path, num_frames, fps, min_frames, max_frames, backend, subset, video_start, video_end)
+
+
+def _load_video(path, num_frames=None, fps=FPS, min_frames=FPS_MIN_FRAMES, max_frames=FPS_MAX_FRAMES,
+                backend=None, subset=None, video_start=None, video_end=None):
     """Decode the sampled frames of a video (sampling: sample_frame_indices; video_start/video_end in seconds
     restrict it to a clip, as qwen-vl-utils' per-sample keys do). Frames come at the source resolution:
     process_video sizes them.
@@ -311,6 +421,8 @@ def load_video(path, num_frames=None, fps=FPS, min_frames=FPS_MIN_FRAMES, max_fr
         if frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] != n:
             raise VideoError(f"{path}: decoder returned frames of shape {frames.shape}, expected "
                              f"({n}, H, W, 3)")
+        COUNTS["decodes"] += 1
+        COUNTS["decoded_frames"] += n
         info = dict(video_fps=video_fps, total_frames=total, indices=idx,
                     duration=total / video_fps if video_fps else None,
                     sampled_fps=sampled_fps(len(idx), total, video_fps, video_start, video_end),
@@ -338,6 +450,102 @@ def sampled_frame_count(path, num_frames=None, fps=FPS, min_frames=FPS_MIN_FRAME
     return len(_sample(path, total, video_fps, dict(num_frames=num_frames, fps=fps, min_frames=min_frames,
                                                     max_frames=max_frames, video_start=video_start,
                                                     video_end=video_end)))
+
+
+class FrameCache:
+    """On-disk cache of decoded + resized frames (Long-RL's `cache_dir` idea), for datasets read again every epoch:
+    a hit skips decoding and resizing. One .npz per entry, named by the sha1 of its key, written to a temporary
+    name and renamed (atomic: a crash or a concurrent writer never leaves a half file; ranks may share the folder).
+    Key (frame_key): data.video_key of the path + decode and size options, the processor's factor and range, the
+    SP share (subset), and the file's size and mtime (a replaced video is a miss, never stale frames).
+    stats: hits, misses, writes, bytes_written; hit_rate()."""
+
+    def __init__(self, root):
+        self.root = os.fspath(root)
+        os.makedirs(self.root, exist_ok=True)
+        self.stats = dict(hits=0, misses=0, writes=0)
+        self.bytes_written = 0
+
+    def _file(self, key):
+        import hashlib
+        return os.path.join(self.root, hashlib.sha1(key.encode()).hexdigest() + ".npz")
+
+    def get(self, key):
+        """-> (frames (T, h, w, 3) uint8, info dict) or None."""
+        f = self._file(key)
+        try:
+            with np.load(f) as z:
+                if bytes(z["key"]).decode() != key:      # a sha1 collision or a foreign file: treat as a miss
+                    raise KeyError(key)
+                frames, info = z["frames"], json.loads(bytes(z["info"]).decode())
+        except (OSError, KeyError, ValueError):
+            self.stats["misses"] += 1
+            return None
+        self.stats["hits"] += 1
+        info["subset"] = tuple(info["subset"]) if info.get("subset") is not None else None
+        return frames, info
+
+    def put(self, key, frames, info):
+        f = self._file(key)
+        tmp = f"{f}.{os.getpid()}.tmp"
+        with open(tmp, "wb") as fh:
+            np.savez(fh, frames=frames, key=np.frombuffer(key.encode(), np.uint8),
+                     info=np.frombuffer(json.dumps(info).encode(), np.uint8))
+        os.replace(tmp, f)
+        self.stats["writes"] += 1
+        self.bytes_written += os.path.getsize(f)
+
+    def hit_rate(self):
+        n = self.stats["hits"] + self.stats["misses"]
+        return self.stats["hits"] / n if n else None
+
+
+FRAME_CACHE = None   # the process's FrameCache (a stage's --frame_cache_dir sets it); None: no frame cache
+
+
+def frame_key(path, opts, processor=None, subset=None):
+    """The frame cache's key: video_key(path, opts) (decode + size options) + the processor's factor and per-frame
+    range (they change the resized size) + the SP share + the file's size and mtime."""
+    path = os.fspath(path)
+    st = os.stat(path)
+    vp = getattr(processor, "video_processor", None)
+    proc = "" if vp is None else f"|proc={vp.patch_size * vp.merge_size},{getattr(vp, 'size', None)}"
+    share = tuple(subset) if subset else None
+    return f"{video_key(path, opts)}{proc}|subset={share}|file={st.st_size},{st.st_mtime_ns}"
+
+
+def load_frames(processor, path, opts, subset=None, cache=None, backend=None):
+    """load_video + the resize of process_video, through the on-disk frame cache. opts: video_options (decode and
+    size options). -> (frames (T, h, w, 3) uint8, already at the size process_video gives them, info with
+    source_size (H, W)): process_video(processor, frames, info, **size_opts(opts)) then skips its resize and yields
+    exactly the pixels it yields from load_video's frames. cache: a FrameCache, default FRAME_CACHE (None: none)."""
+    cache = FRAME_CACHE if cache is None else cache
+    key = frame_key(path, opts, processor, subset) if cache is not None else None
+    if cache is not None:
+        got = cache.get(key)
+        if got is not None:
+            return got
+    frames, info = load_video(path, **decode_opts(opts), subset=subset, backend=backend)
+    H, W = frames.shape[1:3]
+    h, w = processed_frame_size(processor, H, W, len(info["indices"]), **size_opts(opts))
+    with _timed("process"):
+        frames = _resize_frames(frames, h, w).permute(0, 2, 3, 1).numpy()     # (T, h, w, 3) uint8
+    info = dict(info, source_size=[int(H), int(W)])
+    if cache is not None:
+        cache.put(key, np.ascontiguousarray(frames), info)
+    return frames, info
+
+
+def load_video_cached(path, cache, backend=None, subset=None, **decode):
+    """Decoded frames at the source size through a FrameCache (no processor needed): for benchmarks and tools."""
+    opts = {k: v for k, v in decode.items() if v is not None}
+    key = frame_key(path, opts, None, subset)
+    got = cache.get(key)
+    if got is not None:
+        return got
+    frames, info = load_video(path, backend=backend, subset=subset, **opts)
+    cache.put(key, frames, info)
+    return frames, info
 
 
 # -----------------------------------------------------------------------------
@@ -1239,6 +1447,14 @@ def video_timestamps(processor, info):
 
 def process_video(processor, frames, info, min_pixels=None, max_pixels=None, total_pixels=None,
                   resized_height=None, resized_width=None):
+    """_process_video (below), its time added to COUNTS["process_s"] / ["process_cpu_s"]."""
+    with _timed("process"):
+        return _process_video(processor, frames, info, min_pixels, max_pixels, total_pixels, resized_height,
+                              resized_width)
+
+
+def _process_video(processor, frames, info, min_pixels=None, max_pixels=None, total_pixels=None,
+                   resized_height=None, resized_width=None):
     """Pixels for the vision tower: pixel_values_videos (N_patches, C*2*14*14), video_grid_thw (1, 3)
     and second_per_grid_ts (1,) (mrope time scale = temporal_patch / sampled fps, qwen-vl-utils' sample fps), plus
     timestamps (t,) float64 for a processor that writes them (Qwen3-VL: video_timestamps).
@@ -1259,8 +1475,13 @@ def process_video(processor, frames, info, min_pixels=None, max_pixels=None, tot
     if len(frames) != len(_part(info["indices"], info.get("subset"))):
         raise ValueError(f"process_video: {len(frames)} frames for info describing "
                          f"{len(_part(info['indices'], info.get('subset')))} (subset={info.get('subset')})")
-    h, w = processed_frame_size(processor, frames.shape[1], frames.shape[2], n, min_pixels, max_pixels,
-                                total_pixels, resized_height, resized_width)
+    H, W = info.get("source_size") or frames.shape[1:3]   # load_frames' frames come resized: size from the source
+    h, w = processed_frame_size(processor, H, W, n, min_pixels, max_pixels, total_pixels, resized_height,
+                                resized_width)
+    if frames.shape[1:3] not in ((H, W), (h, w)):
+        raise ValueError(f"process_video: frames of {frames.shape[1]}x{frames.shape[2]} for a {H}x{W} source: "
+                         f"expected the source size or the processed size {h}x{w}")
+    COUNTS["processor_runs"] += 1
     pixels = _resize_frames(frames, h, w)   # (T, 3, h, w) uint8
     out = vp(videos=[pixels], video_metadata=[video_metadata(info)], do_resize=False, do_sample_frames=False,
              return_tensors="pt")

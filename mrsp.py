@@ -419,7 +419,7 @@ def _decode_share(processor, records, opts, group):
     point). opts: data.video_options per record.
     -> (pixel rows of this rank's runs in plan order, video_grid_thw (n, 3), second_per_grid_ts list, timestamps list
     (None each for processors without timestamps))."""
-    from data import VideoError, decode_opts, load_video, process_video, sampled_frame_count, size_opts
+    from data import VideoError, decode_opts, load_frames, process_video, sampled_frame_count, size_opts
     rank, P = _group_info(group)
     tp = processor.video_processor.temporal_patch_size
     n = [sampled_frame_count(r["video"], **decode_opts(o)) for r, o in zip(records, opts)]
@@ -427,7 +427,8 @@ def _decode_share(processor, records, opts, group):
     pix, meta, error = [], {}, None
     try:
         for i, t0, t1 in patch_runs([k // tp for k in n], P)[rank]:
-            frames, info = load_video(records[i]["video"], **decode_opts(opts[i]), subset=(t0 * tp, t1 * tp))
+            # decoded + resized through data.FRAME_CACHE (the on-disk frame cache, when a stage sets one)
+            frames, info = load_frames(processor, records[i]["video"], opts[i], subset=(t0 * tp, t1 * tp))
             p = process_video(processor, frames, info, **size_opts(opts[i]))
             assert p["video_grid_thw"][0, 0].item() == t1 - t0, (p["video_grid_thw"], t0, t1)
             pix.append(p["pixel_values_videos"])
@@ -460,7 +461,7 @@ def get_video_embeds(model, processor, records, cache=None, num_frames=None, gro
     num_frames and **video (min_pixels, max_pixels, total_pixels, fps, ...: data.video_options' names) are the
     stage's defaults; a record's own qwen-vl-utils fields override them.
     -> (list of value dicts as stored in the cache, number of videos encoded)."""
-    from data import (check_supported, decode_opts, load_video, no_video, process_video, record_videos, size_opts,
+    from data import (check_supported, load_frames, no_video, process_video, record_videos, size_opts,
                       video_options)
     if any(r.get("video") is None for r in records):
         # records that are not one video: each video of a several-video record is encoded (and cached) on its own and
@@ -495,7 +496,7 @@ def get_video_embeds(model, processor, records, cache=None, num_frames=None, gro
         if parallel:   # parallel decoding: this rank's frames only
             pix, grid, ts, stamps = _decode_share(processor, [r for _, r, _ in todo], [o for _, _, o in todo], group)
         else:
-            procs = [process_video(processor, *load_video(r["video"], **decode_opts(o)), **size_opts(o))
+            procs = [process_video(processor, *load_frames(processor, r["video"], o), **size_opts(o))
                      for _, r, o in todo]
             pix = torch.cat([p["pixel_values_videos"] for p in procs])
             grid = torch.cat([p["video_grid_thw"] for p in procs])

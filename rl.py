@@ -68,6 +68,13 @@ Design choices (and the traps they avoid):
     embeddings carry no gradient and are not the reference's).
   * --loop=naive: every rollout request carries its own freshly encoded video (G encodes + G prefills per prompt,
     decode still batched), and the old/ref prefills and training forwards take pixels; vision_passes in metrics.jsonl.
+  * --loop=baseline: the paper's baseline as EasyR1 / Long-RL run it (bench/bench_baseline.py documents each step):
+    per prompt the dataset decodes the video, the rollout worker decodes + pre-processes it and encodes it once for
+    ONE prefill shared by the G samples, the actor decodes + pre-processes it for each of the G sequences, and the
+    old/ref/update forwards run the vision tower per sequence: G+2 decodes, G+1 processor runs, 3G+1 vision passes.
+    --decode_once=1 keeps the vision passes and decodes once (its compute-only control). metrics.jsonl counts
+    decodes_step, processor_runs_step, rollout_prefills and times decode_s_step / process_s_step (+ _cpu_), t_old,
+    t_ref, t_actor_prep.
 
 Outputs in out_dir: metrics.jsonl (one row per step: reward/accuracy/format, KL, clip fractions, entropy, the
 rollout/trainer mismatch tis_mismatch_mean/max and tis_trunc_frac, time split encode/rollout/prefill/train/sync,
@@ -86,8 +93,10 @@ from tqdm import tqdm
 from common import (apply_overrides, autocast, batch_indices, check_seconds, clip_grad, config_of, export_hf,
                     gather_rows, load_checkpoint, metrics_logger, phase, phase_memory, print0, reduce_sum,
                     sample_seed, save_checkpoint, setup_dist, teardown, tick, watchdog)
-from data import (LETTERS, check_supported, check_videos, encode_text, extract_choice, follows_format, load_records,
-                  no_video, score_answer, video_flags, video_inputs)
+import data as data_lib   # its COUNTS (decodes, processor runs) and FRAME_CACHE
+from data import (LETTERS, FrameCache, check_supported, check_videos, decode_opts, encode_text, extract_choice,
+                  follows_format, load_records, load_video, no_video, score_answer, video_flags, video_inputs,
+                  video_options)
 from mrsp import (EmbeddingCache, VLLMEngine, accuracy_metrics, encode_videos, evaluate, fsdp_gathered,
                   get_video_embeds, load_model, load_models, rollout, setup_mesh, sp_logprobs, sync_weights,
                   vllm_start)
@@ -106,6 +115,10 @@ total_pixels = 0            #   video shared by its frames, 0 = 90% of 128k toke
 sp = 1                      # sequence-parallel group size (divides the world size)
 attn = "ring"               # ring | ulysses (LLM attention under SP)
 loop = "mrsp"               # mrsp | naive: the baseline loop (no cache: re-encode per rollout and per prefill; sp 1)
+                            # | baseline: EasyR1 / Long-RL semantics (G+2 decodes, G+1 processor runs, 3G+1 vision
+                            #   passes per prompt, one shared rollout prefill; sp 1): the paper's baseline
+decode_once = False         # --loop=baseline: decode + pre-process each video once (the compute-only control)
+frame_cache_dir = ""        # on-disk cache of decoded + resized frames (data.FrameCache), for data reused over epochs
 engine = "hf"               # rollout engine: hf (an unsharded copy of the model) | vllm (needs vllm installed)
 prompts_per_step = 8        # prompts per RL step, global (divisible by the data-parallel size)
 group_size = 5              # G rollouts per prompt (paper release: 5)
@@ -643,8 +656,10 @@ def check_config():
                          f"dr_grpo or rloo, or put the KL in the loss (--kl_in_reward=0)")
     if engine not in ("hf", "vllm"):
         raise SystemExit(f"--engine={engine}: expected hf or vllm")
-    if loop not in ("mrsp", "naive"):
-        raise SystemExit(f"--loop={loop}: expected mrsp or naive")
+    if loop not in ("mrsp", "naive", "baseline"):
+        raise SystemExit(f"--loop={loop}: expected mrsp, naive or baseline")
+    if decode_once and loop != "baseline":
+        raise SystemExit(f"--decode_once=1 is the compute-only control of --loop=baseline (got --loop={loop})")
     if group_size < 2:
         raise SystemExit(f"--group_size={group_size}: GRPO needs at least 2 rollouts per prompt")
     if temperature <= 0:
@@ -653,8 +668,8 @@ def check_config():
         raise SystemExit("--ppo_epochs and --prompts_per_step must be >= 1, --mini_batch >= 0")
     if vllm_sleep_level not in (0, 1, 2):
         raise SystemExit(f"--vllm_sleep_level={vllm_sleep_level}: expected 0 (never sleep), 1 or 2")
-    if loop == "naive" and sp != 1:
-        raise SystemExit(f"--loop=naive runs without sequence parallelism: use --sp=1 (got --sp={sp})")
+    if loop in ("naive", "baseline") and sp != 1:
+        raise SystemExit(f"--loop={loop} runs without sequence parallelism: use --sp=1 (got --sp={sp})")
 
 
 # -----------------------------------------------------------------------------
@@ -666,7 +681,8 @@ if __name__ == "__main__":
     # inside the forward). MR-SP takes the cache everywhere the tower that filled it is the right one: the old policy
     # always; the update and the reference only with a frozen tower (a trainable one needs its gradient, and the
     # reference keeps its own weights). The naive loop always takes pixels.
-    naive = loop == "naive"
+    naive = loop in ("naive", "baseline")   # the baseline's old/ref/update forwards take pixels too
+    baseline = loop == "baseline"
     old_from_cache = not naive
     train_from_cache = ref_from_cache = not naive and freeze_vision
 
@@ -717,6 +733,8 @@ if __name__ == "__main__":
                          vllm_sleep_level)
     # frozen vision: one cache for the whole run (version 0); trainable: keyed by step (fresh embeddings each step)
     cache = None if naive else EmbeddingCache(cache_bytes)
+    if frame_cache_dir:   # every load_frames (mrsp's decoding) reads / fills it; the baseline's own decodes bypass it
+        data_lib.FRAME_CACHE = FrameCache(frame_cache_dir)
     eval_cache = EmbeddingCache(cache_bytes) if freeze_vision else None   # its own: SP ranks' caches stay identical
 
     def held_out(step_):
@@ -759,8 +777,9 @@ if __name__ == "__main__":
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         version = 0 if freeze_vision else step
-        t = dict(encode=0.0, rollout=0.0)
-        vision_passes = 0
+        t = dict(encode=0.0, rollout=0.0, actor_prep=0.0)
+        vision_passes = rollout_prefills = 0
+        counts0 = dict(data_lib.COUNTS)   # decodes / processor runs / their seconds this step: the delta at the end
         phase("sync", step)
         if llm is not None:
             llm.wake()    # the previous step's weights in (collective)
@@ -774,7 +793,17 @@ if __name__ == "__main__":
             pos = list(range(draws * prompts_per_step, (draws + 1) * prompts_per_step))[mesh.dp_rank::mesh.dp_size]
             recs = [train[i] for i in idx]
             t0 = tick()
-            if naive:   # pixels only: the engine re-encodes them for every rollout request below
+            if baseline:
+                # EasyR1 / Long-RL, per prompt: the dataset (RLHFDataset.__getitem__) decodes the video to build the
+                # prompt (its frames give the video token count): decode 1. The rollout worker decodes it again and
+                # vLLM runs its processor on the frames (mm processor cache off): decode 2, processor run 1. The
+                # pixels are the same each time (deterministic decoding), so the math is unchanged.
+                # --decode_once (compute-only control): only the rollout worker's decode + processor run.
+                if not decode_once:
+                    for r in recs:
+                        load_video(r["video"], **decode_opts(video_options(r, num_frames=frames, **video_kw())))
+                vids = [load_pixels(r, processor) for r in recs]
+            elif naive:   # pixels only: the engine re-encodes them for every rollout request below
                 vids = [load_pixels(r, processor) for r in recs]
             else:
                 vals, n_encoded = get_video_embeds(rollout_model, processor, recs, cache, num_frames=frames,
@@ -788,13 +817,29 @@ if __name__ == "__main__":
             t["encode"] += tick() - t0
             t0 = tick()
             outs = [None] * len(recs)
-            if naive:
+            if baseline:
+                # vLLM with n=G: the request's video encoded once (1 vision pass) and ONE prefill shared by the G
+                # samples (prefix caching); the same engine call as MR-SP's, so the same sampled tokens
+                for k, p in enumerate(prompts):
+                    t1 = tick()
+                    with torch.no_grad():
+                        emb = encode_videos(rollout_model, vids[k]["pixel_values_videos"].to(device),
+                                            p["video_grid_thw"].to(device))
+                    t_enc = tick() - t1
+                    t["encode"] += t_enc
+                    t["rollout"] -= t_enc
+                    (outs[k],) = rollout([dict(p, embeds=emb)], group_size, [sample_seed(seed, pos[k])], temperature,
+                                         max_new_tokens, tok, model=rollout_model, llm=llm, top_p=top_p, top_k=top_k)
+                    vision_passes += 1
+                    rollout_prefills += 1
+            elif naive:
                 for k, p in enumerate(prompts):
                     outs[k], t_enc = naive_rollouts(rollout_model, llm, p, vids[k]["pixel_values_videos"],
                                                     sample_seed(seed, pos[k]), tok, device)
                     t["encode"] += t_enc
                     t["rollout"] -= t_enc
                     vision_passes += group_size
+                    rollout_prefills += group_size
             else:
                 # the SP ranks split the prompts for generation (one engine call each, none included), then swap
                 mine = list(range(mesh.sp_rank, len(recs), mesh.sp_size))
@@ -803,6 +848,7 @@ if __name__ == "__main__":
                               model=rollout_model, llm=llm, top_p=top_p, top_k=top_k)
                 for k, o in zip(mine, res):
                     outs[k] = o
+                rollout_prefills += len(mine)   # one prefill per prompt, its KV shared by the G samples
                 if mesh.sp_size > 1:
                     parts = [None] * mesh.sp_size
                     dist.all_gather_object(parts, dict(zip(mine, res)), group=mesh.sp_group)   # a sync point
@@ -824,6 +870,7 @@ if __name__ == "__main__":
             n_kept = reduce_sum(dict(n=min(len(kept), per_rank)), mesh.dp_group)["n"]
             if n_kept >= prompts_per_step or rounds >= max_sample_rounds:
                 break
+        counts_collect = {k: data_lib.COUNTS[k] - counts0[k] for k in counts0}   # decode / pre-process in collect
         if llm is not None:
             llm.sleep()   # GPU memory back to the trainer until the next rollouts
         kept, pad = balance_groups(kept, drawn, per_rank, mesh.dp_group)
@@ -835,6 +882,16 @@ if __name__ == "__main__":
         items = [make_item(g["prompt"], r["tokens"], g["video"], r["logprobs"], weight=g["weight"])
                  for g in groups for r in g["responses"]]
         n, n_tok = len(items), sum(it["input_ids"].numel() for it in items)
+        if baseline and not decode_once:
+            # EasyR1 / Long-RL's actor input preparation: each of the G repeated rows of a prompt decodes and
+            # pre-processes its video (G decodes, G processor runs per prompt), kept for the step's old / ref /
+            # update forwards, which run the vision tower per sequence (vision passes counted there)
+            t0 = tick()
+            for g in groups:
+                for _ in g["responses"]:
+                    px = load_pixels(g["rec"], processor)["pixel_values_videos"]
+                    assert torch.equal(px, videos[g["video"]]["pixel_values_videos"])   # deterministic: same pixels
+            t["actor_prep"] += tick() - t0
         phase("prefill", step, mesh.sp_group, seqs=n, tokens=n_tok)   # FSDP: every rank the same sequence count
         t0 = tick()
         mb = n if mini_batch == 0 else max(1, mini_batch // mesh.dp_size)
@@ -842,6 +899,7 @@ if __name__ == "__main__":
         if items and (recompute_old or ppo_epochs > 1 or mb < n or kl_in_reward):   # else pi_old = pi_theta:
             old = prefill(policy, items, videos, mesh, old_from_cache)             # logp.detach()
             vision_passes += n * (not old_from_cache)
+        t_old = tick() - t0
         if items and ref is not None:
             refs = prefill(ref, items, videos, mesh, ref_from_cache)
             vision_passes += n * (not ref_from_cache)
@@ -909,6 +967,12 @@ if __name__ == "__main__":
                    logp_gap=tr["gap"] / ntok0, tokens_per_s=tr["seq_tokens"] / dt, t_encode=t["encode"],
                    t_rollout=t["rollout"], t_prefill=t_prefill, t_train=t_train, t_sync=t_sync, step_time=dt,
                    vision_passes=int(tr["vision"]), t_checks=check_seconds(),
+                   # per-phase detail of this rank (decode / pre-process from data.COUNTS, wall and CPU s; counts
+                   # per rank: an SP rank's decodes are of its share of the frames)
+                   t_old=t_old, t_ref=t_prefill - t_old, t_actor_prep=t["actor_prep"],
+                   rollout_prefills=rollout_prefills,
+                   t_vision_collect=t["encode"] - counts_collect["decode_s"] - counts_collect["process_s"],
+                   **{f"{k}_step": data_lib.COUNTS[k] - counts0[k] for k in counts0},
                    dropped_groups=int(rs["drawn"] - rs["kept"]), trained_groups=int(rs["kept"]), sample_rounds=rounds,
                    video_pad_cuts=int(rs["cuts"]), updates=updates, clip_frac_lower=tr["clip_lower"] / ntok,
                    # rollout / trainer mismatch |log pi_old - log pi_engine| (= logp_gap) and the TIS truncation
@@ -918,6 +982,9 @@ if __name__ == "__main__":
             row["reward_kl"] = tr["reward_kl"] / ntok0
         if cache is not None:
             row.update(cache_hits=cache.stats["hits"], cache_misses=cache.stats["misses"])
+        if data_lib.FRAME_CACHE is not None:
+            row.update(frame_cache_hits=data_lib.FRAME_CACHE.stats["hits"],
+                       frame_cache_misses=data_lib.FRAME_CACHE.stats["misses"])
         if val and ((eval_every and (step + 1) % eval_every == 0) or step + 1 == steps):
             row.update(held_out(step + 1))
         if llm is not None:   # this step's engine calls in order, eval's included (every rank makes the same ones)

@@ -1,0 +1,180 @@
+"""The paper's baseline vs MR-SP's stages on realistic videos: rl.py --loop=baseline (EasyR1 / Long-RL semantics)
+beside --loop=mrsp (stage 1, and stage 1+2 with SP) and a compute-only control, same prompts, same sampled tokens.
+
+    python bench/bench_baseline.py                                   # 1 process, 8..512 frames
+    python bench/bench_baseline.py --nproc=2 --frames=64,512         # 2 processes: DP=2 arms and stage1+2 at SP=2
+
+Arms (one rl.py process, or torchrun --nproc_per_node=nproc, each; same seed, data and flags otherwise):
+  baseline      --loop=baseline: per prompt per step, as EasyR1 (which Long-RL's release is built on) does it --
+                  dataset: fetch_video to build the prompt (decode 1)
+                  rollout worker: fetch_video (decode 2) -> vLLM's processor on the frames (processor run 1) ->
+                    vision tower once, ONE prefill shared by the G samples (vLLM n=G, prefix caching)
+                  actor input preparation: each of the G repeated rows decodes + pre-processes its video (G decodes,
+                    G processor runs), kept for the step
+                  old-policy, reference and update forwards: the vision tower runs inside the (FSDP) model for every
+                    sequence (3G passes), parameters gathered per pass (--keep_gathered=0, every arm)
+                -> G+2 decodes, G+1 processor runs, 3G+1 vision passes, 1 rollout prefill per prompt (kl_coef > 0)
+  compute-only  --loop=baseline --decode_once=1: the same vision passes, one decode + processor run per prompt
+  stage1        --loop=mrsp --sp=1: decode + encode once per video, the embedding cache serves the rollouts, the
+                prefills and the update (same data-parallel layout as the baseline)
+  stage1+2      --loop=mrsp --sp=nproc (nproc > 1): plus the sequence-parallel decode/encode, prefill and update
+
+Videos: ONE realistic H.264 file (bench/make_videos.py: --video_seconds at 640x360, 30 fps, keyframe every 250,
+film grain, cuts), hard-linked under a distinct name for every record, so every step draws "new" videos for the
+embedding cache while every decode does the same real work (the file sits in the page cache for all arms alike).
+The model sees each frame at 56x56 (records carry resized_height/width=56): the bench model of bench_mrsp.py, sized
+to Qwen2.5-VL-7B's vision/LLM cost share at that input. Decoding is at 640x360 with data.load_video's default
+backend, identical for every arm. Wall-clock figures depend on this machine's decode speed relative to its model
+compute: the transferable figure is the decode share (decode s / stage-1 step s) printed next to each speed-up.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import bench_mrsp  # noqa: E402
+import common  # noqa: E402
+
+out = os.path.join(ROOT, "out", "bench_baseline")
+frames = "8,16,64,128,256,512"
+steps = 3
+warmup = 1
+prompts_per_step = 2
+group_size = 5
+max_new_tokens = 32
+kl_coef = 1e-2
+nproc = 1
+arms = "baseline,compute-only,stage1,stage1+2"
+video_seconds = 60.0
+run_timeout = 1800
+seed = 0
+
+QUESTION = dict(question="What happens in the video?", options=["A. a cut", "B. a pan", "C. a zoom", "D. nothing"],
+                answer="B", reasoning="The camera pans.")
+
+
+def make_data(root, video, n):
+    """n records, each naming its own hard link of `video` (distinct cache keys, the same decode work)."""
+    os.makedirs(os.path.join(root, "videos"), exist_ok=True)
+    rows = []
+    for i in range(n):
+        link = os.path.join(root, "videos", f"v{i:03d}.mp4")
+        if not os.path.exists(link):
+            os.link(video, link)
+        rows.append(dict(id=f"q{i}", video=f"videos/v{i:03d}.mp4", category="temporal", resized_height=56,
+                         resized_width=56, **QUESTION))
+    path = os.path.join(root, "train.jsonl")
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return path
+
+
+ARM_FLAGS = {"baseline": ["--loop=baseline", "--sp=1"],
+             "compute-only": ["--loop=baseline", "--decode_once=1", "--sp=1"],
+             "stage1": ["--loop=mrsp", "--sp=1"], "stage1+2": None}   # stage1+2: --sp=nproc
+
+
+def run_arm(arm, model_dir, data_file, F):
+    run_dir = os.path.join(out, "runs", f"{arm}_f{F}_p{nproc}")
+    shutil.rmtree(run_dir, ignore_errors=True)
+    os.makedirs(run_dir)
+    flags = ARM_FLAGS[arm] or ["--loop=mrsp", f"--sp={nproc}"]
+    launch = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                  f"--nproc_per_node={nproc}"]
+    cmd = launch + [os.path.join(ROOT, "rl.py"), f"--model={model_dir}", f"--data={data_file}", "--val_data=",
+                    f"--out_dir={run_dir}", f"--frames={F}", f"--steps={steps}",
+                    f"--prompts_per_step={prompts_per_step}",
+                    f"--group_size={group_size}", f"--max_new_tokens={max_new_tokens}", f"--kl_coef={kl_coef}",
+                    f"--seed={seed}", f"--save_every={steps + 1000}", f"--log_every={steps + 1000}",
+                    "--keep_gathered=0"] + flags
+    path = os.path.join(run_dir, "metrics.jsonl")
+    t0, cpu_at_row, rc = time.time(), [], None
+    with open(os.path.join(run_dir, "log.txt"), "w") as f:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+        while rc is None:
+            cpu = bench_mrsp.cpu_seconds(proc.pid)
+            if os.path.isfile(path):
+                with open(path) as m:
+                    n = sum(1 for line in m if line.endswith("\n"))
+                cpu_at_row += [cpu] * (n - len(cpu_at_row))
+            if time.time() - t0 > run_timeout:
+                proc.kill(); proc.wait(); rc = "timeout"
+                break
+            time.sleep(0.02)
+            rc = proc.poll()
+    rows = []
+    if os.path.isfile(path):
+        with open(path) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+    if rc != 0:
+        with open(os.path.join(run_dir, "log.txt")) as f:
+            print(f"  {arm} {F}: rl.py failed (rc {rc}):\n{f.read()[-3000:]}", flush=True)
+    return dict(rows=rows, cpu_at_row=cpu_at_row, rc=rc, cmd=" ".join(cmd[1:]))
+
+
+KEYS = ("step_time", "decode_s_step", "decode_cpu_s_step", "process_s_step", "process_cpu_s_step", "t_encode",
+        "t_vision_collect", "t_rollout", "t_actor_prep", "t_old", "t_ref", "t_train", "decodes_step",
+        "processor_runs_step", "vision_passes", "rollout_prefills")
+
+
+def summarize(run):
+    rows, cpu = run["rows"], run["cpu_at_row"]
+    if len(rows) < steps or len(cpu) < len(rows):
+        return None
+    timed = rows[warmup:]
+    s = {k: sum(r.get(k, 0.0) for r in timed) / len(timed) for k in KEYS}
+    cs = [cpu[k] - cpu[k - 1] for k in range(warmup, len(rows)) if None not in (cpu[k], cpu[k - 1])]
+    s["cpu_s"] = sum(cs) / max(len(cs), 1)
+    s["peak_gb"] = max(r["peak_mem_gb"] for r in rows)
+    s["tokens"] = [(r["response_len"], r["reward_mean"]) for r in rows]
+    return s
+
+
+def main():
+    common.apply_overrides(globals(), sys.argv[1:])
+    cfg = common.config_of(globals())
+    Fs = [int(x) for x in str(frames).split(",")]
+    names = [a for a in arms.split(",") if a != "stage1+2" or nproc > 1]
+    t_start, load0 = time.time(), os.getloadavg()[0]
+    print(f"bench_baseline: {os.cpu_count()} CPUs, load {load0:.2f}; config {json.dumps(cfg)}", flush=True)
+    video = os.path.join(ROOT, "out", "videos", f"real_{video_seconds:g}s_360p.mp4")
+    if not os.path.exists(video):
+        from make_videos import make_video
+        print(make_video(video, video_seconds, 360, 640), flush=True)
+    data_dir = os.path.join(out, "data")
+    data_file = make_data(data_dir, video, steps * prompts_per_step)
+    model_dir = os.path.join(out, "model_7b")
+    bench_mrsp.make_model(model_dir, data_file)
+    res = []
+    for i, F in enumerate(Fs):
+        order = names[i % len(names):] + names[:i % len(names)]   # rotate: drifting load hits every arm
+        runs = {a: run_arm(a, model_dir, data_file, F) for a in order}
+        sums = {a: summarize(r) for a, r in runs.items()}
+        ok = [s for s in sums.values() if s]
+        same = len(ok) == len(sums) and all(s["tokens"] == ok[0]["tokens"] for s in ok)
+        row = dict(frames=F, nproc=nproc, same_tokens=same, arms=sums, cmds={a: r["cmd"] for a, r in runs.items()})
+        res.append(row)
+        b, s1 = sums.get("baseline"), sums.get("stage1")
+        if b and s1:
+            line = (f"  {F} frames: baseline {b['step_time']:.2f} / {b['cpu_s']:.2f} s, stage1 "
+                    f"{s1['step_time']:.2f} / {s1['cpu_s']:.2f} s -> {b['step_time'] / s1['step_time']:.2f}x wall, "
+                    f"{b['cpu_s'] / s1['cpu_s']:.2f}x CPU; decode share {b['decode_s_step'] / s1['step_time']:.2f}")
+            for a in ("compute-only", "stage1+2"):
+                if sums.get(a):
+                    line += f"; {a} {sums[a]['step_time']:.2f} / {sums[a]['cpu_s']:.2f} s"
+            print(line + f"; same tokens {same}", flush=True)
+        with open(os.path.join(out, f"results_p{nproc}.json"), "w") as f:
+            json.dump(dict(config=cfg, rows=res, load=[load0, os.getloadavg()[0]], video=video), f, indent=1)
+    print(f"total {time.time() - t_start:.0f} s, load {load0:.2f} -> {os.getloadavg()[0]:.2f}; "
+          f"rows in {out}/results_p{nproc}.json")
+
+
+if __name__ == "__main__":
+    main()

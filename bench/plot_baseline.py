@@ -1,0 +1,102 @@
+"""Tables and a figure from bench/bench_baseline.py's results (results_p1.json, results_p2.json): speed-up over the
+faithful baseline against frames (with the paper's points) and against the decode share, plus the markdown tables
+for docs/BENCHMARKS.md.
+
+    python bench/plot_baseline.py --inputs=out/bench_baseline/results_p1.json,out/bench_baseline_p2/results_p2.json \
+        --png=docs/baseline_speedup.png
+"""
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from common import apply_overrides  # noqa: E402
+
+inputs = "out/bench_baseline/results_p1.json,out/bench_baseline_p2/results_p2.json"
+png = "docs/baseline_speedup.png"
+# the paper's stage-1 table (Qwen2.5-VL-7B, 8 GPUs): frames -> (baseline s, stage 1 s) per step
+PAPER = {8: (119, 30), 128: (201, 65), 256: (320, 110), 512: (439, 205)}
+
+
+def load():
+    rows = []
+    for p in inputs.split(","):
+        if os.path.isfile(p):
+            with open(p) as f:
+                rows += json.load(f)["rows"]
+    return rows
+
+
+def tables(rows):
+    out = []
+    hdr = ("| procs | frames | arm | s/step wall / CPU | speed-up wall / CPU | decode s wall / CPU | pre-process s | "
+           "vision (collect) s | rollout s | actor prep s | old s | ref s | update s | decodes | processor runs | "
+           "vision passes | rollout prefills | peak GB/rank | same tokens |")
+    # phases: rank 0's wall s (pre-process: the processor incl. the resize; actor prep: the baseline's per-sequence
+    # decode + pre-process, also inside the decode / pre-process columns; old / ref / update include their vision
+    # passes); counts per step, rank 0 (each DP rank decodes its own prompts); CPU s/step: all ranks
+    out += [hdr, "|" + "---|" * (hdr.count("|") - 1)]
+    rows = sorted(rows, key=lambda r: (r["nproc"], r["frames"]))
+    for r in rows:
+        b = r["arms"].get("baseline")
+        for a in ("baseline", "compute-only", "stage1", "stage1+2"):
+            if a not in r["arms"]:
+                continue
+            s = r["arms"][a]
+            if not s:
+                out.append(f"| {r['nproc']} | {r['frames']} | {a} | failed |")
+                continue
+            up = (f"{b['step_time'] / s['step_time']:.2f} / {b['cpu_s'] / s['cpu_s']:.2f}" if b else "-")
+            out.append(
+                f"| {r['nproc']} | {r['frames']} | {a} | {s['step_time']:.2f} / {s['cpu_s']:.2f} | {up} | "
+                f"{s['decode_s_step']:.2f} / {s['decode_cpu_s_step']:.2f} | {s['process_s_step']:.2f} | "
+                f"{s['t_vision_collect']:.2f} | {s['t_rollout']:.2f} | {s['t_actor_prep']:.2f} | {s['t_old']:.2f} | "
+                f"{s['t_ref']:.2f} | {s['t_train']:.2f} | {s['decodes_step']:.0f} | {s['processor_runs_step']:.0f} | "
+                f"{s['vision_passes']:.0f} | {s['rollout_prefills']:.0f} | {s['peak_gb']:.2f} | {r['same_tokens']} |")
+    return "\n".join(out)
+
+
+def plot(rows):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for nproc, mk in ((1, "o"), (2, "s")):
+        rs = sorted([r for r in rows if r["nproc"] == nproc and r["arms"].get("baseline")], key=lambda r: r["frames"])
+        for arm, c in (("stage1", "C0"), ("stage1+2", "C1"), ("compute-only", "C2")):
+            pts = [(r["frames"], r["arms"]["baseline"]["cpu_s"] / r["arms"][arm]["cpu_s"],
+                    # decode CPU is rank 0's (each DP rank decodes its own prompts); step CPU is all ranks'
+                    r["arms"]["baseline"]["decode_cpu_s_step"] * r["nproc"] / r["arms"]["stage1"]["cpu_s"])
+                   for r in rs if r["arms"].get(arm) and r["arms"].get("stage1")]
+            if not pts:
+                continue
+            lab = f"baseline / {arm}, {nproc} proc"
+            ax1.plot([p[0] for p in pts], [p[1] for p in pts], mk + "-", color=c, label=lab,
+                     alpha=1 if nproc == 1 else 0.6)
+            ax2.plot([p[2] for p in pts], [p[1] for p in pts], mk, color=c, label=lab, alpha=1 if nproc == 1 else 0.6)
+    ax1.plot(list(PAPER), [b / s for b, s in PAPER.values()], "k*--", ms=10, label="paper, stage 1 (7B, 8 GPUs)")
+    ax1.axhline(2.1, color="gray", lw=0.8, ls=":")
+    ax1.set_xscale("log", base=2)
+    ax1.set_xlabel("frames")
+    ax1.set_ylabel("speed-up over the EasyR1-style baseline (CPU s/step)")
+    ax1.set_title("speed-up vs frames")
+    ax1.legend(fontsize=7)
+    ax2.set_xlabel("decode share = baseline decode CPU s / stage-1 step CPU s")
+    ax2.set_ylabel("speed-up (CPU s/step)")
+    ax2.set_title("speed-up vs decode share (the ratio that transfers)")
+    ax2.axhline(2.1, color="gray", lw=0.8, ls=":")
+    ax2.legend(fontsize=7)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(png) or ".", exist_ok=True)
+    fig.savefig(png + ".tmp.png", dpi=110)
+    os.replace(png + ".tmp.png", png)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    apply_overrides(globals(), sys.argv[1:])
+    rows = load()
+    print(tables(rows))
+    plot(rows)
+    print(f"wrote {png}")
