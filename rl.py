@@ -712,6 +712,11 @@ if __name__ == "__main__":
         check_videos(val, where=f"--val_data={val_data}")
         check_supported(train, where=f"--data={data}")   # videos or text only: no image records yet
         check_supported(val, where=f"--val_data={val_data}")
+        if loop == "baseline":   # the benchmark arm models EasyR1's per-consumer decodes of ONE video per prompt
+            odd = next((r for r in train if not r.get("video")), None)
+            if odd is not None:
+                raise ValueError(f"--data={data}: record {odd['id']!r} has no single video (text only or several "
+                                 f"videos): --loop=baseline takes one-video records; use --loop=mrsp or naive")
     except ValueError as e:
         raise SystemExit(str(e)) from None
     print0(f"data: {len(train)} train / {len(val)} val records; dp={mesh.dp_size} sp={mesh.sp_size} "
