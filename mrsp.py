@@ -42,7 +42,11 @@ import os
 import torch
 import torch.distributed as dist
 
-from common import agree, hash56
+from common import agree, hash56, tick
+
+# this process's HF-engine rollout time, split into the prompt prefill(s) and the token-by-token decode (rl.py's
+# per-step t_rollout_prefill / t_rollout_decode; the vLLM engine does both inside one call: not split)
+ROLLOUT_TIMES = dict(prefill_s=0.0, decode_s=0.0)
 
 SUPPORTED_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
@@ -928,6 +932,7 @@ def hf_rollout(model, prompts, n=1, temperature=1.0, top_p=1.0, top_k=0, max_new
                                      p["video_grid_thw"].to(device), p["second_per_grid_ts"].to(device),
                                      rule=rope_rule)
         cache = DynamicCache(config=lm.config)
+        t0 = tick()   # (tick synchronizes: the timings split the rollout into prefill and decode; a sync point)
         if isinstance(p["embeds"], (list, tuple)):   # one video copy per sample (the naive loop): n prefills
             assert len(p["embeds"]) == n, f"{len(p['embeds'])} per-sample videos for n={n} samples"
             x = lm_video_inputs(model, ids.expand(n, -1), torch.cat([e.to(device) for e in p["embeds"]]))   # (n, S, D)
@@ -938,6 +943,8 @@ def hf_rollout(model, prompts, n=1, temperature=1.0, top_p=1.0, top_k=0, max_new
                    cache=cache, use_cache=True).last_hidden_state
             logits = head(h[:, -1]).expand(n, -1)                               # (n, V) same start for all
             cache.batch_repeat_interleave(n)
+        t1 = tick()
+        ROLLOUT_TIMES["prefill_s"] += t1 - t0
         next_pos = int(pos.max()) + 1
         toks, lps = torch.empty(n, 0, dtype=torch.long), torch.empty(n, 0)
         done = torch.zeros(n, dtype=torch.bool)
@@ -951,6 +958,7 @@ def hf_rollout(model, prompts, n=1, temperature=1.0, top_p=1.0, top_k=0, max_new
             step_pos = torch.full((3, n, 1), next_pos + step, device=device)
             h = lm(input_ids=tok[:, None], position_ids=step_pos, cache=cache, use_cache=True).last_hidden_state
             logits = head(h[:, -1])
+        ROLLOUT_TIMES["decode_s"] += tick() - t1
         for i in range(n):
             hit = torch.isin(toks[i], eos).nonzero()
             L = int(hit[0]) + 1 if len(hit) else toks.shape[1]

@@ -94,6 +94,7 @@ from common import (apply_overrides, autocast, batch_indices, check_seconds, cli
                     gather_rows, load_checkpoint, metrics_logger, phase, phase_memory, print0, reduce_sum,
                     sample_seed, save_checkpoint, setup_dist, teardown, tick, watchdog)
 import data as data_lib   # its COUNTS (decodes, processor runs) and FRAME_CACHE
+import mrsp as mrsp_lib   # its ROLLOUT_TIMES (the HF engine's prefill / decode seconds)
 from data import (LETTERS, FrameCache, check_supported, check_videos, decode_opts, encode_text, extract_choice,
                   follows_format, load_records, load_video, no_video, score_answer, video_flags, video_inputs,
                   video_options)
@@ -785,6 +786,7 @@ if __name__ == "__main__":
         t = dict(encode=0.0, rollout=0.0, actor_prep=0.0)
         vision_passes = rollout_prefills = 0
         counts0 = dict(data_lib.COUNTS)   # decodes / processor runs / their seconds this step: the delta at the end
+        roll0 = dict(mrsp_lib.ROLLOUT_TIMES)   # HF engine: rollout prefill / decode seconds, the delta at the end
         phase("sync", step)
         if llm is not None:
             llm.wake()    # the previous step's weights in (collective)
@@ -978,6 +980,7 @@ if __name__ == "__main__":
                    rollout_prefills=rollout_prefills,
                    t_vision_collect=t["encode"] - counts_collect["decode_s"] - counts_collect["process_s"],
                    **{f"{k}_step": data_lib.COUNTS[k] - counts0[k] for k in counts0},
+                   **{f"t_rollout_{k[:-2]}": mrsp_lib.ROLLOUT_TIMES[k] - roll0[k] for k in roll0},
                    dropped_groups=int(rs["drawn"] - rs["kept"]), trained_groups=int(rs["kept"]), sample_rounds=rounds,
                    video_pad_cuts=int(rs["cuts"]), updates=updates, clip_frac_lower=tr["clip_lower"] / ntok,
                    # rollout / trainer mismatch |log pi_old - log pi_engine| (= logp_gap) and the TIS truncation

@@ -120,7 +120,8 @@ def run_arm(arm, model_dir, data_file, F):
 
 
 KEYS = ("step_time", "decode_s_step", "decode_cpu_s_step", "process_s_step", "process_cpu_s_step", "t_encode",
-        "t_vision_collect", "t_rollout", "t_actor_prep", "t_old", "t_ref", "t_train", "decodes_step",
+        "t_vision_collect", "t_rollout", "t_rollout_prefill", "t_rollout_decode", "t_actor_prep", "t_old", "t_ref",
+        "t_train", "decodes_step",
         "processor_runs_step", "vision_passes", "rollout_prefills")
 
 

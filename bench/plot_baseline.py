@@ -28,10 +28,18 @@ def load():
     return rows
 
 
+def _split(s):
+    """' (prefill / decode)' of the HF engine's rollout, where the run recorded it (rl.py's t_rollout_prefill /
+    t_rollout_decode; results from before they existed show the total only)."""
+    if not s.get("t_rollout_prefill") and not s.get("t_rollout_decode"):
+        return ""
+    return f" ({s['t_rollout_prefill']:.2f} / {s['t_rollout_decode']:.2f})"
+
+
 def tables(rows):
     out = []
     hdr = ("| procs | frames | arm | s/step wall / CPU | speed-up wall / CPU | decode s wall / CPU | pre-process s | "
-           "vision (collect) s | rollout s | actor prep s | old s | ref s | update s | decodes | processor runs | "
+           "vision (collect) s | rollout s (prefill / decode) | actor prep s | old s | ref s | update s | decodes | processor runs | "
            "vision passes | rollout prefills | peak GB/rank | same tokens |")
     # phases: rank 0's wall s (pre-process: the processor incl. the resize; actor prep: the baseline's per-sequence
     # decode + pre-process, also inside the decode / pre-process columns; old / ref / update include their vision
@@ -51,7 +59,7 @@ def tables(rows):
             out.append(
                 f"| {r['nproc']} | {r['frames']} | {a} | {s['step_time']:.2f} / {s['cpu_s']:.2f} | {up} | "
                 f"{s['decode_s_step']:.2f} / {s['decode_cpu_s_step']:.2f} | {s['process_s_step']:.2f} | "
-                f"{s['t_vision_collect']:.2f} | {s['t_rollout']:.2f} | {s['t_actor_prep']:.2f} | {s['t_old']:.2f} | "
+                f"{s['t_vision_collect']:.2f} | {s['t_rollout']:.2f}{_split(s)} | {s['t_actor_prep']:.2f} | {s['t_old']:.2f} | "
                 f"{s['t_ref']:.2f} | {s['t_train']:.2f} | {s['decodes_step']:.0f} | {s['processor_runs_step']:.0f} | "
                 f"{s['vision_passes']:.0f} | {s['rollout_prefills']:.0f} | {s['peak_gb']:.2f} | {r['same_tokens']} |")
     return "\n".join(out)

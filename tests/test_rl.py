@@ -418,6 +418,9 @@ def test_end_to_end_writes_metrics_checkpoints_and_export(run_a):
     assert m[0]["trained_groups"] > 0 and m[0]["grad_norm"] > 0 and m[0]["updates"] == 2   # a real update
     assert all(r["vision_passes"] == 2 * r["sample_rounds"] for r in m)   # 1 encode per new video, none per rollout
     assert m[0]["logp_gap"] < 1e-5                                        # engine and trainer agree (fp32)
+    for r in m:   # the HF engine's rollout time splits into its prompt prefills and its token-by-token decode
+        assert 0 < r["t_rollout_prefill"] and 0 < r["t_rollout_decode"]
+        assert r["t_rollout_prefill"] + r["t_rollout_decode"] <= r["t_rollout"] + 1e-3
     cfg = json.load(open(run_a / "config.json"))
     assert cfg["group_size"] == 4 and cfg["loop"] == "mrsp" and cfg["clip_high"] == 0.3
     assert open(run_a / "latest").read() == "step_000003"
