@@ -15,6 +15,7 @@ import torch
 
 from data import encode_sample, encode_text, load_records, load_video, writes_timestamps
 from dist_utils import run_distributed
+from test_mrsp import _perturbed   # noise on the LM: varied greedy outputs
 from mrsp import (EmbeddingCache, build_seq, deepstack_levels, encode_videos, get_video_embeds, hf_rollout,
                   load_model, mrope_positions, rope_index, sp_logprobs, split_vision)
 
@@ -41,17 +42,6 @@ def fam_env(tmp_path_factory):
 
 def _recs(data, n=2):
     return load_records(os.path.join(data, "train.jsonl"))[:n]
-
-
-def _perturbed(ckpt):
-    """Noise on the LM (not the tower) so greedy outputs of the random-init model are varied."""
-    model, processor = load_model(ckpt)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "visual" not in name:
-                p.add_(torch.randn(p.shape, generator=g) * 0.15)
-    return model.eval(), processor
 
 
 @pytest.mark.parametrize("fam", FAMILIES)
