@@ -8,7 +8,7 @@
 # Run it through `bash run.sh` (installs requirements first) or directly inside the venv.
 #
 # Knobs, as flags (--key=value) or environment variables (KEY=value), flags win:
-#   --nproc=2 --sp=2 --sft_sp=1 --frames=16 --sft_steps=1500 --rl_steps=20 --rl_prompts=32 --rl_lr=3e-4 --seed=0
+#   --nproc=2 --sp=2 --sft_sp=1 --frames=16 --sft_steps=2500 --rl_steps=20 --rl_prompts=32 --rl_lr=3e-4 --seed=0
 #   --out=out --data=data/synth --eval_n=128 --eval_tokens=80 --sft_args="..." --rl_args="..."
 #   --family=qwen2_5_vl (the tiny model's family: qwen2_vl, qwen2_5_vl or qwen3_vl; prepare.py --family)
 #   --dry_run=1 prints each stage's command instead of running it
@@ -45,7 +45,7 @@ OUT=${OUT:-out}
 DATA=${DATA:-data/synth}
 SFT_SP=${SFT_SP:-1}     # SFT data-parallel by default: a 16-frame sample is ~130 tokens, where SP only adds ring
                         # traffic (2.5x slower here); SFT_SP=2 runs it sequence-parallel (tests: SP=2 == SP=1)
-SFT_STEPS=${SFT_STEPS:-1500}
+SFT_STEPS=${SFT_STEPS:-2500}
 RL_STEPS=${RL_STEPS:-20}
 RL_PROMPTS=${RL_PROMPTS:-32}
 RL_LR=${RL_LR:-3e-4}

@@ -52,7 +52,8 @@ cfg = config_of(globals())
 
 def variants():
     """-> [(name, env)] : the thread counts, and each again with --python's venv when given."""
-    vs = [(f"omp{t}", {"OMP_NUM_THREADS": str(t)}) for t in str(threads).split(",") if t]
+    here = os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]   # demo.sh runs `python`: this venv's
+    vs = [(f"omp{t}", {"OMP_NUM_THREADS": str(t), "PATH": here}) for t in str(threads).split(",") if t]
     if python:
         bin_dir = os.path.dirname(os.path.abspath(python))
         ver = subprocess.run([python, "-c", "import torch; print(torch.__version__.split('+')[0])"],
