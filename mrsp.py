@@ -7,7 +7,8 @@ One RL step on long videos, in the order of this file's sections:
   2. parallel decode + encode           each SP rank decodes, processes and encodes only its share of a video's frames
                                         (patch_runs, encode_videos), then the embeddings are all-gathered
   3. the video-embedding cache          EmbeddingCache + get_video_embeds: each video encoded once, reused by every
-                                        rollout, the old-policy / reference prefills and the update
+                                        rollout, the old-policy / reference prefills and the update (get_image_embeds:
+                                        a record's images the same way, one entry per image)
   4. sequences and positions            build_seq, embed_with_video, 3-D mrope positions on the full sequence
   5. sequence-parallel forward          sp_logprobs: the sequence sharded over the SP group, ring attention
                                         (seq_parallel_attn.py), the LM head in chunks -- prefills and the update
@@ -293,6 +294,8 @@ def encode_videos(model, pixel_values_videos, video_grid_thw, group=None, local=
     equal share of all the videos' patches (patch_runs), then the merged embeddings are all-gathered.
     pixel_values_videos: all the videos' pixel rows, or with local=True only this rank's share (its runs'
     rows in plan order: what get_video_embeds decodes when each rank reads its own frames).
+    Images go through here too (get_image_embeds, the SP forward's pixel path): an image is a (1, h, w) grid row,
+    one temporal patch, so each image is encoded whole on one rank (the towers' image and video calls are the same).
     -> (sum_i t_i*h_i*w_i / merge^2, D * (1 + L)) vision features (split_vision) on every rank, identical to one-rank
     encoding: for Qwen3-VL the DeepStack features are gathered with the embeddings (L = deepstack_levels).
     Differentiable (autograd all-gather) when the vision tower is trainable."""
@@ -345,7 +348,8 @@ class EmbeddingCache:
     (version bumped each step) never serves stale embeddings, while a frozen one (RL default) keeps
     serving them across steps and epochs. Values: dict(embeds (N, D * (1 + L)) vision features (DeepStack included,
     encode_videos), video_grid_thw (1, 3), second_per_grid_ts (1,), and for Qwen3-VL timestamps (t,) float64: the
-    prompt's "<t seconds>" texts) on CPU or the model device; nbytes counts every tensor of a value."""
+    prompt's "<t seconds>" texts) on CPU or the model device; an image's (get_image_embeds, key data.image_key):
+    dict(image_embeds (N, D * (1 + L)), image_grid_thw (1, 3)); nbytes counts every tensor of a value."""
 
     def __init__(self, budget_bytes=1 << 30, spill_dir=None):
         from collections import OrderedDict
