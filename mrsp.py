@@ -322,8 +322,15 @@ def encode_videos(model, pixel_values_videos, video_grid_thw, group=None, local=
         local_emb = torch.cat(out.pooler_output)                                        # (n_local, D)
         if deepstack_levels(model):   # Qwen3-VL: + L DeepStack features per token, side by side (vLLM's layout)
             local_emb = torch.cat([local_emb, *(torch.cat(f) for f in out.deepstack_features)], -1)   # (n, D*(1+L))
-    else:  # more ranks than temporal patches: this rank idles
+    else:  # more ranks than temporal patches (a short video, one image): this rank has nothing to encode
         local_emb = pixel_values_videos.new_zeros(0, D, dtype=inner.visual.dtype)
+        from torch.distributed.fsdp import FSDPModule
+        if isinstance(inner.visual, FSDPModule):
+            # a trainable, FSDP-sharded tower: its all-gathers (and reduce-scatters in backward) are collectives that
+            # the ranks with work run, and so is the autograd all-gather below: this rank runs the tower on one blank
+            # patch at weight 0 (nothing reaches the features or the gradients) to stay in step with them
+            blank = _blank_video_embeds(model, pixel_values_videos.device)
+            local_emb = local_emb + 0.0 * blank.to(local_emb.dtype).sum()
     if P == 1:
         return local_emb
     counts = [sum((t1 - t0) * rows[i] // merge2 for i, t0, t1 in plan[r]) for r in range(P)]
@@ -847,7 +854,8 @@ def _sp_logprobs(model, seq, group, impl, logit_chunk, temperature, return_entro
     if "embeds" not in seq and not no_video:  # trainable vision tower: parallel encoding with autograd, in the root call
         # images then videos in ONE tower call (get_image_features is get_video_features): every sequence runs the
         # tower once whatever its media, so a trainable FSDP-sharded tower's collectives stay in step over DP ranks
-        pix = [seq["pixel_values"]] * bool(igrid.shape[0]) + [seq["pixel_values_videos"]] * bool(vgrid.shape[0])
+        pix = ([seq["pixel_values"]] if igrid.shape[0] else []) + ([seq["pixel_values_videos"]] if vgrid.shape[0]
+                                                                    else [])
         feats = encode_videos(model, torch.cat(pix).to(device), torch.cat([igrid, vgrid]).to(device), group)
         n_img = int(igrid.prod(-1).sum()) // model.model.visual.spatial_merge_size ** 2
         img_feats, vid_feats = feats[:n_img], feats[n_img:]
@@ -922,11 +930,12 @@ def _sp_logprobs(model, seq, group, impl, logit_chunk, temperature, return_entro
 
 def _blank_video_embeds(model, device):
     """The vision tower run on one all-zero temporal patch of merge x merge patches (-> one embedding)."""
-    vc = model.config.vision_config
+    inner = model.model if hasattr(model, "model") else model   # the whole model or its inner Qwen-VL model
+    vc = inner.config.vision_config
     m = vc.spatial_merge_size
     dim = getattr(vc, "in_channels", getattr(vc, "in_chans", 3)) * vc.temporal_patch_size * vc.patch_size ** 2
-    pix = torch.zeros(m * m, dim, device=device, dtype=model.model.visual.dtype)
-    return torch.cat(model.model.get_video_features(pix, torch.tensor([[1, m, m]], device=device)).pooler_output)
+    pix = torch.zeros(m * m, dim, device=device, dtype=inner.visual.dtype)
+    return torch.cat(inner.get_video_features(pix, torch.tensor([[1, m, m]], device=device)).pooler_output)
 
 
 # -----------------------------------------------------------------------------

@@ -98,6 +98,11 @@ def test_image_logprobs_equal_the_hf_pixel_forward(img_env, fam):
         assert int(m.sum()) > 10
         assert (lp[m] - ref[m]).abs().max() <= 1e-5, name
         assert (lp_pix[m] - ref[m]).abs().max() <= 1e-5, name
+    # the pixel path's one tower call takes whatever media a record has: its video alone too
+    vid = dict(recs["mixed"], id="v", images=[], video=recs["mixed"]["videos"][0])
+    with torch.no_grad():
+        a, b = (build_seq(vid, processor, m, frames=4) for m in (model, None))
+        assert (sp_logprobs(model, a) - sp_logprobs(model, b)).abs().max() <= 1e-5
     # the pictures matter (another image moves the log-probs), and for Qwen3-VL so do their DeepStack features
     rec = recs["one"]
     with torch.no_grad():
