@@ -17,7 +17,7 @@ Records, all normalised to one dict:
     {id, video (absolute path of the one video; None for text-only, image and several-video records), videos [paths],
      images [paths], question, answer_type "choice" | "open" | "math", options ["A. ...", ...] ([] unless choice),
      answer ("B", a short text, or a final math answer), answers [every acceptable answer], reasoning, category,
-     duration, domain, task_type, source, video_opts {qwen-vl-utils per-sample keys}}
+     duration, domain, task_type, source, video_opts {qwen-vl-utils per-sample keys}, where (file:line, for errors)}
 The synthetic set and the tiny checkpoint are made by prepare.py.
 """
 import json
@@ -690,7 +690,8 @@ def normalize_record(row, root=None, where="record"):
     category, source, videos (absolute paths), images (absolute paths), video (the path when the record has exactly
     one video and no image -- the MR-SP path --, else None), video_opts (qwen-vl-utils per-sample video keys:
     nframes, fps, min_frames, max_frames, video_start, video_end, min_pixels, max_pixels, total_pixels,
-    resized_height, resized_width, validated; video_options() merges them with a stage's defaults)."""
+    resized_height, resized_width, validated; video_options() merges them with a stage's defaults), where (`where`:
+    file:line, named by errors found after loading, e.g. a missing image file)."""
     def need(field):
         if field not in row or row[field] in (None, ""):
             raise RecordError(f"{where}: missing field {field!r}")

@@ -229,6 +229,21 @@ def test_bad_image_paths_and_the_vllm_refusal(img_env, tmp_path):
         data.check_supported([ok], where="--data=x", engine="vllm")
 
 
+def test_sampled_image_pad_is_cut_from_a_response(img_env):
+    """A sampled <|image_pad|> would be taken for an image slot by every forward: rl.py cuts the response before it
+    and scores it 0, as a sampled <|video_pad|>."""
+    import rl
+    _, ckpts, recs = img_env
+    model, processor = load_model(ckpts["qwen2_5_vl"])
+    tok = processor.tokenizer
+    good = tok("<think>x</think><answer>A</answer>", add_special_tokens=False)["input_ids"]
+    pads = (model.config.video_token_id, model.config.image_token_id)
+    r = rl.finish_response(good[:3] + [model.config.image_token_id] + good[3:], "stop", [0.0] * (len(good) + 1),
+                           recs["one"], tok, pads)
+    assert r["cut"] and r["tokens"] == good[:3] and r["total"] == 0.0 and r["finish"] == "video_pad"
+    assert not rl.finish_response(good, "stop", [0.0] * len(good), recs["one"], tok, pads)["cut"]
+
+
 def test_image_generator_is_deterministic(img_env, tmp_path):
     from prepare import generate_images
     d = img_env[0]
