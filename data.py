@@ -17,7 +17,7 @@ Records, all normalised to one dict:
     {id, video (absolute path of the one video; None for text-only, image and several-video records), videos [paths],
      images [paths], question, answer_type "choice" | "open" | "math", options ["A. ...", ...] ([] unless choice),
      answer ("B", a short text, or a final math answer), answers [every acceptable answer], reasoning, category,
-     duration, domain, task_type, source, video_opts {qwen-vl-utils per-sample keys}}
+     duration, domain, task_type, source, video_opts {qwen-vl-utils per-sample keys}, where (file:line, for errors)}
 The synthetic set and the tiny checkpoint are made by prepare.py.
 """
 import json
@@ -690,7 +690,8 @@ def normalize_record(row, root=None, where="record"):
     category, source, videos (absolute paths), images (absolute paths), video (the path when the record has exactly
     one video and no image -- the MR-SP path --, else None), video_opts (qwen-vl-utils per-sample video keys:
     nframes, fps, min_frames, max_frames, video_start, video_end, min_pixels, max_pixels, total_pixels,
-    resized_height, resized_width, validated; video_options() merges them with a stage's defaults)."""
+    resized_height, resized_width, validated; video_options() merges them with a stage's defaults), where (`where`:
+    file:line, named by errors found after loading, e.g. a missing image file)."""
     def need(field):
         if field not in row or row[field] in (None, ""):
             raise RecordError(f"{where}: missing field {field!r}")
@@ -810,6 +811,7 @@ def normalize_record(row, root=None, where="record"):
                answers=answers, reasoning=str(reasoning).strip(), category=_norm_category(category), source=source)
     rec.update({k: v for k, v in extra.items() if k not in rec})
     rec["video_opts"] = _record_video_opts(row, where)
+    rec["where"] = where   # file:line (JSON: file: item i), for errors found after loading (a missing image file)
     return rec
 
 
@@ -826,18 +828,18 @@ def record_media(rec):
         "images" if ni else "videos"
 
 
-def check_supported(records, where=""):
-    """The stage scripts train / roll out / evaluate records with videos (one or several, each encoded and cached on
-    its own) or none (text only): the MR-SP path (embedding cache, parallel encode, sequence-parallel forward) is
-    built for videos. Image records are read, prompted and processed by this module (image_inputs, encode_text,
-    collate_sft) and go through a plain HF forward (tests/test_tasks.py), but not yet through sft.py / rl.py /
-    eval.py: RecordError naming the first such record and what is supported, before any model work."""
+def check_supported(records, where="", engine="hf"):
+    """What the stage scripts cannot take, found before any model work. Records with videos (one or several), images
+    (one or several, each encoded and cached on its own: mrsp.get_image_embeds) or both, or none (text only) go
+    through sft.py, rl.py (--loop=mrsp) and eval.py with the HF engine. The vLLM engine (engine="vllm") is fed
+    cached video embeddings only: RecordError naming the first image record and what to use instead."""
+    if engine != "vllm":
+        return
     for r in records:
         if r.get("images"):
-            raise RecordError(f"{where + ': ' if where else ''}record {r['id']!r} has {len(r['images'])} image(s): "
-                              f"the stage scripts take videos (one or several) or none (text only) per record; image "
-                              f"records are supported by data.py's processing and a plain HF forward only (README, "
-                              f"Record formats)")
+            raise RecordError(f"{where + ': ' if where else ''}record {r['id']!r} ({r.get('where', '?')}) has "
+                              f"{len(r['images'])} image(s): images are not supported with the vLLM engine yet "
+                              f"(--engine=hf takes them; README, Record formats)")
 
 
 def load_records(path, video_root=None, on_error=None):
@@ -900,6 +902,9 @@ def check_videos(records, where="", skip_bad=False):
     `where` (e.g. "--data=train.jsonl"), the record and the file."""
     def missing(r):
         return [p for p in (r.get("videos") or []) + (r.get("images") or []) if not os.path.isfile(p)]
+
+    def field(r, p):   # the field a path came from, and where the record is (file:line)
+        return (f"{r.get('where', '?')}, field {'images' if p in (r.get('images') or []) else 'video(s)'!r}")
     good, bad = [], []
     for r in records:
         gone = missing(r)
@@ -907,12 +912,12 @@ def check_videos(records, where="", skip_bad=False):
             good.append(r)
         elif skip_bad:
             bad.append(dict(id=r["id"], reason=f"{gone[0]}: no such {'image' if gone[0] in r['images'] else 'video'}"
-                                               f" file"))
+                                               f" file ({field(r, gone[0])})"))
         else:
             n = sum(bool(missing(x)) for x in records)
             raise VideoError(f"{where + ': ' if where else ''}{n} record(s) name a missing video or image, e.g. "
-                             f"record {r['id']!r}: {gone[0]}: no such file (fix the data file or the video folder; "
-                             f"eval.py can skip and count such items with --skip_bad=1)")
+                             f"record {r['id']!r}: {gone[0]}: no such file ({field(r, gone[0])}; fix the data file "
+                             f"or the video folder; eval.py can skip and count such items with --skip_bad=1)")
     return good, bad
 
 
@@ -1537,10 +1542,22 @@ def no_video():
                 second_per_grid_ts=torch.zeros(0))
 
 
+def image_key(path, processor):
+    """A stable string naming an image as the vision tower sees it: its path and every image-processor setting that
+    changes its pixels' size (min / max pixels, patch, merge, temporal patch). For embedding caches (add the vision
+    weights' version yourself); images take the processor's own sizes, never the stage's video flags."""
+    ip = processor.image_processor
+    size = {k: v for k, v in dict(ip.size).items() if v is not None}
+    parts = [os.path.abspath(os.fspath(path))] + [f"{k}={size[k]}" for k in sorted(size)]
+    parts += [f"{k}={getattr(ip, k, None)}" for k in ("min_pixels", "max_pixels", "patch_size", "merge_size",
+                                                         "temporal_patch_size")]
+    return "image|" + "|".join(parts)
+
+
 def image_inputs(processor, record):
     """A record's images through the processor's image path -> dict(pixel_values (N_patches, C*2*14*14),
     image_grid_thw (n_images, 3)), the images in the record's order at the processor's own sizes (its min_pixels /
-    max_pixels). VideoError naming the file for an unreadable image."""
+    max_pixels). VideoError naming the file, the record, its line and field for an unreadable image."""
     from PIL import Image
     imgs = []
     for p in record["images"]:
@@ -1548,7 +1565,8 @@ def image_inputs(processor, record):
             with Image.open(p) as im:
                 imgs.append(im.convert("RGB"))
         except (OSError, ValueError) as e:   # missing, truncated or not an image
-            raise VideoError(f"{p}: cannot read image of record {record.get('id')!r}: {e}") from None
+            raise VideoError(f"{p}: cannot read image of record {record.get('id')!r} ({record.get('where', '?')}, "
+                             f"field 'images'): {e}") from None
     out = processor.image_processor(images=imgs, return_tensors="pt")
     return dict(pixel_values=out["pixel_values"], image_grid_thw=out["image_grid_thw"])
 

@@ -460,7 +460,7 @@ if __name__ == "__main__":
         if max_samples:
             records = records[:max_samples]
         records, bad_videos = check_videos(records, where=f"--data={data}", skip_bad=skip_bad)
-        check_supported(records, where=f"--data={data}")   # videos or text only: no image records yet
+        check_supported(records, where=f"--data={data}", engine=engine)   # vLLM: no image records yet
     except (RecordError, VideoError) as e:
         raise SystemExit(f"eval.py: {e}") from None
     bad_rows = [dict(id=b["id"], index=-1, bad=b["reason"]) for b in bad_rows + bad_videos]

@@ -7,7 +7,8 @@ One RL step on long videos, in the order of this file's sections:
   2. parallel decode + encode           each SP rank decodes, processes and encodes only its share of a video's frames
                                         (patch_runs, encode_videos), then the embeddings are all-gathered
   3. the video-embedding cache          EmbeddingCache + get_video_embeds: each video encoded once, reused by every
-                                        rollout, the old-policy / reference prefills and the update
+                                        rollout, the old-policy / reference prefills and the update (get_image_embeds:
+                                        a record's images the same way, one entry per image)
   4. sequences and positions            build_seq, embed_with_video, 3-D mrope positions on the full sequence
   5. sequence-parallel forward          sp_logprobs: the sequence sharded over the SP group, ring attention
                                         (seq_parallel_attn.py), the LM head in chunks -- prefills and the update
@@ -293,6 +294,8 @@ def encode_videos(model, pixel_values_videos, video_grid_thw, group=None, local=
     equal share of all the videos' patches (patch_runs), then the merged embeddings are all-gathered.
     pixel_values_videos: all the videos' pixel rows, or with local=True only this rank's share (its runs'
     rows in plan order: what get_video_embeds decodes when each rank reads its own frames).
+    Images go through here too (get_image_embeds, the SP forward's pixel path): an image is a (1, h, w) grid row,
+    one temporal patch, so each image is encoded whole on one rank (the towers' image and video calls are the same).
     -> (sum_i t_i*h_i*w_i / merge^2, D * (1 + L)) vision features (split_vision) on every rank, identical to one-rank
     encoding: for Qwen3-VL the DeepStack features are gathered with the embeddings (L = deepstack_levels).
     Differentiable (autograd all-gather) when the vision tower is trainable."""
@@ -319,8 +322,15 @@ def encode_videos(model, pixel_values_videos, video_grid_thw, group=None, local=
         local_emb = torch.cat(out.pooler_output)                                        # (n_local, D)
         if deepstack_levels(model):   # Qwen3-VL: + L DeepStack features per token, side by side (vLLM's layout)
             local_emb = torch.cat([local_emb, *(torch.cat(f) for f in out.deepstack_features)], -1)   # (n, D*(1+L))
-    else:  # more ranks than temporal patches: this rank idles
+    else:  # more ranks than temporal patches (a short video, one image): this rank has nothing to encode
         local_emb = pixel_values_videos.new_zeros(0, D, dtype=inner.visual.dtype)
+        from torch.distributed.fsdp import FSDPModule
+        if isinstance(inner.visual, FSDPModule):
+            # a trainable, FSDP-sharded tower: its all-gathers (and reduce-scatters in backward) are collectives that
+            # the ranks with work run, and so is the autograd all-gather below: this rank runs the tower on one blank
+            # patch at weight 0 (nothing reaches the features or the gradients) to stay in step with them
+            blank = _blank_video_embeds(model, pixel_values_videos.device)
+            local_emb = local_emb + 0.0 * blank.to(local_emb.dtype).sum()
     if P == 1:
         return local_emb
     counts = [sum((t1 - t0) * rows[i] // merge2 for i, t0, t1 in plan[r]) for r in range(P)]
@@ -345,7 +355,8 @@ class EmbeddingCache:
     (version bumped each step) never serves stale embeddings, while a frozen one (RL default) keeps
     serving them across steps and epochs. Values: dict(embeds (N, D * (1 + L)) vision features (DeepStack included,
     encode_videos), video_grid_thw (1, 3), second_per_grid_ts (1,), and for Qwen3-VL timestamps (t,) float64: the
-    prompt's "<t seconds>" texts) on CPU or the model device; nbytes counts every tensor of a value."""
+    prompt's "<t seconds>" texts) on CPU or the model device; an image's (get_image_embeds, key data.image_key):
+    dict(image_embeds (N, D * (1 + L)), image_grid_thw (1, 3)); nbytes counts every tensor of a value."""
 
     def __init__(self, budget_bytes=1 << 30, spill_dir=None):
         from collections import OrderedDict
@@ -464,14 +475,15 @@ def get_video_embeds(model, processor, records, cache=None, num_frames=None, gro
     share of the frames, then the embeddings are all-gathered (every rank ends with all of them).
     num_frames and **video (min_pixels, max_pixels, total_pixels, fps, ...: data.video_options' names) are the
     stage's defaults; a record's own qwen-vl-utils fields override them.
-    -> (list of value dicts as stored in the cache, number of videos encoded)."""
-    from data import (check_supported, load_frames, no_video, process_video, record_videos, size_opts,
-                      video_options)
+    A record with images gets image_embeds + image_grid_thw (get_image_embeds) beside its video part (no_video()
+    for an image-only record).
+    -> (list of value dicts as stored in the cache, number of videos and images encoded)."""
+    from data import load_frames, no_video, process_video, record_videos, size_opts, video_options
     if any(r.get("video") is None for r in records):
         # records that are not one video: each video of a several-video record is encoded (and cached) on its own and
         # the record gets their embeddings concatenated in its order, one grid row per video; a text-only record has
-        # nothing to encode: data.no_video(), outside the cache. Images are not on this path (RecordError naming it).
-        check_supported(records)
+        # nothing to encode: data.no_video(), outside the cache. Images: each encoded and cached on its own too
+        # (get_image_embeds), the record's in its order.
         paths = [record_videos(r) for r in records]
         vals, n = get_video_embeds(model, processor, [dict(r, video=p) for r, ps in zip(records, paths) for p in ps],
                                    cache, num_frames, group, version, device, **video)
@@ -483,6 +495,10 @@ def get_video_embeds(model, processor, records, cache=None, num_frames=None, gro
                                            for v in vs]) for k in ("embeds", "video_grid_thw", "second_per_grid_ts")},
                             # Qwen3-VL: each video's timestamps write its own text (data.encode_text)
                             **({"timestamps": [v["timestamps"] for v in vs]} if "timestamps" in vs[0] else {})))
+        if any(r.get("images") for r in records):
+            imgs, n_img = get_image_embeds(model, processor, records, cache, group, version, device)
+            out = [o if im is None else dict(o, **im) for o, im in zip(out, imgs)]
+            n += n_img
         return out, n
     opts = [video_options(r, num_frames=num_frames, **video) for r in records]
     keys = [EmbeddingCache.key(r["video"], o, version=version) for r, o in zip(records, opts)]
@@ -524,60 +540,121 @@ def get_video_embeds(model, processor, records, cache=None, num_frames=None, gro
     return [found[k] for k in keys], len(todo)
 
 
+def get_image_embeds(model, processor, records, cache=None, group=None, version=0, device="cpu"):
+    """Image features for records (any number of images each), through the cache when given: each image is its own
+    entry, keyed by its file and the image processor's size settings (data.image_key) + the vision weights' version,
+    its bytes counted as a video's. Misses are read and processed on every rank of `group` (an image is one temporal
+    patch: little next to a video's frames) and encoded together by encode_videos, whose unit of work -- one temporal
+    patch -- is here one image: each SP rank encodes its share of the images, then the features are all-gathered.
+    Qwen-VL towers take image and video pixels alike (get_image_features and get_video_features are the same call).
+    -> (per record dict(image_embeds (N_img, D * (1 + L)) in the record's image order, image_grid_thw (n_images, 3)),
+    None for a record without images; number of images encoded)."""
+    from data import image_inputs, image_key
+    paths = [list(r.get("images") or []) for r in records]
+    keys = {p: f"{image_key(p, processor)}|v={version}" for ps in paths for p in ps}
+    found = {k: cache.get(k) if cache is not None else None for k in dict.fromkeys(keys.values())}
+    todo = [k for k, v in found.items() if v is None]
+    if _group_info(group)[1] > 1:   # the SP ranks encode together: same to-do list or fail loudly (get_video_embeds)
+        agree(group, "get_image_embeds", cache_history=cache.history if cache is not None else 0, images=len(found),
+              to_encode=len(todo), to_encode_hash=hash56("|".join(todo)))
+    if todo:
+        rec_of = {p: r for r, ps in zip(records, paths) for p in ps}
+        path_of = {k: p for p, k in keys.items()}
+        procs = [image_inputs(processor, dict(rec_of[path_of[k]], images=[path_of[k]])) for k in todo]
+        pix = torch.cat([p["pixel_values"] for p in procs])                 # (sum h*w, C*2*14*14)
+        grid = torch.cat([p["image_grid_thw"] for p in procs])              # (n_todo, 3), t = 1
+        with torch.no_grad():
+            args = (pix.to(device), grid.to(device), group)
+            emb = root_call(model, encode_videos, model, *args) if vision_is_sharded(model) else encode_videos(model, *args)
+        sizes = (grid.prod(-1) // processor.image_processor.merge_size ** 2).tolist()
+        for k, g, e in zip(todo, grid, emb.split(sizes)):
+            found[k] = dict(image_embeds=e, image_grid_thw=g[None].clone())
+            if cache is not None:
+                cache.put(k, found[k])
+    out = []
+    for ps in paths:
+        vs = [found[keys[p]] for p in ps]
+        out.append(dict(image_embeds=torch.cat([v["image_embeds"] for v in vs]),
+                        image_grid_thw=torch.cat([v["image_grid_thw"] for v in vs])) if vs else None)
+    return out, len(todo)
+
+
 def build_seq(rec, processor, model=None, cache=None, frames=32, group=None, device="cpu", with_target=True,
               max_length=None, truncate=False, version=0, **video):
     """One record -> the sequence dict that sp_logprobs / hf_rollout / vllm_rollout take.
     model given: the video goes through the vision tower once (parallel over `group`, via `cache` when given)
     and the dict carries `embeds`; model None: it carries `pixel_values_videos` (trainable vision tower).
-    frames, **video: the stage's video option defaults (get_video_embeds).
+    Images (record["images"]) the same way: `image_embeds` (get_image_embeds) or `pixel_values`, + image_grid_thw.
+    frames, **video: the stage's video option defaults (get_video_embeds; images take the processor's own sizes).
     Keys: input_ids (S,), mm_token_type_ids (S,), loss_mask (S,) bool (the assistant target; all False
     without target), labels, prompt_len, video_grid_thw (1, 3), second_per_grid_ts (1,), embeds | pixel_values_videos,
-    and timestamps (t,) for Qwen3-VL."""
-    from data import check_supported, encode_text, no_video, record_media, video_inputs
-    if record_media(rec) == "text":   # text only (no_video): no pixels to process; the pixel path asks for none either
-        check_supported([rec])
-        vid = no_video()
-        if model is None:   # the pixel path (trainable tower): the forward is asked to encode, and finds nothing to
-            vid = dict(video_grid_thw=vid["video_grid_thw"], second_per_grid_ts=vid["second_per_grid_ts"],
-                       pixel_values_videos=torch.zeros(0, 0))
-    elif model is not None:
+    timestamps (t,) for Qwen3-VL, and for a record with images image_grid_thw (n, 3) + image_embeds | pixel_values."""
+    from data import encode_text, image_inputs, no_video, record_media, record_videos, video_inputs
+    keep = ("embeds", "video_grid_thw", "second_per_grid_ts", "timestamps", "image_embeds", "image_grid_thw")
+    if record_media(rec) != "text" and model is not None:
         (v,), _ = get_video_embeds(model, processor, [rec], cache, num_frames=frames, group=group, version=version,
                                    device=device, **video)
-        vid = {k: v[k] for k in ("embeds", "video_grid_thw", "second_per_grid_ts", "timestamps") if k in v}
-    else:
+        vid = {k: v[k] for k in keep if k in v}
+    elif record_videos(rec):
         vid = video_inputs(processor, rec, num_frames=frames, **video)
+    else:   # no video (text only, or images only): no_video(); the pixel path asks the forward for no video pixels
+        vid = no_video()
+        if model is None:
+            vid = dict(video_grid_thw=vid["video_grid_thw"], second_per_grid_ts=vid["second_per_grid_ts"],
+                       pixel_values_videos=torch.zeros(0, 0))
+    if rec.get("images") and model is None:   # the pixel path: the forward encodes them with the videos
+        vid.update(image_inputs(processor, rec))
     t = encode_text(processor, rec, vid["video_grid_thw"], with_target=with_target, max_length=max_length,
-                    truncate=truncate, timestamps=vid.get("timestamps"))
+                    truncate=truncate, timestamps=vid.get("timestamps"), image_grid_thw=vid.get("image_grid_thw"))
     return dict(vid, input_ids=t["input_ids"], mm_token_type_ids=t["mm_token_type_ids"], labels=t["labels"],
                 prompt_len=t["prompt_len"], loss_mask=t["labels"] != -100)
 
 
 # -----------------------------------------------------------------------------
 # model inputs from cached embeddings: token embeddings with the video slots filled, 3-D positions
-def embed_with_video(model, input_ids, video_embeds):
-    """(B, S) ids + (sum N_video, D) embeddings (or D * (1 + L) vision features) in order -> (B, S, D) inputs_embeds."""
-    inner = model.model
-    emb = inner.get_input_embeddings()(input_ids)
-    mask = (input_ids == model.config.video_token_id)
-    if not video_embeds.numel() and not mask.any():   # no video (a text-only prompt): nothing to fill
+def vision_slots(model, input_ids, video_feats, image_feats=None):
+    """Which rows of the vision features fill which slots of (B, S) ids, images and videos mixed in any order:
+    -> (mask (B, S) bool: an image or video slot, index (B, S) long: the row of `feats` for each slot (-1 elsewhere),
+    feats (N_image + N_video, W): image features then video features, or None when there is no slot).
+    video_feats / image_feats: each kind's features in its own slot order, row-major over the batch (None or zero rows
+    of any width: none). ValueError when a kind's token count and feature count differ."""
+    is_img = input_ids == model.config.image_token_id
+    is_vid = input_ids == model.config.video_token_id
+    parts = []
+    for name, slots, f in (("image", is_img, image_feats), ("video", is_vid, video_feats)):
+        n = 0 if f is None else f.shape[0]
+        if int(slots.sum()) != n:
+            raise ValueError(f"{int(slots.sum())} <|{name}_pad|> tokens but {n} {name} embeddings: the prompt and the "
+                             f"cached {name} do not match (frames/size changed?)")
+        if n:
+            parts.append(f)
+    fi, fv = is_img.flatten(), is_vid.flatten()
+    idx = torch.where(fi, fi.long().cumsum(0) - 1, torch.where(fv, fv.long().cumsum(0) - 1 + int(fi.sum()), -1))
+    return is_img | is_vid, idx.view(input_ids.shape), (torch.cat(parts) if parts else None)
+
+
+def embed_with_video(model, input_ids, video_embeds, image_embeds=None):
+    """(B, S) ids + (sum N_video, D) embeddings (or D * (1 + L) vision features) in order, and the same for images
+    -> (B, S, D) inputs_embeds."""
+    emb = model.model.get_input_embeddings()(input_ids)
+    mask, idx, feats = vision_slots(model, input_ids, video_embeds, image_embeds)
+    if feats is None:   # no image or video (a text-only prompt): nothing to fill
         return emb
-    if int(mask.sum()) != video_embeds.shape[0]:
-        raise ValueError(f"{int(mask.sum())} <|video_pad|> tokens but {video_embeds.shape[0]} video embeddings: "
-                         f"the prompt and the cached video do not match (frames/size changed?)")
-    video_embeds = video_embeds[:, :vision_dim(model)]   # the merged embedding (without DeepStack features)
-    return emb.masked_scatter(mask.unsqueeze(-1), video_embeds.to(emb.dtype))
+    feats = feats[idx[mask]][:, :vision_dim(model)]   # slot order; the merged embedding (without DeepStack)
+    return emb.masked_scatter(mask.unsqueeze(-1), feats.to(emb.device, emb.dtype))
 
 
-def lm_video_inputs(model, input_ids, feats):
+def lm_video_inputs(model, input_ids, feats, image_feats=None):
     """The language model's inputs for (B, S) ids whose video slots take (sum N_video, D * (1 + L)) vision features in
-    order: dict(inputs_embeds (B, S, D)) and, for Qwen3-VL, visual_pos_masks (B, S) + deepstack_visual_embeds (L of
-    (N_video, D)), which its text model adds to the hidden states after layers 0..L-1 (transformers' names)."""
-    out = dict(inputs_embeds=embed_with_video(model, input_ids, feats))
-    _, deep = split_vision(model, feats)
-    if deep:   # Qwen3-VL DeepStack
+    order (image slots: image_feats, the same way): dict(inputs_embeds (B, S, D)) and, for Qwen3-VL,
+    visual_pos_masks (B, S) (image and video slots) + deepstack_visual_embeds (L of (N_image + N_video, D) in slot
+    order), which its text model adds to the hidden states after layers 0..L-1 (transformers' names)."""
+    out = dict(inputs_embeds=embed_with_video(model, input_ids, feats, image_feats))
+    mask, idx, all_feats = vision_slots(model, input_ids, feats, image_feats)
+    if all_feats is not None and deepstack_levels(model):   # Qwen3-VL DeepStack
+        _, deep = split_vision(model, all_feats[idx[mask]])
         dtype = out["inputs_embeds"].dtype
-        out.update(visual_pos_masks=input_ids == model.config.video_token_id,
-                   deepstack_visual_embeds=[d.to(input_ids.device, dtype) for d in deep])
+        out.update(visual_pos_masks=mask, deepstack_visual_embeds=[d.to(input_ids.device, dtype) for d in deep])
     return out
 
 
@@ -667,13 +744,16 @@ def rope_index(model, input_ids, mm_token_type_ids, video_grid_thw=None, second_
 
 
 def mrope_positions(model, input_ids, mm_token_type_ids, video_grid_thw, second_per_grid_ts, attention_mask=None,
-                    rule=None):
+                    rule=None, image_grid_thw=None):
     """3-D mrope positions (3, B, S) on the full sequence, and the per-row delta for later tokens.
-    rule: "qwen" (canonical, the default: ROPE_RULE) or "hf" (the installed transformers' get_rope_index)."""
+    rule: "qwen" (canonical, the default: ROPE_RULE) or "hf" (the installed transformers' get_rope_index).
+    image_grid_thw: (n_images, 3) for the image slots (None / zero rows: no image)."""
     max_pos = model.config.text_config.max_position_embeddings
+    if image_grid_thw is not None and not image_grid_thw.numel():
+        image_grid_thw = None
     pos, delta = rope_index(model, input_ids, mm_token_type_ids, video_grid_thw=video_grid_thw,
                             second_per_grid_ts=second_per_grid_ts, attention_mask=attention_mask,
-                            rule=ROPE_RULE if rule is None else rule)
+                            rule=ROPE_RULE if rule is None else rule, image_grid_thw=image_grid_thw)
     if int(pos.max()) >= max_pos:
         raise ValueError(f"sequence needs position {int(pos.max())} but the model has max_position_embeddings="
                          f"{max_pos}: use fewer frames (--frames) or a smaller frame size")
@@ -735,7 +815,8 @@ def _sp_logprobs(model, seq, group, impl, logit_chunk, temperature, return_entro
 
     seq: dict(input_ids (N,), mm_token_type_ids (N,), embeds (N_video, D * (1 + L)) (cached vision features,
               DeepStack included; or pixel_values_videos to encode here with gradients), video_grid_thw (1, 3),
-              second_per_grid_ts (1,),
+              second_per_grid_ts (1,), for images image_grid_thw (n, 3) + image_embeds (N_image, D * (1 + L)) (or
+              pixel_values: encoded here, in the same tower call as the video pixels),
               loss_mask (N,) bool: the tokens to score, e.g. the response).
     -> logp (N,) in sequence order (token i scored by position i-1; 0 where loss_mask is False) and,
        with return_entropy, entropy (N,) of the same distributions (no grad; return_entropy="grad" with grad
@@ -757,39 +838,44 @@ def _sp_logprobs(model, seq, group, impl, logit_chunk, temperature, return_entro
         # what the SP ranks must agree on, checked ONCE per sequence before any collective (ring_attn checks only
         # its local inputs: a rank holding another sequence would hang the ring or mix two sequences). The
         # odd-weighted id sum is an order-sensitive checksum; int64 wraps identically on every rank.
-        n_video, n_scored, checksum = torch.stack([(ids == model.config.video_token_id).sum(), mask.sum(),
-                                                   (ids[0] * torch.arange(1, 2 * N, 2, device=device)).sum()]).tolist()
-        spa.check_same(group, "sp_logprobs", device=device, total_len=N, video_tokens=n_video,
+        n_video, n_image, n_scored, checksum = torch.stack([
+            (ids == model.config.video_token_id).sum(), (ids == model.config.image_token_id).sum(), mask.sum(),
+            (ids[0] * torch.arange(1, 2 * N, 2, device=device)).sum()]).tolist()
+        spa.check_same(group, "sp_logprobs", device=device, total_len=N, video_tokens=n_video, image_tokens=n_image,
                        scored_tokens=n_scored, ids_checksum=checksum)
-    pos, _ = mrope_positions(model, ids, seq["mm_token_type_ids"].to(device)[None],
-                             seq["video_grid_thw"].to(device), seq["second_per_grid_ts"].to(device))  # (3, 1, N)
+    vgrid = seq["video_grid_thw"].reshape(-1, 3)
+    igrid = seq["image_grid_thw"].reshape(-1, 3) if seq.get("image_grid_thw") is not None else vgrid[:0]
+    pos, _ = mrope_positions(model, ids, seq["mm_token_type_ids"].to(device)[None], vgrid.to(device),
+                             seq["second_per_grid_ts"].to(device), image_grid_thw=igrid.to(device))   # (3, 1, N)
     targets = torch.full((1, N), -100, dtype=torch.long, device=device)
     targets[0, :-1] = torch.where(mask[1:], ids[0, 1:], -100)                # position i predicts token i+1
-    no_video = seq["video_grid_thw"].numel() == 0     # a text-only sequence (data.no_video): nothing to encode
+    no_video = vgrid.shape[0] + igrid.shape[0] == 0    # no image or video (data.no_video): nothing to encode
     blank = no_video and "embeds" not in seq and vision_is_sharded(model)
     if "embeds" not in seq and not no_video:  # trainable vision tower: parallel encoding with autograd, in the root call
-        seq = dict(seq, embeds=encode_videos(model, seq["pixel_values_videos"].to(device),
-                                             seq["video_grid_thw"].to(device), group))
-    elif no_video:
-        seq = dict(seq, embeds=torch.zeros(0, 0, device=device))
-    is_video = ids == model.config.video_token_id
-    if int(is_video.sum()) != seq["embeds"].shape[0]:
-        raise ValueError(f"{int(is_video.sum())} <|video_pad|> tokens but {seq['embeds'].shape[0]} video "
-                         f"embeddings: the sequence and the cached video do not match")
-    video_idx = is_video.long().cumsum(-1) - 1                               # which embedding fills each slot
+        # images then videos in ONE tower call (get_image_features is get_video_features): every sequence runs the
+        # tower once whatever its media, so a trainable FSDP-sharded tower's collectives stay in step over DP ranks
+        pix = ([seq["pixel_values"]] if igrid.shape[0] else []) + ([seq["pixel_values_videos"]] if vgrid.shape[0]
+                                                                    else [])
+        feats = encode_videos(model, torch.cat(pix).to(device), torch.cat([igrid, vgrid]).to(device), group)
+        n_img = int(igrid.prod(-1).sum()) // model.model.visual.spatial_merge_size ** 2
+        img_feats, vid_feats = feats[:n_img], feats[n_img:]
+    else:
+        img_feats, vid_feats = seq.get("image_embeds"), seq.get("embeds")
+    # every image / video slot and the row of `feats` (image features, then video features) that fills it
+    is_vis, vis_idx, feats = vision_slots(model, ids, vid_feats, img_feats)
 
     # --- shard everything that is per-token (pad beyond N: positions 0, targets -100, not video)
     l_ids = spa.shard_seq(ids, group)
     l_pos = spa.shard_seq(pos, group, dim=2)
     l_tgt = spa.shard_seq(targets, group, pad_value=-100)
-    l_vid = spa.shard_seq(is_video, group, pad_value=False)
-    l_vidx = spa.shard_seq(video_idx, group)
-    vis, deep = split_vision(model, seq["embeds"])                           # (N_video, D), L x (N_video, D)
+    l_vid = spa.shard_seq(is_vis, group, pad_value=False)
+    l_vidx = spa.shard_seq(vis_idx, group, pad_value=-1)
     emb = model.model.get_input_embeddings()(l_ids)                          # (1, S_local, D)
-    if not no_video:
-        emb = torch.where(l_vid[..., None], vis.to(device, emb.dtype)[l_vidx.clamp(min=0)], emb)
     extra = {}
-    if deep and not no_video:
+    if feats is not None:
+        vis, deep = split_vision(model, feats)                               # (N_vis, D), L x (N_vis, D)
+        emb = torch.where(l_vid[..., None], vis.to(device, emb.dtype)[l_vidx.clamp(min=0)], emb)
+    if feats is not None and deep:
         # Qwen3-VL DeepStack: this rank adds, after layer l, feature l of exactly the visual tokens it holds, in its
         # local token order (what the text model's visual_pos_masks selects)
         local_idx = l_vidx[l_vid]                                            # (n_local_video,)
@@ -844,11 +930,12 @@ def _sp_logprobs(model, seq, group, impl, logit_chunk, temperature, return_entro
 
 def _blank_video_embeds(model, device):
     """The vision tower run on one all-zero temporal patch of merge x merge patches (-> one embedding)."""
-    vc = model.config.vision_config
+    inner = model.model if hasattr(model, "model") else model   # the whole model or its inner Qwen-VL model
+    vc = inner.config.vision_config
     m = vc.spatial_merge_size
     dim = getattr(vc, "in_channels", getattr(vc, "in_chans", 3)) * vc.temporal_patch_size * vc.patch_size ** 2
-    pix = torch.zeros(m * m, dim, device=device, dtype=model.model.visual.dtype)
-    return torch.cat(model.model.get_video_features(pix, torch.tensor([[1, m, m]], device=device)).pooler_output)
+    pix = torch.zeros(m * m, dim, device=device, dtype=inner.visual.dtype)
+    return torch.cat(inner.get_video_features(pix, torch.tensor([[1, m, m]], device=device)).pooler_output)
 
 
 # -----------------------------------------------------------------------------
@@ -912,7 +999,8 @@ def hf_rollout(model, prompts, n=1, temperature=1.0, top_p=1.0, top_k=0, max_new
     """Rollouts from cached video embeddings (never pixels).
 
     prompts: list of dicts with input_ids (S,), mm_token_type_ids (S,), embeds (N, D),
-    video_grid_thw (1, 3), second_per_grid_ts (1,). For each prompt the long [video + question]
+    video_grid_thw (1, 3), second_per_grid_ts (1,), and for images image_embeds (N_image, D) + image_grid_thw
+    (n, 3) (build_seq's keys). For each prompt the long [video + question]
     prefix is prefilled ONCE, its KV cache replicated for the n samples, then decoded in lockstep.
     embeds may instead be a list of n tensors, one video copy per sample (the naive loop, which re-encodes the video
     for every rollout): then the n prefixes are prefilled as a batch; sampling is unchanged.
@@ -928,18 +1016,22 @@ def hf_rollout(model, prompts, n=1, temperature=1.0, top_p=1.0, top_k=0, max_new
     out = dict(token_ids=[], logprobs=[], finish_reasons=[])
     for p in prompts:
         ids = p["input_ids"].to(device)[None]                                   # (1, S)
+        igrid = p.get("image_grid_thw")
         pos, delta = mrope_positions(model, ids, p["mm_token_type_ids"].to(device)[None],
                                      p["video_grid_thw"].to(device), p["second_per_grid_ts"].to(device),
-                                     rule=rope_rule)
+                                     rule=rope_rule, image_grid_thw=None if igrid is None else igrid.to(device))
+        img = p.get("image_embeds")
+        img = None if img is None else img.to(device)
         cache = DynamicCache(config=lm.config)
         t0 = tick()   # (tick synchronizes: the timings split the rollout into prefill and decode; a sync point)
         if isinstance(p["embeds"], (list, tuple)):   # one video copy per sample (the naive loop): n prefills
             assert len(p["embeds"]) == n, f"{len(p['embeds'])} per-sample videos for n={n} samples"
-            x = lm_video_inputs(model, ids.expand(n, -1), torch.cat([e.to(device) for e in p["embeds"]]))   # (n, S, D)
+            x = lm_video_inputs(model, ids.expand(n, -1), torch.cat([e.to(device) for e in p["embeds"]]),
+                                None if img is None else img.repeat(n, 1))                        # (n, S, D)
             h = lm(**x, position_ids=pos.expand(3, n, -1), cache=cache, use_cache=True).last_hidden_state
             logits = head(h[:, -1])                                             # (n, V)
         else:                                        # MR-SP: prefill the shared prefix once, replicate its KV
-            h = lm(**lm_video_inputs(model, ids, p["embeds"].to(device)), position_ids=pos,
+            h = lm(**lm_video_inputs(model, ids, p["embeds"].to(device), img), position_ids=pos,
                    cache=cache, use_cache=True).last_hidden_state
             logits = head(h[:, -1]).expand(n, -1)                               # (n, V) same start for all
             cache.batch_repeat_interleave(n)
@@ -1142,6 +1234,9 @@ def vllm_rollout(llm, prompts, n=1, temperature=1.0, top_p=1.0, top_k=0, max_new
                              f"{meta['max_model_len']} of the vLLM engine: start it with a larger max_model_len "
                              f"(or use fewer frames)")
         req = {"prompt_token_ids": _collapse_video_pads(ids, vid)}
+        if p.get("image_grid_thw") is not None and p["image_grid_thw"].numel():   # image embeddings: not wired
+            raise ValueError(f"prompt {i}: {p['image_grid_thw'].reshape(-1, 3).shape[0]} image(s): images are not "
+                             f"supported with the vLLM engine yet (use the HF engine, --engine=hf)")
         if p["video_grid_thw"].reshape(-1, 3).shape[0] > 1:   # how vLLM takes several videos' embeddings: not wired
             raise ValueError(f"prompt {i}: {p['video_grid_thw'].reshape(-1, 3).shape[0]} videos in one prompt: the "
                              f"vLLM engine is fed one video per prompt here; use --engine=hf for several-video records")

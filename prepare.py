@@ -13,6 +13,8 @@ Generate the synthetic set, then the tiny checkpoint on its text:
     python prepare.py --tiny=out/tiny3 --data=data/synth --family=qwen3_vl     # a tiny Qwen3-VL (also qwen2_vl)
 Text-only synthetic math (arithmetic, word problems, fractions; answer_type "math"), and a tiny checkpoint on it:
     python prepare.py --out=data/math --task=math && python prepare.py --tiny=out/tiny_math --data=data/math
+Image records (PNG pictures of coloured squares, one or two per question, multiple choice):
+    python prepare.py --out=data/img --task=image && python prepare.py --tiny=out/tiny_img --data=data/img
 """
 import contextlib
 import glob
@@ -43,7 +45,8 @@ tiny_heads = 4        # --tiny: LM attention heads (the demo uses 8)
 tiny_rope_theta = 1e6  # --tiny: LM rope base (the demo uses 3: bench/probe_tiny.py)
 family = "qwen2_5_vl"  # --tiny: the model family (transformers model_type): qwen2_vl, qwen2_5_vl or qwen3_vl
 seed = 0              # everything is deterministic given the seed
-task = "video"        # --out: "video" (the long-video QA set) or "math" (text-only arithmetic / word problems)
+task = "video"        # --out: "video" (the long-video QA set), "math" (text-only arithmetic / word problems) or
+                      #   "image" (pictures of coloured squares, one or two per question)
 
 # -----------------------------------------------------------------------------
 # synthetic long-video QA: coloured squares and a moving ball; answers need the whole video
@@ -284,6 +287,64 @@ def generate_math(out, n_train=640, n_val=64, n_test=128, seed=0):
     return meta
 
 
+# -----------------------------------------------------------------------------
+# synthetic image records (the image path of every stage): pictures of coloured squares, multiple choice
+IMAGE_KINDS = ("spatial", "pair")
+
+
+def make_image_sample(rng, kind, answer_idx, S=112):
+    """One image record's pictures and fields (without id / paths) -> (list of (S, S, 3) uint8, record fields).
+    spatial (one picture): a red square in one quadrant, other colours in others: "In which quadrant is the red
+    square?" (answer_idx: the quadrant). pair (two pictures): a red square in exactly one of them, "Which picture
+    shows a red square?" (answer_idx % 2: the picture)."""
+    def picture(squares):   # {quadrant: colour}
+        img = np.full((S, S, 3), 20, dtype=np.uint8)
+        for q, c in squares.items():
+            y0, x0, y1, x1 = _quad_box(q, S, S // 8)
+            img[y0:y1, x0:x1] = COLOURS[c]
+        return img
+    others = [c for c in PALETTE if c != "red"]
+    if kind == "spatial":
+        rest = [q for q in range(4) if q != answer_idx]
+        squares = {answer_idx: "red", **{q: others[int(rng.integers(len(others)))]
+                                         for q in rng.choice(rest, size=int(rng.integers(1, 3)), replace=False)}}
+        fields = dict(question="In which quadrant of the picture is the red square?",
+                      options=[q.replace("-", " ") for q in QUADRANTS], answer=LETTERS[answer_idx],
+                      reasoning=f"The red square is in the {QUADRANTS[answer_idx].replace('-', ' ')} quadrant.")
+        return [picture(squares)], dict(fields, category="spatial")
+    if kind != "pair":
+        raise ValueError(f"image kind {kind!r}: expected one of {IMAGE_KINDS}")
+    k = answer_idx % 2
+    pics = [picture({int(rng.integers(4)): "red" if j == k else others[int(rng.integers(len(others)))]})
+            for j in range(2)]
+    fields = dict(question="Which picture shows a red square?", options=["the first picture", "the second picture"],
+                  answer=LETTERS[k], reasoning=f"The {('first', 'second')[k]} picture has the red square.")
+    return pics, dict(fields, category="pair")
+
+
+def generate_images(out, n_train=640, n_val=64, n_test=128, size=112, seed=0):
+    """Write {out}/images/*.png and {out}/{train,val,test}.jsonl of image records ("images": [paths]; kinds alternate
+    spatial (one picture) and pair (two)) and {out}/meta.json. Deterministic given the arguments."""
+    from PIL import Image
+    os.makedirs(os.path.join(out, "images"), exist_ok=True)
+    for s_i, (split, n) in enumerate((("train", n_train), ("val", n_val), ("test", n_test))):
+        rng = np.random.default_rng([seed, 200 + s_i])
+        tmp = os.path.join(out, f"{split}.jsonl.tmp")
+        with open(tmp, "w") as f:
+            for i in range(n):
+                pics, rec = make_image_sample(rng, IMAGE_KINDS[i % 2], answer_idx=(i // 2) % 4, S=size)
+                paths = [f"images/{split}_{i:05d}_{j}.png" for j in range(len(pics))]
+                for pth, pic in zip(paths, pics):
+                    Image.fromarray(pic).save(os.path.join(out, pth))
+                f.write(json.dumps(dict(id=f"img-{split}-{i:05d}", images=paths, **rec)) + "\n")
+        os.replace(tmp, os.path.join(out, f"{split}.jsonl"))
+    meta = dict(task="image", n_train=n_train, n_val=n_val, n_test=n_test, size=size, seed=seed,
+                categories=list(IMAGE_KINDS))
+    with open(os.path.join(out, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+    return meta
+
+
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
                   "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
                   "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
@@ -448,14 +509,17 @@ if __name__ == "__main__":
                              "--out; to run the demo on it, pass --model=CHECKPOINT too)")
         keys = ("n_train", "n_val", "n_test", "num_frames", "fps", "size", "seed")
         have = json.load(open(os.path.join(out, "meta.json"))) if mine else {}
-        if task not in ("video", "math"):
-            raise SystemExit(f"prepare.py: --task={task!r}: expected video or math")
+        if task not in ("video", "math", "image"):
+            raise SystemExit(f"prepare.py: --task={task!r}: expected video, math or image")
         if mine and have.get("task", "video") != task:   # never overwrite one kind of set with the other
             raise SystemExit(f"prepare.py: --out={out} holds a {have.get('task', 'video')} set: pick another --out "
                              f"for --task={task}")
         if task == "math":   # text-only records, no videos: written in well under a second
             generate_math(out, n_train, n_val, n_test, seed)
             print(f"wrote {n_train}/{n_val}/{n_test} train/val/test math questions to {out}")
+        elif task == "image":   # PNG pictures, a few ms each
+            generate_images(out, n_train, n_val, n_test, size, seed)
+            print(f"wrote {n_train}/{n_val}/{n_test} train/val/test image questions to {out}")
         elif mine and all(have.get(k) == cfg[k] for k in keys) and have.get("format", 1) == SYNTH_FORMAT:
             print(f"{out}: already generated with this config, skipping")
         else:

@@ -59,8 +59,8 @@ Design choices (and the traps they avoid):
   * FSDP lockstep: every rank must run the policy forward/backward equally often. DP ranks always train the same
     number of groups; with dynamic sampling a rank short of informative groups pads with dropped ones at loss
     weight 0 (balance_groups). SP ranks hold the same sequences.
-  * A sampled <|video_pad|> would be taken for a video slot by every forward: the response is cut before it and
-    rewarded 0 (finish_response).
+  * A sampled <|video_pad|> (or <|image_pad|>) would be taken for a video (image) slot by every forward: the response
+    is cut before it and rewarded 0 (finish_response).
   * Old-policy log-probs are recomputed by the SP prefill (recompute_old=1, as the paper's system); --recompute_old=0
     reuses logp.detach() when there is one update per batch.
   * Trainable vision (--freeze_vision=0, not the paper's RL setting): rollouts and the old-policy prefill use the
@@ -96,8 +96,8 @@ from common import (apply_overrides, autocast, batch_indices, check_seconds, cli
 import data as data_lib   # its COUNTS (decodes, processor runs) and FRAME_CACHE
 import mrsp as mrsp_lib   # its ROLLOUT_TIMES (the HF engine's prefill / decode seconds)
 from data import (LETTERS, FrameCache, check_supported, check_videos, decode_opts, encode_text, extract_choice,
-                  follows_format, load_records, load_video, no_video, score_answer, video_flags, video_inputs,
-                  video_options)
+                  follows_format, image_inputs, load_records, load_video, no_video, score_answer, video_flags,
+                  video_inputs, video_options)
 from mrsp import (EmbeddingCache, VLLMEngine, accuracy_metrics, encode_videos, evaluate, fsdp_gathered,
                   get_video_embeds, load_model, load_models, rollout, setup_mesh, sp_logprobs, sync_weights,
                   vllm_start)
@@ -412,21 +412,33 @@ def video_kw():
 
 def load_pixels(rec, processor):
     """Decode + process a record's video(s): pixel_values_videos, video_grid_thw (n_videos, 3), second_per_grid_ts
-    (n_videos,); zero rows for a text-only record."""
-    if not rec.get("video") and not rec.get("videos"):   # text only: no pixels (zero grid rows; nothing to fill)
-        return dict(video_grid_thw=no_video()["video_grid_thw"], second_per_grid_ts=no_video()["second_per_grid_ts"],
-                    pixel_values_videos=torch.zeros(0, 0))
-    return video_inputs(processor, rec, num_frames=frames, **video_kw())
+    (n_videos,); zero rows for a record without a video; + pixel_values, image_grid_thw (n_images, 3) for images."""
+    if not rec.get("video") and not rec.get("videos"):   # no video: no pixels (zero grid rows; nothing to fill)
+        px = dict(video_grid_thw=no_video()["video_grid_thw"], second_per_grid_ts=no_video()["second_per_grid_ts"],
+                  pixel_values_videos=torch.zeros(0, 0))
+    else:
+        px = video_inputs(processor, rec, num_frames=frames, **video_kw())
+    if rec.get("images"):
+        px.update(image_inputs(processor, rec))
+    return px
 
 
 def prompt_of(rec, processor, vid):
-    """Prompt tokens (video expanded to its grid) + the video's grid: what a rollout engine or prefill needs."""
-    t = encode_text(processor, rec, vid["video_grid_thw"], with_target=False, timestamps=vid.get("timestamps"))
+    """Prompt tokens (images and video expanded to their grids) + the grids: what a rollout engine or prefill needs."""
+    t = encode_text(processor, rec, vid["video_grid_thw"], with_target=False, timestamps=vid.get("timestamps"),
+                    image_grid_thw=vid.get("image_grid_thw"))
     prompt = dict(input_ids=t["input_ids"], mm_token_type_ids=t["mm_token_type_ids"],
                   video_grid_thw=vid["video_grid_thw"], second_per_grid_ts=vid["second_per_grid_ts"])
     if "timestamps" in vid:   # Qwen3-VL: the vLLM engine rebuilds the "<t seconds>" text from them
         prompt["timestamps"] = vid["timestamps"]
+    if "image_grid_thw" in vid:   # a record with images: their slots' positions
+        prompt["image_grid_thw"] = vid["image_grid_thw"]
     return prompt
+
+
+def with_features(prompt, vid):
+    """A prompt (or item) with its cached vision features: the video's `embeds` and, for images, `image_embeds`."""
+    return dict(prompt, embeds=vid["embeds"], **({"image_embeds": vid["image_embeds"]} if "image_embeds" in vid else {}))
 
 
 def naive_rollouts(rollout_model, llm, prompt, pixels, seed_, tokenizer, device):
@@ -457,10 +469,12 @@ def finish_response(tokens, finish, logprobs, rec, tokenizer, video_token_id):
     TRAP: the policy can sample <|video_pad|>. Every MR-SP forward (mrsp.embed_with_video, the SP prefill) fills the
     video slots BY TOKEN ID from the video embeddings, so a sampled one would be counted as video (an embeddings
     mismatch error, or a shifted video). Such a response is cut before its first <|video_pad|>, scored as malformed
-    (reward 0), and only the kept prefix -- a valid sample prefix of the policy -- is trained on."""
-    cut = video_token_id in tokens
+    (reward 0), and only the kept prefix -- a valid sample prefix of the policy -- is trained on. The same holds for
+    <|image_pad|> (image slots are filled by id too): video_token_id may be a tuple of pad ids (finish "video_pad")."""
+    pads = set(video_token_id) if isinstance(video_token_id, (tuple, list, set)) else {video_token_id}
+    cut = bool(pads & set(tokens))
     if cut:
-        k = tokens.index(video_token_id)
+        k = next(i for i, t in enumerate(tokens) if t in pads)
         tokens, logprobs, finish = tokens[:k], logprobs[:k], "video_pad"
     text = tokenizer.decode(tokens, skip_special_tokens=True)
     r = (dict(accuracy=0.0, format=0.0, total=0.0) if cut else
@@ -480,7 +494,8 @@ def make_item(prompt, tokens, video, engine_logp=None, weight=1.0):
                 loss_mask=torch.cat([torch.zeros(S, dtype=torch.bool), torch.ones(len(tokens), dtype=torch.bool)]),
                 video_grid_thw=prompt["video_grid_thw"], second_per_grid_ts=prompt["second_per_grid_ts"],
                 video=video, weight=weight,
-                engine_logp=torch.tensor(engine_logp if engine_logp is not None else [0.0] * len(tokens)))
+                engine_logp=torch.tensor(engine_logp if engine_logp is not None else [0.0] * len(tokens)),
+                **({"image_grid_thw": prompt["image_grid_thw"]} if "image_grid_thw" in prompt else {}))
 
 
 def informative(group):
@@ -510,7 +525,9 @@ def logprobs(model, item, videos, mesh, from_cache, entropy=False):
     this forward). entropy: True (no grad) or "grad" (with gradient, for --entropy_coef). Every rank of the SP group
     gets the same values; every rank of the mesh must call this equally often (FSDP)."""
     v = videos[item["video"]]
-    seq = dict(item, embeds=v["embeds"]) if from_cache else dict(item, pixel_values_videos=v["pixel_values_videos"])
+    seq = with_features(item, v) if from_cache else dict(item, pixel_values_videos=v["pixel_values_videos"],
+                                                         **({"pixel_values": v["pixel_values"]} if "pixel_values" in v
+                                                            else {}))
     with autocast(next(model.parameters()).device):
         out = sp_logprobs(model, seq, group=mesh.sp_group, impl=attn, logit_chunk=logit_chunk,
                           temperature=temperature, return_entropy=entropy)
@@ -711,13 +728,18 @@ if __name__ == "__main__":
         val = load_records(val_data)[:eval_samples] if val_data else []
         check_videos(train, where=f"--data={data}")
         check_videos(val, where=f"--val_data={val_data}")
-        check_supported(train, where=f"--data={data}")   # videos or text only: no image records yet
-        check_supported(val, where=f"--val_data={val_data}")
+        check_supported(train, where=f"--data={data}", engine=engine)   # vLLM: no image records yet
+        check_supported(val, where=f"--val_data={val_data}", engine=engine)
         if loop == "baseline":   # the benchmark arm models EasyR1's per-consumer decodes of ONE video per prompt
             odd = next((r for r in train if not r.get("video")), None)
             if odd is not None:
-                raise ValueError(f"--data={data}: record {odd['id']!r} has no single video (text only or several "
-                                 f"videos): --loop=baseline takes one-video records; use --loop=mrsp or naive")
+                raise ValueError(f"--data={data}: record {odd['id']!r} has no single video (text only, images or "
+                                 f"several videos): --loop=baseline takes one-video records; use --loop=mrsp or naive")
+        if loop == "naive":   # its engine re-encodes each request's VIDEO pixels (naive_rollouts): no image path
+            odd = next((r for r in train if r.get("images")), None)
+            if odd is not None:
+                raise ValueError(f"--data={data}: record {odd['id']!r} has images: --loop=naive takes video and "
+                                 f"text-only records; image records run with --loop=mrsp (the default)")
     except ValueError as e:
         raise SystemExit(str(e)) from None
     print0(f"data: {len(train)} train / {len(val)} val records; dp={mesh.dp_size} sp={mesh.sp_size} "
@@ -776,7 +798,8 @@ if __name__ == "__main__":
     bar = tqdm(range(start, steps), desc="rl", disable=not master_process, initial=start, total=steps)
     done_here = 0
     per_rank = prompts_per_step // mesh.dp_size
-    tok, vid_id = processor.tokenizer, rollout_model.config.video_token_id
+    tok = processor.tokenizer
+    vid_id = (rollout_model.config.video_token_id, rollout_model.config.image_token_id)   # pads cut from responses
     for step in bar:
         # --- TRAINING STEP BEGIN
         t_step = tick()
@@ -818,7 +841,8 @@ if __name__ == "__main__":
                 vids = [dict(v) for v in vals]
                 if not freeze_vision:   # trainable vision: the update and the reference re-encode pixels
                     for v, r in zip(vids, recs):
-                        v["pixel_values_videos"] = load_pixels(r, processor)["pixel_values_videos"]
+                        px = load_pixels(r, processor)
+                        v.update({k: px[k] for k in ("pixel_values_videos", "pixel_values") if k in px})
                 vision_passes += n_encoded
             prompts = [prompt_of(r, processor, v) for r, v in zip(recs, vids)]
             t["encode"] += tick() - t0
@@ -850,7 +874,7 @@ if __name__ == "__main__":
             else:
                 # the SP ranks split the prompts for generation (one engine call each, none included), then swap
                 mine = list(range(mesh.sp_rank, len(recs), mesh.sp_size))
-                res = rollout([dict(prompts[k], embeds=vids[k]["embeds"]) for k in mine], group_size,
+                res = rollout([with_features(prompts[k], vids[k]) for k in mine], group_size,
                               [sample_seed(seed, pos[k]) for k in mine], temperature, max_new_tokens, tok,
                               model=rollout_model, llm=llm, top_p=top_p, top_k=top_k)
                 for k, o in zip(mine, res):

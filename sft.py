@@ -34,7 +34,7 @@ from tqdm import tqdm
 from common import (apply_overrides, autocast, batch_indices, check_seconds, clip_grad, config_of, export_hf,
                     gather_rows, load_checkpoint, metrics_logger, phase, phase_memory, print0, reduce_sum,
                     save_checkpoint, setup_dist, teardown, tick, watchdog)
-from data import check_supported, load_records, video_flags
+from data import VideoError, check_videos, load_records, video_flags
 from mrsp import (EmbeddingCache, accuracy_metrics, build_seq, evaluate, fsdp_gathered, load_model, load_models,
                   setup_mesh, sp_logprobs, sync_weights)
 
@@ -154,8 +154,11 @@ if __name__ == "__main__":
     # --- data
     train = load_records(data)
     val = load_records(val_data)[:eval_samples] if val_data else []
-    check_supported(train, where=f"--data={data}")   # videos or text only: no image records yet
-    check_supported(val, where=f"--val_data={val_data}")
+    try:   # a missing video or image file stops here, before any model work (named: data file, line, field)
+        check_videos(train, where=f"--data={data}")
+        check_videos(val, where=f"--val_data={val_data}")
+    except VideoError as e:
+        raise SystemExit(f"sft.py: {e}") from None
     print0(f"data: {len(train)} train / {len(val)} val records; dp={mesh.dp_size} sp={mesh.sp_size}")
 
     # --- model: the policy (fp32 master weights, FSDP2 over the mesh; bf16 autocast on GPU) and an unsharded rollout

@@ -48,11 +48,13 @@ def test_record_formats_normalise(tmp_path):
     assert img["images"] == [str(tmp_path / "img/a.png"), str(tmp_path / "img/b.png")] and img["video"] is None
     assert len(multi["videos"]) == 2 and multi["video"] is None
     assert [data.record_media(r) for r in (gsm, op, img, multi)] == ["text", "video", "images", "videos"]
-    # text-only records need no file: check_videos keeps them; the stage scripts refuse images / several videos
+    # text-only records need no file: check_videos keeps them; the stage scripts take every kind with the HF engine,
+    # the vLLM engine refuses images
     assert data.check_videos([gsm, ours])[0] == [gsm, ours]
-    data.check_supported([gsm, ours, op, multi])
-    with pytest.raises(RecordError, match=r"--data=x: record 'i1' has 2 image\(s\): the stage scripts take videos"):
-        data.check_supported([gsm, img], where="--data=x")
+    data.check_supported([gsm, ours, op, multi, img])
+    with pytest.raises(RecordError, match=r"--data=x: record 'i1' \(.*d\.jsonl:6\) has 2 image\(s\): images are "
+                                          r"not supported with the vLLM engine"):
+        data.check_supported([gsm, img], where="--data=x", engine="vllm")
 
 
 @pytest.mark.parametrize("row, where", [
@@ -197,7 +199,7 @@ def test_image_and_several_video_records_plain_forward(tiny_math, tmp_path):
     from prepare import write_mp4
     model, processor = load_model(tiny_math)
     tok = processor.tokenizer
-    imgs = [_png(tmp_path / "a.png", (200, 0, 0)), _png(tmp_path / "b.png", (0, 0, 200))]
+    _png(tmp_path / "a.png", (200, 0, 0)), _png(tmp_path / "b.png", (0, 0, 200))
     rng = np.random.default_rng(0)
     for name in ("v1.mp4", "v2.mp4"):
         write_mp4(str(tmp_path / name), rng.integers(0, 255, (8, 56, 56, 3), dtype=np.uint8), 4.0)
@@ -228,10 +230,11 @@ def test_image_and_several_video_records_plain_forward(tiny_math, tmp_path):
     hf, _ = rope_index(model, t["input_ids"][None], t["mm_token_type_ids"][None], image_grid_thw=px["image_grid_thw"],
                        rule="hf")
     assert torch.equal(ours, hf)
-    # the MR-SP path refuses images with the record named (the stage scripts check at load time) ...
-    with pytest.raises(RecordError, match=r"record 'img' has 2 image\(s\): the stage scripts take videos"):
-        build_seq(img_rec, processor, model)
-    # ... and takes several videos: each encoded and cached on its own, embeddings concatenated in order. Its target
+    # the MR-SP path takes images (tests/test_images.py checks their log-probs) ...
+    img_seq = build_seq(img_rec, processor, model)
+    assert torch.equal(img_seq["input_ids"], t["input_ids"]) and torch.equal(img_seq["image_grid_thw"],
+                                                                             px["image_grid_thw"])
+    # ... and several videos: each encoded and cached on its own, embeddings concatenated in order. Its target
     # log-probs equal a plain HF forward from pixels at the same (canonical) positions.
     from mrsp import EmbeddingCache, mrope_positions, sp_logprobs
     cache = EmbeddingCache(1 << 26)
@@ -279,13 +282,14 @@ def test_sft_rl_eval_on_text_only_records(tiny_math, math_dir, tmp_path):
     assert set(res["by_category"]) == {"arithmetic", "word", "fraction"}
     rows = [json.loads(x) for x in open(out / "eval" / "frames_32" / "items.jsonl")]
     assert all(r["answer_type"] == "math" and r["n_options"] is None for r in rows)
-    # an image record stops a stage script before any model work, naming the data file and the record
+    # an image record with the vLLM engine stops a stage script before any model work, naming the file and record
     _png(tmp_path / "a.png", (9, 9, 9))
     bad = _write(tmp_path / "img.jsonl", [{"id": "pic", "images": ["a.png"], "question": "What?", "answer": "x",
                                            "answer_type": "open"}])
-    r = _run("eval.py", f"--model={out}/rl/hf", f"--data={bad}", f"--out_dir={out}/eval2", check=False)
+    r = _run("eval.py", f"--model={out}/rl/hf", f"--data={bad}", f"--out_dir={out}/eval2", "--engine=vllm",
+             check=False)
     assert r.returncode != 0 and "Traceback" not in r.stderr
-    assert f"--data={bad}: record 'pic' has 1 image(s): the stage scripts take videos" in r.stderr
+    assert f"--data={bad}: record 'pic' ({bad}:1) has 1 image(s): images are not supported with the vLLM" in r.stderr
 
 
 def test_text_only_multiple_choice_is_explicit(tmp_path):

@@ -1,0 +1,283 @@
+"""Image records (one or several images, and images beside a video) through every stage: the cached image features
+and the pixel path give the model's own HF forward on pixels (Qwen2.5-VL, and Qwen3-VL with DeepStack), SP=2 == SP=1
+(parallel encode of the images, each rank's DeepStack slice), positions against transformers' get_rope_index, HF engine
+greedy == model.generate, the per-image cache round trip, bad image paths, the vLLM refusal, and one SFT step, one RL
+step and an eval on prepare.py's synthetic image set through the stage scripts' command lines.
+
+    python -m pytest -q tests/test_images.py
+"""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import data
+from data import RecordError, VideoError
+from dist_utils import run_distributed
+from mrsp import (EmbeddingCache, build_seq, get_video_embeds, hf_rollout, load_model, mrope_positions, rope_index,
+                  sp_logprobs, split_vision)
+from test_mrsp import _perturbed   # noise on the LM: varied log-probs and greedy outputs
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAMS = ("qwen2_5_vl", "qwen3_vl")
+
+
+@pytest.fixture(scope="module")
+def img_env(tmp_path_factory):
+    """prepare.py's image set (4/2/2 questions: one picture or two), the tiny Qwen2.5-VL and Qwen3-VL on its text, and
+    three records: one image, two images, and one image beside an 8-frame video (mixed)."""
+    from prepare import generate_images, init_tiny, write_mp4
+    root = tmp_path_factory.mktemp("images")
+    d = str(root / "img")
+    generate_images(d, n_train=4, n_val=2, n_test=2, seed=0)
+    ckpts = {f: str(root / f) for f in FAMS}
+    for f in FAMS:
+        init_tiny(ckpts[f], d, seed=0, family=f)
+    write_mp4(str(root / "v.mp4"), np.random.default_rng(0).integers(0, 255, (8, 56, 56, 3), dtype=np.uint8), 4.0)
+    one, two = data.load_records(f"{d}/train.jsonl")[:2]
+    (mixed,) = data.load_records(_write(root / "mixed.jsonl", [dict(
+        id="mx", images=[one["images"][0]], video=str(root / "v.mp4"), question=one["question"],
+        options=[o[3:] for o in one["options"]], answer=one["answer"], reasoning=one["reasoning"])]))
+    assert [len(r["images"]) for r in (one, two, mixed)] == [1, 2, 1] and data.record_media(mixed) == "mixed"
+    return d, ckpts, dict(one=one, two=two, mixed=mixed)
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def _hf_inputs(processor, rec, fam):
+    """The model's own inputs from pixels (images, and the video of a mixed record)."""
+    out = dict(data.image_inputs(processor, rec))
+    if rec["videos"]:
+        vx = data.video_inputs(processor, rec, num_frames=4)
+        out.update(pixel_values_videos=vx["pixel_values_videos"], video_grid_thw=vx["video_grid_thw"])
+        if fam == "qwen2_5_vl":
+            out["second_per_grid_ts"] = vx["second_per_grid_ts"]
+    return out
+
+
+# ----------------------------------------------------------------------------- one process: HF forward, positions
+@pytest.mark.parametrize("fam", FAMS)
+def test_image_logprobs_equal_the_hf_pixel_forward(img_env, fam):
+    """build_seq from cached image features and from pixels (the trainable-tower path: images and video in one tower
+    call) give the log-probs of the model's own HF forward on pixels; positions equal transformers' get_rope_index for
+    image records (and for Qwen3-VL's mixed one; Qwen2.5-VL's differ only after the video: transformers 5.x's rule)."""
+    _, ckpts, recs = img_env
+    model, processor = _perturbed(ckpts[fam])
+    for name, rec in recs.items():
+        cache = EmbeddingCache(1 << 26)
+        with torch.no_grad():
+            seq = build_seq(rec, processor, model, cache, frames=4)
+            pix = build_seq(rec, processor, None, frames=4)
+            lp, lp_pix = sp_logprobs(model, seq), sp_logprobs(model, pix)
+        assert torch.equal(seq["input_ids"], pix["input_ids"]) and "pixel_values" in pix
+        assert seq["image_grid_thw"].shape == (len(rec["images"]), 3)
+        assert cache.stats["misses"] == len(rec["images"]) + len(rec["videos"])
+        ids, mm = seq["input_ids"][None], seq["mm_token_type_ids"][None]
+        hf = _hf_inputs(processor, rec, fam)
+        assert torch.equal(hf["image_grid_thw"], seq["image_grid_thw"])
+        pos, _ = mrope_positions(model, ids, mm, seq["video_grid_thw"], seq["second_per_grid_ts"],
+                                 image_grid_thw=seq["image_grid_thw"])
+        hf_pos, _ = rope_index(model, ids, mm, hf.get("video_grid_thw"), seq["second_per_grid_ts"] if rec["videos"]
+                               else None, image_grid_thw=hf["image_grid_thw"], rule="hf")
+        if name == "mixed" and fam == "qwen2_5_vl":   # equal up to the video's last token, shifted after it
+            last = int((ids[0] == model.config.video_token_id).nonzero().max())
+            assert torch.equal(pos[..., :last + 1], hf_pos[..., :last + 1]) and not torch.equal(pos, hf_pos)
+        else:
+            assert torch.equal(pos, hf_pos), name
+        with torch.no_grad():
+            logits = model(input_ids=ids, mm_token_type_ids=mm, position_ids=pos, **hf).logits[0].float()
+        ref = torch.cat([torch.zeros(1), torch.log_softmax(logits[:-1], -1).gather(-1, ids[0, 1:, None])[:, 0]])
+        m = seq["loss_mask"]
+        assert int(m.sum()) > 10
+        assert (lp[m] - ref[m]).abs().max() <= 1e-5, name
+        assert (lp_pix[m] - ref[m]).abs().max() <= 1e-5, name
+    # the pixel path's one tower call takes whatever media a record has: its video alone too
+    vid = dict(recs["mixed"], id="v", images=[], video=recs["mixed"]["videos"][0])
+    with torch.no_grad():
+        a, b = (build_seq(vid, processor, m, frames=4) for m in (model, None))
+        assert (sp_logprobs(model, a) - sp_logprobs(model, b)).abs().max() <= 1e-5
+    # the pictures matter (another image moves the log-probs), and for Qwen3-VL so do their DeepStack features
+    rec = recs["one"]
+    with torch.no_grad():
+        seq = build_seq(rec, processor, model, frames=4)
+        lp = sp_logprobs(model, seq)
+        other = sp_logprobs(model, dict(seq, image_embeds=seq["image_embeds"].flip(0)))
+        assert (other - lp)[seq["loss_mask"]].abs().max() > 1e-4
+        if fam == "qwen3_vl":
+            vis, deep = split_vision(model, seq["image_embeds"])
+            no_deep = sp_logprobs(model, dict(seq, image_embeds=torch.cat([vis] + [torch.zeros_like(d) for d in deep],
+                                                                          -1)))
+            assert (no_deep - lp)[seq["loss_mask"]].abs().max() > 1e-4
+
+
+# ----------------------------------------------------------------------------- SP=2
+def _sp2_worker(jobs):
+    """Both families' SP=2 work in one pair of gloo processes: build_seq with the images encoded in parallel over the
+    group (through a cache), then the SP forward."""
+    import torch.distributed as dist
+    out = {}
+    for fam, (ckpt, recs) in jobs.items():
+        model, processor = load_model(ckpt)
+        cache = EmbeddingCache(1 << 26)
+        with torch.no_grad():
+            for name, rec in recs.items():
+                seq = build_seq(rec, processor, model, cache, frames=4, group=dist.group.WORLD)
+                out[fam, name] = (seq["image_embeds"], sp_logprobs(model, seq, group=dist.group.WORLD, logit_chunk=7))
+        out[fam, "cache"] = cache.summary()
+    return out
+
+
+def test_sp2_image_logprobs_equal_sp1(img_env):
+    """SP=2: the images are encoded in parallel (one rank each for the two-image record; features all-gathered) and
+    each rank fills, and adds the DeepStack features of, exactly its own image slots: == SP=1 on both ranks."""
+    _, ckpts, recs = img_env
+    res = run_distributed(_sp2_worker, 2, args=({f: (ckpts[f], recs) for f in FAMS},))
+    for fam in FAMS:
+        model, processor = load_model(ckpts[fam])
+        for name, rec in recs.items():
+            with torch.no_grad():
+                seq = build_seq(rec, processor, model, frames=4)
+                lp1 = sp_logprobs(model, seq)
+            for r in res:
+                emb, lp2 = r[fam, name]
+                assert emb.shape == seq["image_embeds"].shape and (emb - seq["image_embeds"]).abs().max() <= 1e-5
+                assert (lp2 - lp1).abs().max() <= 1e-5, (fam, name)
+        # the one-image and mixed records share their picture: encoded once, on both ranks' caches alike
+        assert res[0][fam, "cache"] == res[1][fam, "cache"] and res[0][fam, "cache"]["hits"] == 1
+
+
+# ----------------------------------------------------------------------------- HF engine, cache, errors
+@pytest.mark.parametrize("fam", FAMS)
+def test_hf_engine_greedy_equals_generate(img_env, fam):
+    """Our engine (cached image features, one prefill with DeepStack, KV replicated) == model.generate on pixels."""
+    _, ckpts, recs = img_env
+    model, processor = _perturbed(ckpts[fam])
+    tok = processor.tokenizer
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    seen = set()
+    for rec in (recs["one"], recs["two"]):
+        prompt = build_seq(rec, processor, model, frames=4, with_target=False)
+        out = hf_rollout(model, [prompt], n=2, temperature=0, max_new_tokens=12, eos_id=eos)
+        ids = prompt["input_ids"][None]
+        ref = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=
+                             prompt["mm_token_type_ids"][None], **data.image_inputs(processor, rec), do_sample=False,
+                             max_new_tokens=12, eos_token_id=eos, pad_token_id=tok.pad_token_id)[0, ids.shape[1]:]
+        ref = ref.tolist()
+        if eos in ref:
+            ref = ref[:ref.index(eos) + 1]
+        assert out["token_ids"] == [ref, ref]
+        seen.update(ref)
+    assert len(seen) >= 4, "degenerate outputs would make this test vacuous"
+
+
+def test_image_cache_round_trip(img_env, tmp_path):
+    """Each image is one cache entry keyed by its file + the image processor's size settings: encoded once, served
+    from memory and, after eviction, from disk; bytes counted; a record's images concatenated in its order."""
+    _, ckpts, recs = img_env
+    model, processor = load_model(ckpts["qwen3_vl"])
+    two = recs["two"]
+    cache = EmbeddingCache(budget_bytes=1, spill_dir=str(tmp_path / "spill"))   # holds one entry: the other spills
+    with torch.no_grad():
+        first, n1 = get_video_embeds(model, processor, [two, recs["one"]], cache)
+        again, n2 = get_video_embeds(model, processor, [two], cache)
+    assert (n1, n2) == (3, 0) and cache.stats["spills"] >= 1 and cache.stats["disk_hits"] >= 1
+    v = first[0]
+    assert set(v) == {"embeds", "video_grid_thw", "second_per_grid_ts", "image_embeds", "image_grid_thw"}
+    assert v["video_grid_thw"].shape == (0, 3) and v["image_grid_thw"].tolist() == [[1, 4, 4]] * 2
+    assert v["image_embeds"].shape == (8, 128 * 3)   # 4 tokens per picture, embedding + 2 DeepStack features
+    for a, b in zip(first[:1], again):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    entry = cache.get(f"{data.image_key(two['images'][1], processor)}|v=0")
+    assert torch.equal(entry["image_embeds"], v["image_embeds"][4:])   # the second picture: the record's rows 4..7
+    assert EmbeddingCache.nbytes(entry) == sum(x.numel() * x.element_size() for x in entry.values())
+    # the key: the file and the processor's image size settings (another size, another entry)
+    key = data.image_key(two["images"][0], processor)
+    assert key.startswith("image|" + two["images"][0]) and "longest_edge=" in key
+    processor.image_processor.size["longest_edge"] *= 4
+    assert data.image_key(two["images"][0], processor) != key
+
+
+def test_bad_image_paths_and_the_vllm_refusal(img_env, tmp_path):
+    """A missing image stops before any model work naming the data file, the line, the field and the file; an
+    unreadable one when it is read, naming the same; the vLLM engine refuses image records naming the first."""
+    d, _, recs = img_env
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    path = _write(tmp_path / "bad.jsonl", [
+        {"id": "ok", "images": [f"{d}/images/train_00000_0.png"], "question": "What?", "options": ["x", "y"],
+         "answer": "A"},
+        {"id": "gone", "images": ["nope.png"], "question": "What?", "options": ["x", "y"], "answer": "A"},
+        {"id": "broken", "images": ["broken.png"], "question": "What?", "options": ["x", "y"], "answer": "A"}])
+    ok, gone, broken = data.load_records(path)
+    with pytest.raises(VideoError, match=rf"record 'gone': {tmp_path}/nope.png: no such file \({path}:2, field "
+                                         rf"'images'"):
+        data.check_videos([ok, gone], where=f"--data={path}")
+    assert data.check_videos([gone], skip_bad=True)[1][0]["reason"].endswith(f"({path}:2, field 'images')")
+    processor = load_model(img_env[1]["qwen2_5_vl"])[1]
+    with pytest.raises(VideoError, match=rf"broken.png: cannot read image of record 'broken' \({path}:3, field "
+                                         rf"'images'\)"):
+        build_seq(broken, processor, None)
+    data.check_supported([ok, recs["mixed"]])   # the HF engine takes them
+    with pytest.raises(RecordError, match=rf"--data=x: record 'ok' \({path}:1\) has 1 image\(s\): images are not "
+                                          rf"supported with the vLLM engine yet \(--engine=hf takes them"):
+        data.check_supported([ok], where="--data=x", engine="vllm")
+
+
+def test_sampled_image_pad_is_cut_from_a_response(img_env):
+    """A sampled <|image_pad|> would be taken for an image slot by every forward: rl.py cuts the response before it
+    and scores it 0, as a sampled <|video_pad|>."""
+    import rl
+    _, ckpts, recs = img_env
+    model, processor = load_model(ckpts["qwen2_5_vl"])
+    tok = processor.tokenizer
+    good = tok("<think>x</think><answer>A</answer>", add_special_tokens=False)["input_ids"]
+    pads = (model.config.video_token_id, model.config.image_token_id)
+    r = rl.finish_response(good[:3] + [model.config.image_token_id] + good[3:], "stop", [0.0] * (len(good) + 1),
+                           recs["one"], tok, pads)
+    assert r["cut"] and r["tokens"] == good[:3] and r["total"] == 0.0 and r["finish"] == "video_pad"
+    assert not rl.finish_response(good, "stop", [0.0] * len(good), recs["one"], tok, pads)["cut"]
+
+
+def test_image_generator_is_deterministic(img_env, tmp_path):
+    from prepare import generate_images
+    d = img_env[0]
+    generate_images(str(tmp_path), n_train=4, n_val=2, n_test=2, seed=0)
+    for split in ("train", "val", "test"):
+        assert open(f"{d}/{split}.jsonl").read() == open(tmp_path / f"{split}.jsonl").read()
+    for f in os.listdir(f"{d}/images"):
+        assert open(f"{d}/images/{f}", "rb").read() == open(tmp_path / "images" / f, "rb").read()
+    recs = data.load_records(f"{d}/train.jsonl")
+    assert [r["category"] for r in recs] == ["spatial", "pair"] * 2 and {r["answer"] for r in recs} == {"A", "B"}
+    assert all(data.score_answer(data.format_target(r), r)["correct"] for r in recs)
+
+
+# ----------------------------------------------------------------------------- the stage scripts
+def _run(script, *args):
+    r = subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+
+
+def test_sft_rl_eval_on_image_records(img_env, tmp_path):
+    """One SFT step (trainable tower: image pixels encoded in the forward), one RL step (MR-SP loop, HF engine, frozen
+    tower: cached image features) and an eval on one- and two-picture records (eval.py --engine=vllm refusing an image
+    record by name: tests/test_tasks.py)."""
+    d, ckpts, _ = img_env
+    out = tmp_path
+    _run("sft.py", f"--model={ckpts['qwen2_5_vl']}", f"--data={d}/train.jsonl", "--val_data=", f"--out_dir={out}/sft",
+         "--steps=1", "--batch_size=2", "--warmup_steps=1")
+    m = [json.loads(x) for x in open(out / "sft" / "metrics.jsonl")][-1]
+    assert m["step"] == 1 and np.isfinite(m["loss"]) and m["grad_norm"] > 0
+    _run("rl.py", f"--model={out}/sft/hf", f"--data={d}/train.jsonl", "--val_data=", f"--out_dir={out}/rl",
+         "--steps=1", "--prompts_per_step=2", "--group_size=2", "--max_new_tokens=6", "--kl_coef=0")
+    m = [json.loads(x) for x in open(out / "rl" / "metrics.jsonl")][-1]
+    assert m["step"] == 1 and "reward_mean" in m and m["cache_misses"] >= 2 and m["vision_passes"] >= 2
+    _run("eval.py", f"--model={out}/rl/hf", f"--data={d}/test.jsonl", f"--out_dir={out}/eval", "--max_new_tokens=6")
+    res = json.load(open(out / "eval" / "results.json"))
+    assert res["n"] == 2 and res["n_bad"] == 0 and set(res["by_category"]) == {"spatial", "pair"}
