@@ -20,7 +20,6 @@ from common import apply_overrides  # noqa: E402
 
 items = "out/eval/sft/frames_16/items.jsonl"
 data = "data/synth/test.jsonl"
-apply_overrides(globals(), sys.argv[1:])
 
 PALETTE = ("red", "green", "blue", "yellow")
 WORDS = re.compile(r"^(first|then|last) ")
@@ -33,6 +32,7 @@ def listed(text):
 
 
 if __name__ == "__main__":
+    apply_overrides(globals(), sys.argv[1:])
     gold = {r["id"]: r for r in map(json.loads, open(data))}
     n = collections.Counter()
     for row in map(json.loads, open(items)):

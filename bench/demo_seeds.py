@@ -45,8 +45,6 @@ demo_args = ""                # extra demo.sh flags, the same for every run
 sft_target = 0.5              # SFT greedy test accuracy every run must reach
 report_only = False           # only print the table of the runs found under --out
 n_boot = 4000
-apply_overrides(globals(), sys.argv[1:])
-cfg = config_of(globals())
 # -----------------------------------------------------------------------------
 
 
@@ -107,6 +105,8 @@ def q_ci(d, rng, level=0.95):
 
 
 if __name__ == "__main__":
+    apply_overrides(globals(), sys.argv[1:])
+    cfg = config_of(globals())
     print("config:", json.dumps(cfg))
     os.makedirs(out, exist_ok=True)
     runs = [(f"{name}_s{s}", s, env) for name, env in variants() for s in [int(x) for x in str(seeds).split(",")]]

@@ -50,3 +50,49 @@ def test_rope_resolution_sees_the_demo_models_blind_axes():
                                                rope_parameters=dict(rope_theta=1.0, mrope_section=[1, 0, 1])),
                                t_step=2 * math.pi)
     assert alias["t"] < 1e-9
+
+
+def _fake_demo_run(root, seed, lift, n=40):
+    """A finished demo folder as bench/demo_seeds.py reads it: the four evals' results + items, SFT metrics. Every
+    question's sampled score rises by `lift` from SFT to RL (0.25 steps: 4 of 8 samples -> 4 + 8 * lift)."""
+    import json
+    for name in ("sft", "rl", "sft_sampled", "rl_sampled"):
+        d = os.path.join(root, "eval", name)
+        os.makedirs(os.path.join(d, "frames_16"))
+        json.dump({"frames": 16, "n": n}, open(os.path.join(d, "results.json"), "w"))
+        k = round(8 * (0.5 + (lift if name == "rl_sampled" else 0)))
+        rows = [dict(id=f"q{i}", category="temporal" if i % 2 else "plot", correct=j < (k if "sampled" in name else
+                     (1 if i % 4 else 0))) for i in range(n) for j in range(8 if "sampled" in name else 1)]
+        with open(os.path.join(d, "frames_16", "items.jsonl"), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    os.makedirs(os.path.join(root, "sft"))
+    with open(os.path.join(root, "sft", "metrics.jsonl"), "w") as f:
+        f.write(json.dumps(dict(step=10, loss=1.0)) + "\n" + json.dumps(dict(step=20, val_acc=0.5 + seed / 100)) + "\n")
+
+
+def test_demo_seeds_pools_over_runs_and_questions(tmp_path):
+    """read_run reads a demo folder; the two-level bootstrap carries the run-to-run spread: runs that lift by +1/8 and
+    +3/8 on every question give an interval as wide as the runs (a question-only bootstrap of the pooled change
+    would be a point), and an unfinished run reads as None."""
+    import numpy as np
+    from demo_seeds import boot_ci, read_run
+    for s, lift in ((0, 1 / 8), (1, 3 / 8)):
+        _fake_demo_run(str(tmp_path / f"omp1_s{s}"), s, lift)
+    runs = [read_run(str(tmp_path / f"omp1_s{s}")) for s in (0, 1)]
+    assert runs[0]["sft_val"] == 0.5 and runs[0]["sft"] == pytest.approx(0.75)   # 3 of 4 greedy answers right
+    assert runs[0]["sft_cats"] == {"plot": 0.5, "temporal": 1.0}
+    assert [sorted(set(r["diff"].values())) for r in runs] == [[0.125], [0.375]]
+    lo, hi = boot_ci([r["diff"] for r in runs], np.random.default_rng(0))
+    assert lo == pytest.approx(0.125) and hi == pytest.approx(0.375)
+    os.remove(tmp_path / "omp1_s1" / "eval" / "rl_sampled" / "results.json")
+    assert read_run(str(tmp_path / "omp1_s1")) is None
+
+
+def test_cot_check_reads_both_synthetic_formats():
+    from cot_check import listed
+    assert listed("<think>Squares in order: yellow, green, blue, red. The first one is yellow.") == \
+        ["yellow", "green", "blue", "red"]
+    assert listed("Squares in order: first yellow, then green, then blue, last red. The last one is red.") == \
+        ["yellow", "green", "blue", "red"]
+    assert listed("Squares in order: red top-left, green bottom-right.") == ["red top-left", "green bottom-right"]
+    assert listed("<think>Boxes: red top-left.</think>") is None
