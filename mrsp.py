@@ -617,8 +617,11 @@ def vision_slots(model, input_ids, video_feats, image_feats=None):
     -> (mask (B, S) bool: an image or video slot, index (B, S) long: the row of `feats` for each slot (-1 elsewhere),
     feats (N_image + N_video, W): image features then video features, or None when there is no slot).
     video_feats / image_feats: each kind's features in its own slot order, row-major over the batch (None or zero rows
-    of any width: none). ValueError when a kind's token count and feature count differ."""
-    is_img = input_ids == model.config.image_token_id
+    of any width: none). ValueError when a kind's token count and feature count differ.
+    image_feats None (a sequence without images): <|image_pad|> ids are text, as in the HF forward without pixel_values
+    -- a video or text record's sampled <|image_pad|> stays a token (rl.finish_response cuts it only from image
+    records' responses, where it would be taken for a slot)."""
+    is_img = (input_ids == model.config.image_token_id) & (image_feats is not None)
     is_vid = input_ids == model.config.video_token_id
     parts = []
     for name, slots, f in (("image", is_img, image_feats), ("video", is_vid, video_feats)):

@@ -55,8 +55,6 @@ COLOURS = {"red": (230, 30, 30), "green": (30, 200, 30), "blue": (40, 70, 240), 
 QUADRANTS = ("top-left", "top-right", "bottom-left", "bottom-right")
 PALETTE = ("red", "green", "blue", "yellow")   # the colours questions are about (the ball is white)
 ORDINALS = ("first", "last")
-SYNTH_FORMAT = 2      # the records' text format (meta.json): a set written in another format is written again
-                      # (2: temporal chains of thought name their squares "first X, then Y, then Z, last W")
 
 
 def _a(word):
@@ -109,11 +107,7 @@ def make_synthetic_sample(rng, category, answer_idx, T=256, S=112, fps=8.0):
         for t0, c in zip(_event_times(rng, 4, T, ev_len), cols):
             flash(t0, c)
         question = f"Which colour of square appeared {which} in the video?"
-        # "first X, then Y, then Z, last W": the answer sentence finds its colour after the word the question asked
-        # for (first / last), a lookup by content; with a bare list it had to count list places, which the tiny
-        # model did not learn (it listed the first square right 14 of 15 times and then named it 7 times).
-        listed = ", ".join(f"{w} {c}" for w, c in zip(("first", "then", "then", "last"), cols))
-        why = [f"Squares in order: {listed}.", f"The {which} one is {answer}."]
+        why = [f"Squares in order: {', '.join(cols)}.", f"The {which} one is {answer}."]
     elif category == "spatial":
         cols = [PALETTE[i] for i in rng.permutation(4)]
         k = int(rng.integers(0, 4))
@@ -219,7 +213,7 @@ def generate_synthetic(out, n_train=640, n_val=64, n_test=128, num_frames=256, f
                     f.write(json.dumps(recs[j]) + "\n")
             os.replace(tmp, os.path.join(out, f"{split}.jsonl"))
     meta = dict(n_train=n_train, n_val=n_val, n_test=n_test, num_frames=num_frames, fps=fps, size=size,
-                seed=seed, categories=list(CATEGORIES), format=SYNTH_FORMAT)
+                seed=seed, categories=list(CATEGORIES))
     with open(os.path.join(out, "meta.json"), "w") as f:
         json.dump(meta, f, indent=1)
     return meta
@@ -520,7 +514,7 @@ if __name__ == "__main__":
         elif task == "image":   # PNG pictures, a few ms each
             generate_images(out, n_train, n_val, n_test, size, seed)
             print(f"wrote {n_train}/{n_val}/{n_test} train/val/test image questions to {out}")
-        elif mine and all(have.get(k) == cfg[k] for k in keys) and have.get("format", 1) == SYNTH_FORMAT:
+        elif mine and all(have.get(k) == cfg[k] for k in keys):
             print(f"{out}: already generated with this config, skipping")
         else:
             generate_synthetic(out, n_train, n_val, n_test, num_frames, fps, size, seed, workers=workers)

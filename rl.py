@@ -59,8 +59,8 @@ Design choices (and the traps they avoid):
   * FSDP lockstep: every rank must run the policy forward/backward equally often. DP ranks always train the same
     number of groups; with dynamic sampling a rank short of informative groups pads with dropped ones at loss
     weight 0 (balance_groups). SP ranks hold the same sequences.
-  * A sampled <|video_pad|> (or <|image_pad|>) would be taken for a video (image) slot by every forward: the response
-    is cut before it and rewarded 0 (finish_response).
+  * A sampled <|video_pad|> (or, in a record with images, <|image_pad|>) would be taken for a video (image) slot by
+    every forward: the response is cut before it and rewarded 0 (finish_response).
   * Old-policy log-probs are recomputed by the SP prefill (recompute_old=1, as the paper's system); --recompute_old=0
     reuses logp.detach() when there is one update per batch.
   * Trainable vision (--freeze_vision=0, not the paper's RL setting): rollouts and the old-policy prefill use the
@@ -470,7 +470,8 @@ def finish_response(tokens, finish, logprobs, rec, tokenizer, video_token_id):
     video slots BY TOKEN ID from the video embeddings, so a sampled one would be counted as video (an embeddings
     mismatch error, or a shifted video). Such a response is cut before its first <|video_pad|>, scored as malformed
     (reward 0), and only the kept prefix -- a valid sample prefix of the policy -- is trained on. The same holds for
-    <|image_pad|> (image slots are filled by id too): video_token_id may be a tuple of pad ids (finish "video_pad")."""
+    <|image_pad|> in a record with images (image slots are filled by id there; mrsp.vision_slots): video_token_id may
+    be a tuple of pad ids (finish "video_pad")."""
     pads = set(video_token_id) if isinstance(video_token_id, (tuple, list, set)) else {video_token_id}
     cut = bool(pads & set(tokens))
     if cut:
@@ -799,7 +800,9 @@ if __name__ == "__main__":
     done_here = 0
     per_rank = prompts_per_step // mesh.dp_size
     tok = processor.tokenizer
-    vid_id = (rollout_model.config.video_token_id, rollout_model.config.image_token_id)   # pads cut from responses
+    # pads cut from responses: <|video_pad|> always, <|image_pad|> from image records' (mrsp.vision_slots fills image
+    # slots only in sequences with images; elsewhere a sampled image pad is a token, as in the HF forward)
+    vid_id = (rollout_model.config.video_token_id, rollout_model.config.image_token_id)
     for step in bar:
         # --- TRAINING STEP BEGIN
         t_step = tick()
@@ -888,7 +891,8 @@ if __name__ == "__main__":
                             outs[k] = o
             t["rollout"] += tick() - t0
             groups = [dict(rec=r, pos=pos[k], prompt=prompts[k], video=len(videos) + k,
-                           responses=[finish_response(tk, f, lp, r, tok, vid_id) for tk, f, lp in outs[k]])
+                           responses=[finish_response(tk, f, lp, r, tok, vid_id if r.get("images") else vid_id[0])
+                                      for tk, f, lp in outs[k]])
                       for k, r in enumerate(recs)]
             videos += vids
             drawn += groups

@@ -244,6 +244,25 @@ def test_sampled_image_pad_is_cut_from_a_response(img_env):
     assert not rl.finish_response(good, "stop", [0.0] * len(good), recs["one"], tok, pads)["cut"]
 
 
+def test_image_pad_fills_a_slot_only_in_a_sequence_with_images(img_env):
+    """mrsp.vision_slots: without image features (a video or text record) an <|image_pad|> id is a text token, as in
+    the HF forward without pixel_values -- a video record's response that samples one is neither cut nor an error;
+    with image features every <|image_pad|> is a slot and the counts must match."""
+    from mrsp import embed_with_video
+    _, ckpts, _ = img_env
+    model, _ = load_model(ckpts["qwen2_5_vl"])
+    c = model.config
+    ids = torch.tensor([[5, c.video_token_id, c.video_token_id, 7, c.image_token_id, 9]])
+    vid, img = torch.randn(2, c.text_config.hidden_size), torch.randn(1, c.text_config.hidden_size)
+    plain = model.model.get_input_embeddings()(ids)
+    e = embed_with_video(model, ids, vid)                       # no images: the image pad keeps its token embedding
+    assert torch.equal(e[0, 4], plain[0, 4]) and torch.equal(e[0, 1:3], vid)
+    e = embed_with_video(model, ids, vid, img)                  # with images: it is a slot
+    assert torch.equal(e[0, 4], img[0]) and torch.equal(e[0, 1:3], vid)
+    with pytest.raises(ValueError, match="1 <.image_pad.> tokens but 2 image embeddings"):
+        embed_with_video(model, ids, vid, torch.cat([img, img]))
+
+
 def test_image_generator_is_deterministic(img_env, tmp_path):
     from prepare import generate_images
     d = img_env[0]
