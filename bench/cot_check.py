@@ -6,8 +6,9 @@ split each generated answer into what it read from the video and what it conclud
 temporal ("Squares in order: ... The first one is X. That is option L."): is the square the question asks about
 (first / last) listed right; does X repeat the model's own listed first / last square ("copy"); does L match X.
 spatial ("Squares in order: red top-left, ... The red one was Q."): is the asked colour's quadrant listed right; does Q
-repeat the model's own list. Reads both record formats prepare.py has written (a bare list, and "first X, then Y, then
-Z, last W"). A model that lists right and concludes wrong fails at reasoning over its own text, not at seeing.
+repeat the model's own list. Reads prepare.py's bare list and the trial "first X, then Y, then Z, last W" format
+(docs/BENCHMARKS.md, "Reading vs concluding"). A model that lists right and concludes wrong fails at reasoning over its
+own text, not at seeing.
 """
 import collections
 import json
