@@ -45,7 +45,8 @@ OUT=${OUT:-out}
 DATA=${DATA:-data/synth}
 SFT_SP=${SFT_SP:-1}     # SFT data-parallel by default: a 16-frame sample is ~130 tokens, where SP only adds ring
                         # traffic (2.5x slower here); SFT_SP=2 runs it sequence-parallel (tests: SP=2 == SP=1)
-SFT_STEPS=${SFT_STEPS:-2500}
+SFT_STEPS=${SFT_STEPS:-2500}   # SFT's loss sits on a plateau until step 500-1250: 1500 steps left a late start too
+                                # few (BENCHMARKS.md, "Reading vs concluding")
 RL_STEPS=${RL_STEPS:-20}
 RL_PROMPTS=${RL_PROMPTS:-32}
 RL_LR=${RL_LR:-3e-4}
