@@ -8,8 +8,6 @@ step and an eval on prepare.py's synthetic image set through the stage scripts' 
 """
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -22,7 +20,6 @@ from mrsp import (EmbeddingCache, build_seq, get_video_embeds, hf_rollout, load_
                   sp_logprobs, split_vision)
 from test_mrsp import _perturbed   # noise on the LM: varied log-probs and greedy outputs
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAMS = ("qwen2_5_vl", "qwen3_vl")
 
 
@@ -277,26 +274,12 @@ def test_image_generator_is_deterministic(img_env, tmp_path):
 
 
 # ----------------------------------------------------------------------------- the stage scripts
-def _run(script, *args):
-    r = subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                       env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-
-
 def test_sft_rl_eval_on_image_records(img_env, tmp_path):
     """One SFT step (trainable tower: image pixels encoded in the forward), one RL step (MR-SP loop, HF engine, frozen
     tower: cached image features) and an eval on one- and two-picture records (eval.py --engine=vllm refusing an image
     record by name: tests/test_tasks.py)."""
+    from test_tasks import sft_rl_eval
     d, ckpts, _ = img_env
-    out = tmp_path
-    _run("sft.py", f"--model={ckpts['qwen2_5_vl']}", f"--data={d}/train.jsonl", "--val_data=", f"--out_dir={out}/sft",
-         "--steps=1", "--batch_size=2", "--warmup_steps=1")
-    m = [json.loads(x) for x in open(out / "sft" / "metrics.jsonl")][-1]
-    assert m["step"] == 1 and np.isfinite(m["loss"]) and m["grad_norm"] > 0
-    _run("rl.py", f"--model={out}/sft/hf", f"--data={d}/train.jsonl", "--val_data=", f"--out_dir={out}/rl",
-         "--steps=1", "--prompts_per_step=2", "--group_size=2", "--max_new_tokens=6", "--kl_coef=0")
-    m = [json.loads(x) for x in open(out / "rl" / "metrics.jsonl")][-1]
-    assert m["step"] == 1 and "reward_mean" in m and m["cache_misses"] >= 2 and m["vision_passes"] >= 2
-    _run("eval.py", f"--model={out}/rl/hf", f"--data={d}/test.jsonl", f"--out_dir={out}/eval", "--max_new_tokens=6")
-    res = json.load(open(out / "eval" / "results.json"))
+    _, m, res = sft_rl_eval(ckpts["qwen2_5_vl"], d, tmp_path)
+    assert m["cache_misses"] >= 2 and m["vision_passes"] >= 2
     assert res["n"] == 2 and res["n_bad"] == 0 and set(res["by_category"]) == {"spatial", "pair"}

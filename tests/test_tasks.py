@@ -265,19 +265,26 @@ def _run(script, *args, check=True):
     return r
 
 
+def sft_rl_eval(model, data_dir, out):
+    """One SFT step, one RL step from its export, an eval of the RL export (test_images uses it too) -> (the SFT
+    step's metrics, the RL step's metrics, eval's results.json); each checked to have trained / run."""
+    _run("sft.py", f"--model={model}", f"--data={data_dir}/train.jsonl", "--val_data=", f"--out_dir={out}/sft",
+         "--steps=1", "--batch_size=2", "--warmup_steps=1")
+    sft_m = [json.loads(x) for x in open(out / "sft" / "metrics.jsonl")][-1]
+    assert sft_m["step"] == 1 and np.isfinite(sft_m["loss"]) and sft_m["grad_norm"] > 0
+    _run("rl.py", f"--model={out}/sft/hf", f"--data={data_dir}/train.jsonl", "--val_data=", f"--out_dir={out}/rl",
+         "--steps=1", "--prompts_per_step=2", "--group_size=2", "--max_new_tokens=6", "--kl_coef=0")
+    rl_m = [json.loads(x) for x in open(out / "rl" / "metrics.jsonl")][-1]
+    assert rl_m["step"] == 1 and "reward_mean" in rl_m
+    _run("eval.py", f"--model={out}/rl/hf", f"--data={data_dir}/test.jsonl", f"--out_dir={out}/eval",
+         "--max_new_tokens=6")
+    return sft_m, rl_m, json.load(open(out / "eval" / "results.json"))
+
+
 def test_sft_rl_eval_on_text_only_records(tiny_math, math_dir, tmp_path):
     out = tmp_path
-    _run("sft.py", f"--model={tiny_math}", f"--data={math_dir}/train.jsonl", "--val_data=", f"--out_dir={out}/sft",
-         "--steps=1", "--batch_size=2", "--warmup_steps=1")
-    m = [json.loads(x) for x in open(out / "sft" / "metrics.jsonl")][-1]
-    assert m["step"] == 1 and np.isfinite(m["loss"]) and m["grad_norm"] > 0
-    _run("rl.py", f"--model={out}/sft/hf", f"--data={math_dir}/train.jsonl", "--val_data=", f"--out_dir={out}/rl",
-         "--steps=1", "--prompts_per_step=2", "--group_size=2", "--max_new_tokens=6", "--kl_coef=0")
-    m = [json.loads(x) for x in open(out / "rl" / "metrics.jsonl")][-1]
-    assert m["step"] == 1 and "reward_mean" in m and m["t_encode"] >= 0
-    r = _run("eval.py", f"--model={out}/rl/hf", f"--data={math_dir}/test.jsonl", f"--out_dir={out}/eval",
-             "--max_new_tokens=6")
-    res = json.load(open(out / "eval" / "results.json"))
+    _, m, res = sft_rl_eval(tiny_math, math_dir, out)
+    assert m["t_encode"] >= 0
     assert res["n"] == 4 and res["n_bad"] == 0 and res["by_answer_type"]["math"]["n"] == 4
     assert set(res["by_category"]) == {"arithmetic", "word", "fraction"}
     rows = [json.loads(x) for x in open(out / "eval" / "frames_32" / "items.jsonl")]
