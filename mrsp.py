@@ -1463,10 +1463,10 @@ def rollout(prompts, n, seeds, temperature, max_new_tokens, tokenizer, model=Non
 
 
 def answer_row(rec, frames, text, finish_reason):
-    """One scored answer (data.score_answer, by the record's answer type): what the extraction reads (the option
+    """One scored answer (reward.score_answer, by the record's answer type): what the extraction reads (the option
     letter, the open text or the final math answer), whether it is right, whether the text has the rewarded
     <think>...</think><answer>...</answer> format, and the record's fields the reports group by."""
-    from data import score_answer
+    from reward import score_answer
     s = score_answer(text, rec)   # by the record's answer type: the option letter, an open text, a math answer
     kind = rec.get("answer_type", "choice")
     row = dict(id=rec["id"], category=rec.get("category"), answer=rec["answer"], prediction=text,

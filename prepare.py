@@ -221,7 +221,7 @@ def generate_synthetic(out, n_train=640, n_val=64, n_test=128, num_frames=256, f
 
 # -----------------------------------------------------------------------------
 # synthetic math (text-only records): arithmetic, word problems and fractions with a worked solution, for the CPU
-# demo and the tests of the text path (answer_type "math", scored by data.math_equal)
+# demo and the tests of the text path (answer_type "math", scored by reward.math_equal)
 MATH_KINDS = ("arithmetic", "word", "fraction")
 _NAMES = ("Ana", "Ben", "Chen", "Dana", "Eli", "Fatima", "Goran", "Hana")
 _ITEMS = ("apples", "marbles", "stickers", "books", "coins", "pencils")

@@ -95,9 +95,9 @@ from common import (apply_overrides, autocast, batch_indices, check_seconds, cli
                     sample_seed, save_checkpoint, setup_dist, teardown, tick, watchdog)
 import data as data_lib   # its COUNTS (decodes, processor runs) and FRAME_CACHE
 import mrsp as mrsp_lib   # its ROLLOUT_TIMES (the HF engine's prefill / decode seconds)
-from data import (LETTERS, FrameCache, check_supported, check_videos, decode_opts, encode_text, extract_choice,
-                  follows_format, image_inputs, load_records, load_video, no_video, score_answer, video_flags,
-                  video_inputs, video_options)
+from data import (LETTERS, FrameCache, check_supported, check_videos, decode_opts, encode_text, image_inputs,
+                  load_records, load_video, no_video, video_flags, video_inputs, video_options)
+from reward import extract_choice, follows_format, score_answer
 from mrsp import (EmbeddingCache, VLLMEngine, accuracy_metrics, encode_videos, evaluate, fsdp_gathered,
                   get_video_embeds, load_model, load_models, rollout, setup_mesh, sp_logprobs, sync_weights,
                   vllm_start)
@@ -382,12 +382,12 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_low=0.2, clip_hig
 
 
 def reward_fn(text, answer, options=None, acc_weight=0.9, format_weight=0.1, answer_type="choice"):
-    """-> dict(accuracy, format, total). accuracy: the option letter named by the response (data.extract_choice: the
+    """-> dict(accuracy, format, total). accuracy: the option letter named by the response (reward.extract_choice: the
     last <answer> tag alone when there is one -- the extraction eval.py uses) equals `answer`; format:
     <think>...</think><answer>...</answer> with one option named in the tag, read by the same parser
-    (data.follows_format); total = acc_weight * accuracy + format_weight * format (paper release: 0.9 / 0.1).
+    (reward.follows_format); total = acc_weight * accuracy + format_weight * format (paper release: 0.9 / 0.1).
     answer_type "open" (answer: a text or a list of acceptable texts; normalised match) or "math" (answer: the final
-    answer; data.math_equal, math-verify when installed): data.score_answer, the scoring eval.py uses."""
+    answer; reward.math_equal, math-verify when installed): reward.score_answer, the scoring eval.py uses."""
     if answer_type != "choice":
         s = score_answer(text, dict(answer_type=answer_type, answer=answer if isinstance(answer, str) else answer[0],
                                     answers=[answer] if isinstance(answer, str) else list(answer), options=[]))

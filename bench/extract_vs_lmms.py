@@ -1,4 +1,4 @@
-"""Answer extraction: data.extract_choice against lmms-eval's Video-MME scorer on the labelled corpus
+"""Answer extraction: reward.extract_choice against lmms-eval's Video-MME scorer on the labelled corpus
 tests/answer_corpus.jsonl (hand-written model outputs; "gold" is the option letter the output names, or null when it
 names none: refusals, truncation, ambiguity).
 
@@ -238,7 +238,7 @@ def labelled_options(item):
 
 
 def ours(item):
-    from data import extract_choice
+    from reward import extract_choice
     return extract_choice(item["text"], len(item["options"]), labelled_options(item))
 
 
@@ -264,7 +264,7 @@ def main(argv):
     rows, acc_ours, acc_theirs = compare(items)
     n = len(rows)
     print(f"corpus: {os.path.relpath(CORPUS, ROOT)}, {n} items, {sum(r['gold'] is None for r in rows)} with no answer")
-    print(f"ours (data.extract_choice):                 {acc_ours:.1%}  ({round(acc_ours * n)}/{n})")
+    print(f"ours (reward.extract_choice):               {acc_ours:.1%}  ({round(acc_ours * n)}/{n})")
     print(f"lmms-eval 0.7.3 (Video-MME, think stripped): {acc_theirs:.1%}  ({round(acc_theirs * n)}/{n})")
     diff = [r for r in rows if r["ours"] != r["theirs"]]
     show = lambda v: "-" if v is None else v  # noqa: E731

@@ -659,5 +659,5 @@ EXTRACT_CASES = [
 
 @pytest.mark.parametrize("text,want", EXTRACT_CASES)
 def test_extract_choice(text, want):
-    from data import extract_choice
+    from reward import extract_choice
     assert extract_choice(text, 4, OPTS) == want

@@ -36,7 +36,7 @@ def _jsonl(path):
 
 
 # -----------------------------------------------------------------------------
-# extraction: the public eval.extract_choice (data.extract_choice; its full table lives in test_data.py)
+# extraction: the public eval.extract_choice (reward.extract_choice; its full table lives in test_data.py)
 @pytest.mark.parametrize("text, want", [
     ("Based on the video, the answer is C.", "C"),          # lmms-eval's Video-MME regex says "B"
     ("A person walks in. The answer: (B)", "B"),            # ... and "A" here

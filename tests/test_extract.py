@@ -1,4 +1,4 @@
-"""data.extract_choice on real-looking model outputs: the labelled corpus tests/answer_corpus.jsonl (accuracy, and
+"""reward.extract_choice on real-looking model outputs: the labelled corpus tests/answer_corpus.jsonl (accuracy, and
 never wrong where lmms-eval 0.7.3's Video-MME scorer -- copied into bench/extract_vs_lmms.py -- is right), then one
 targeted case list per answer style. Corpus items: {id, style, text, options (option texts), gold (letter, or
 null when the output names no option)}."""
@@ -11,9 +11,10 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
 from extract_vs_lmms import compare, extract_mcq_answer, lmms_choice, load_corpus  # noqa: E402
 
-from data import LETTERS, extract_choice  # noqa: E402
+from reward import LETTERS, extract_choice  # noqa: E402
 
 CORPUS = load_corpus()
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
 
 def test_corpus_is_well_formed():
@@ -110,3 +111,21 @@ def test_option_count_and_bad_input():
     assert extract_choice("The answer is E.", 5, five) == "E" and extract_choice("The answer is E.", 4, BALL) is None
     assert extract_choice("a black sphere", 5, five) == "E"
     assert extract_choice(None) is None and extract_choice("") is None and extract_choice("   ") is None
+
+
+def test_reward_py_runs_copied_alone(tmp_path):
+    """reward.py says "copy it into another project alone": in a folder with nothing else of ours it imports and
+    scores the three answer types."""
+    import shutil
+    import subprocess
+    import sys
+    shutil.copy(os.path.join(ROOT, "reward.py"), tmp_path)
+    code = ("from reward import score_answer as s\n"
+            "o = ['A. red', 'B. green']\n"
+            "print(s('<think>x</think><answer>B</answer>', dict(answer_type='choice', answer='B', options=o))['correct'],"
+            " s('<think>x</think><answer>Red!</answer>', dict(answer_type='open', answer='red'))['correct'],"
+            " s('so 1/2', dict(answer_type='math', answer='0.5'))['correct'])\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                         env={"PATH": os.environ.get("PATH", ""), "PYTHONPATH": ""})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "True", "True"]

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import data
+import reward
 from data import RecordError, VideoError
 from dist_utils import run_distributed
 from mrsp import (EmbeddingCache, build_seq, get_video_embeds, hf_rollout, load_model, mrope_positions, rope_index,
@@ -270,7 +271,7 @@ def test_image_generator_is_deterministic(img_env, tmp_path):
         assert open(f"{d}/images/{f}", "rb").read() == open(tmp_path / "images" / f, "rb").read()
     recs = data.load_records(f"{d}/train.jsonl")
     assert [r["category"] for r in recs] == ["spatial", "pair"] * 2 and {r["answer"] for r in recs} == {"A", "B"}
-    assert all(data.score_answer(data.format_target(r), r)["correct"] for r in recs)
+    assert all(reward.score_answer(data.format_target(r), r)["correct"] for r in recs)
 
 
 # ----------------------------------------------------------------------------- the stage scripts

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import data
+import reward
 from data import RecordError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -90,34 +91,34 @@ UNEQUAL = [("71", "72"), ("0.33", "1/3"), ("1000", "100"), ("2x", "x^2"), ("-5",
 @pytest.mark.parametrize("use_mv", [True, False], ids=["math-verify-if-installed", "fallback-rules"])
 def test_math_equal_true_and_false_pairs(use_mv):
     for pred, gold in EQUAL:
-        assert data.math_equal(pred, gold, use_math_verify=use_mv), (pred, gold)
+        assert reward.math_equal(pred, gold, use_math_verify=use_mv), (pred, gold)
     for pred, gold in UNEQUAL:
-        assert not data.math_equal(pred, gold, use_math_verify=use_mv), (pred, gold)
+        assert not reward.math_equal(pred, gold, use_math_verify=use_mv), (pred, gold)
 
 
 def test_extract_math():
-    assert data.extract_math("<think>2+3</think><answer>5</answer>") == "5"
-    assert data.extract_math("<think>..</think><answer>so \\boxed{\\frac{1}{2}}</answer>") == "\\frac{1}{2}"
-    assert data.extract_math("She has 12 + 6 = 18 apples left.") == "18"                 # the last number
-    assert data.extract_math("The answer is 1,200 dollars.\nCheck: 3 items") == "1,200 dollars"
-    assert data.extract_math("#### 72") == "72"
-    assert data.extract_math("<think>.</think><answer>The final answer is 7.</answer>") == "7"
-    assert data.extract_math("<think>so 4 then 5") is None                               # cut off mid-thought
-    assert data.extract_math("<think>x</think><answer></answer>") is None
-    assert data.extract_math("no number here") is None
+    assert reward.extract_math("<think>2+3</think><answer>5</answer>") == "5"
+    assert reward.extract_math("<think>..</think><answer>so \\boxed{\\frac{1}{2}}</answer>") == "\\frac{1}{2}"
+    assert reward.extract_math("She has 12 + 6 = 18 apples left.") == "18"                 # the last number
+    assert reward.extract_math("The answer is 1,200 dollars.\nCheck: 3 items") == "1,200 dollars"
+    assert reward.extract_math("#### 72") == "72"
+    assert reward.extract_math("<think>.</think><answer>The final answer is 7.</answer>") == "7"
+    assert reward.extract_math("<think>so 4 then 5") is None                               # cut off mid-thought
+    assert reward.extract_math("<think>x</think><answer></answer>") is None
+    assert reward.extract_math("no number here") is None
 
 
 def test_open_normalisation_and_scoring():
-    n = data.normalize_open
+    n = reward.normalize_open
     assert n("The Red Ball.") == n("red ball") == "red ball"
     assert n("Twenty-one") == n("21") == "21" and n("three cats") == "3 cats" and n("1,000") == "1000"
     assert n("An apple") == "apple" and n("A B C") == "b c"   # articles go, the rest stays
     rec = dict(id="o", answer_type="open", answer="red", answers=["red", "crimson"], options=[])
-    ok = data.score_answer("<think>the ball</think><answer>Crimson.</answer>", rec)
+    ok = reward.score_answer("<think>the ball</think><answer>Crimson.</answer>", rec)
     assert ok == dict(extracted="Crimson.", correct=True, format=True)
-    assert data.score_answer("<think>x</think><answer>a red ball</answer>", rec)["correct"] is False   # exact match
-    assert data.score_answer("I think the answer is: Red!", rec) == dict(extracted="Red!", correct=True, format=False)
-    assert data.score_answer("<think>x</think><answer> </answer>", rec)["format"] is False
+    assert reward.score_answer("<think>x</think><answer>a red ball</answer>", rec)["correct"] is False   # exact match
+    assert reward.score_answer("I think the answer is: Red!", rec) == dict(extracted="Red!", correct=True, format=False)
+    assert reward.score_answer("<think>x</think><answer> </answer>", rec)["format"] is False
 
 
 def test_reward_and_eval_rows_dispatch_on_answer_type():
@@ -162,8 +163,8 @@ def test_math_generator_is_deterministic_and_verifiable(math_dir, tmp_path):
     recs = data.load_records(f"{math_dir}/train.jsonl")
     assert {r["category"] for r in recs} == {"arithmetic", "word", "fraction"}
     for r in recs:   # the worked solution ends in the answer, which the verifier accepts
-        assert data.math_equal(data.extract_math(r["reasoning"]), r["answer"]), r
-        assert data.score_answer(data.format_target(r), r) == dict(extracted=r["answer"], correct=True, format=True)
+        assert reward.math_equal(reward.extract_math(r["reasoning"]), r["answer"]), r
+        assert reward.score_answer(data.format_target(r), r) == dict(extracted=r["answer"], correct=True, format=True)
 
 
 def test_text_only_tokens_and_forward(tiny_math, math_dir):
@@ -305,4 +306,4 @@ def test_text_only_multiple_choice_is_explicit(tmp_path):
         data.load_records(_write(tmp_path / "t.jsonl", [row]))   # a lost video key is not a text question
     (r,) = data.load_records(_write(tmp_path / "t.jsonl", [dict(row, answer_type="choice")]))
     assert data.record_media(r) == "text" and r["answer"] == "B"
-    assert data.score_answer("<think>.</think><answer>B</answer>", r) == dict(extracted="B", correct=True, format=True)
+    assert reward.score_answer("<think>.</think><answer>B</answer>", r) == dict(extracted="B", correct=True, format=True)
