@@ -1005,7 +1005,7 @@ def hf_rollout(model, prompts, n=1, temperature=1.0, top_p=1.0, top_k=0, max_new
     video_grid_thw (1, 3), second_per_grid_ts (1,), and for images image_embeds (N_image, D) + image_grid_thw
     (n, 3) (build_seq's keys). For each prompt the long [video + question]
     prefix is prefilled ONCE, its KV cache replicated for the n samples, then decoded in lockstep.
-    embeds may instead be a list of n tensors, one video copy per sample (the naive loop, which re-encodes the video
+    embeds (and image_embeds) may instead be lists of n tensors, one copy per sample (the naive loop, which re-encodes
     for every rollout): then the n prefixes are prefilled as a batch; sampling is unchanged.
     -> dict(token_ids, logprobs, finish_reasons ("stop" | "length"), texts): lists of len(prompts)*n,
        grouped by prompt (the n samples of prompt 0 first).
@@ -1023,14 +1023,17 @@ def hf_rollout(model, prompts, n=1, temperature=1.0, top_p=1.0, top_k=0, max_new
         pos, delta = mrope_positions(model, ids, p["mm_token_type_ids"].to(device)[None],
                                      p["video_grid_thw"].to(device), p["second_per_grid_ts"].to(device),
                                      rule=rope_rule, image_grid_thw=None if igrid is None else igrid.to(device))
-        img = p.get("image_embeds")
+        img = p.get("image_embeds")   # (N_image, D) or, with per-sample embeds, a list of n copies
+        img = None if img is None else torch.cat(img) if isinstance(img, (list, tuple)) else img
         img = None if img is None else img.to(device)
         cache = DynamicCache(config=lm.config)
         t0 = tick()   # (tick synchronizes: the timings split the rollout into prefill and decode; a sync point)
         if isinstance(p["embeds"], (list, tuple)):   # one video copy per sample (the naive loop): n prefills
             assert len(p["embeds"]) == n, f"{len(p['embeds'])} per-sample videos for n={n} samples"
-            x = lm_video_inputs(model, ids.expand(n, -1), torch.cat([e.to(device) for e in p["embeds"]]),
-                                None if img is None else img.repeat(n, 1))                        # (n, S, D)
+            if img is not None and not isinstance(p.get("image_embeds"), (list, tuple)):
+                img = img.repeat(n, 1)                                          # (n * N_image, D)
+            x = lm_video_inputs(model, ids.expand(n, -1), torch.cat([e.to(device) for e in p["embeds"]]), img)
+                                                                                # (n, S, D)
             h = lm(**x, position_ids=pos.expand(3, n, -1), cache=cache, use_cache=True).last_hidden_state
             logits = head(h[:, -1])                                             # (n, V)
         else:                                        # MR-SP: prefill the shared prefix once, replicate its KV

@@ -66,7 +66,7 @@ Design choices (and the traps they avoid):
   * Trainable vision (--freeze_vision=0, not the paper's RL setting): rollouts and the old-policy prefill use the
     step's fresh embeddings (cache keyed by step), the training forward and the reference re-encode pixels (cached
     embeddings carry no gradient and are not the reference's).
-  * --loop=naive: every rollout request carries its own freshly encoded video (G encodes + G prefills per prompt,
+  * --loop=naive: every rollout request carries its own freshly encoded video and images (G encodes + G prefills per prompt,
     decode still batched), and the old/ref prefills and training forwards take pixels; vision_passes in metrics.jsonl.
   * --loop=baseline: the paper's baseline as EasyR1 / Long-RL run it (bench/bench_baseline.py documents each step):
     per prompt the dataset decodes the video, the rollout worker decodes + pre-processes it and encodes it once for
@@ -441,24 +441,30 @@ def with_features(prompt, vid):
     return dict(prompt, embeds=vid["embeds"], **({"image_embeds": vid["image_embeds"]} if "image_embeds" in vid else {}))
 
 
-def naive_rollouts(rollout_model, llm, prompt, pixels, seed_, tokenizer, device):
-    """The naive loop's G rollouts of one prompt: every request carries its OWN freshly encoded video (G vision
-    passes). HF: the G prefixes prefilled as one batch (no prefix sharing), then the same batched decode and sampling
-    as MR-SP's, so for one seed both loops draw the same tokens (up to float ties) and only the vision and prefill
-    work differ -- a fair baseline for the speed-up. vLLM: G requests of n=1 in one engine call.
-    -> (list of G (token_ids, finish_reason, logprobs), seconds spent encoding)."""
-    embeds, t_enc = [], 0.0
+def naive_rollouts(rollout_model, llm, prompt, px, seed_, tokenizer, device):
+    """The naive loop's G rollouts of one prompt: every request carries its OWN freshly encoded video and images (G
+    vision passes). px: load_pixels' dict. HF: the G prefixes prefilled as one batch (no prefix sharing), then the
+    same batched decode and sampling as MR-SP's, so for one seed both loops draw the same tokens (up to float ties)
+    and only the vision and prefill work differ -- a fair baseline for the speed-up. vLLM: G requests of n=1 in one
+    engine call. -> (list of G (token_ids, finish_reason, logprobs), seconds spent encoding)."""
+    feats, t_enc = [], 0.0
     for _ in range(group_size):
         t0 = tick()
         with torch.no_grad():
-            embeds.append(encode_videos(rollout_model, pixels.to(device), prompt["video_grid_thw"].to(device)))
+            f = dict(embeds=encode_videos(rollout_model, px["pixel_values_videos"].to(device),
+                                          prompt["video_grid_thw"].to(device)))
+            if "image_grid_thw" in prompt:   # an image is a one-patch "video" to the tower (mrsp.get_image_embeds)
+                f["image_embeds"] = encode_videos(rollout_model, px["pixel_values"].to(device),
+                                                  prompt["image_grid_thw"].to(device))
+        feats.append(f)
         t_enc += tick() - t0
     if llm is not None:
         eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
-        out = llm.rollout([dict(prompt, embeds=e) for e in embeds], n=1, temperature=temperature, top_p=top_p,
+        out = llm.rollout([dict(prompt, **f) for f in feats], n=1, temperature=temperature, top_p=top_p,
                           top_k=top_k, max_new_tokens=max_new_tokens, eos_id=eos, seed=seed_, tokenizer=tokenizer)
         return list(zip(out["token_ids"], out["finish_reasons"], out["logprobs"])), t_enc
-    (outs,) = rollout([dict(prompt, embeds=embeds)], group_size, [seed_], temperature, max_new_tokens, tokenizer,
+    per_sample = {k: [f[k] for f in feats] for k in feats[0]}   # lists of G copies: hf_rollout prefills G prefixes
+    (outs,) = rollout([dict(prompt, **per_sample)], group_size, [seed_], temperature, max_new_tokens, tokenizer,
                       model=rollout_model, top_p=top_p, top_k=top_k)
     return outs, t_enc
 
@@ -736,11 +742,6 @@ if __name__ == "__main__":
             if odd is not None:
                 raise ValueError(f"--data={data}: record {odd['id']!r} has no single video (text only, images or "
                                  f"several videos): --loop=baseline takes one-video records; use --loop=mrsp or naive")
-        if loop == "naive":   # its engine re-encodes each request's VIDEO pixels (naive_rollouts): no image path
-            odd = next((r for r in train if r.get("images")), None)
-            if odd is not None:
-                raise ValueError(f"--data={data}: record {odd['id']!r} has images: --loop=naive takes video and "
-                                 f"text-only records; image records run with --loop=mrsp (the default)")
     except ValueError as e:
         raise SystemExit(str(e)) from None
     print0(f"data: {len(train)} train / {len(val)} val records; dp={mesh.dp_size} sp={mesh.sp_size} "
@@ -868,8 +869,8 @@ if __name__ == "__main__":
                     rollout_prefills += 1
             elif naive:
                 for k, p in enumerate(prompts):
-                    outs[k], t_enc = naive_rollouts(rollout_model, llm, p, vids[k]["pixel_values_videos"],
-                                                    sample_seed(seed, pos[k]), tok, device)
+                    outs[k], t_enc = naive_rollouts(rollout_model, llm, p, vids[k], sample_seed(seed, pos[k]), tok,
+                                                    device)
                     t["encode"] += t_enc
                     t["rollout"] -= t_enc
                     vision_passes += group_size

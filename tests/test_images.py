@@ -284,3 +284,31 @@ def test_sft_rl_eval_on_image_records(img_env, tmp_path):
     _, m, res = sft_rl_eval(ckpts["qwen2_5_vl"], d, tmp_path)
     assert m["cache_misses"] >= 2 and m["vision_passes"] >= 2
     assert res["n"] == 2 and res["n_bad"] == 0 and set(res["by_category"]) == {"spatial", "pair"}
+
+
+def test_naive_loop_reencodes_images_per_request(img_env, monkeypatch, tmp_path):
+    """--loop=naive with image records: every rollout request encodes its own pictures (and video), yet the same seed
+    draws the same tokens as MR-SP's cached features with one shared prefill; then one naive RL step end to end (old /
+    ref / update forwards from image pixels)."""
+    import rl
+    from mrsp import rollout
+    from test_tasks import _run
+    d, ckpts, recs = img_env
+    for k, v in dict(group_size=3, max_new_tokens=10, temperature=1.0, top_p=1.0, top_k=0, frames=4).items():
+        monkeypatch.setattr(rl, k, v)
+    model, processor = _perturbed(ckpts["qwen2_5_vl"])
+    tok, seen = processor.tokenizer, set()
+    for rec in (recs["two"], recs["mixed"]):
+        px = rl.load_pixels(rec, processor)
+        prompt = rl.prompt_of(rec, processor, px)
+        naive, _ = rl.naive_rollouts(model, None, prompt, px, 11, tok, "cpu")
+        (vals,), _ = get_video_embeds(model, processor, [rec], EmbeddingCache(), num_frames=4)
+        (cached,) = rollout([rl.with_features(prompt, vals)], 3, [11], 1.0, 10, tok, model=model)
+        assert [t for t, _, _ in naive] == [t for t, _, _ in cached]
+        assert max(abs(a - b) for (_, _, x), (_, _, y) in zip(naive, cached) for a, b in zip(x, y)) <= 1e-5
+        seen.update(tuple(t) for t, _, _ in naive)
+    assert len(seen) == 6                                                   # sampled, all different
+    _run("rl.py", f"--model={ckpts['qwen2_5_vl']}", f"--data={d}/train.jsonl", "--val_data=", f"--out_dir={tmp_path}",
+         "--steps=1", "--prompts_per_step=2", "--group_size=2", "--max_new_tokens=6", "--kl_coef=0.05", "--loop=naive")
+    m = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")][-1]
+    assert m["step"] == 1 and m["vision_passes"] >= 2 * 2 and np.isfinite(m["loss"])

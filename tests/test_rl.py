@@ -249,7 +249,7 @@ def _collect(recs, positions, processor, rollout_model, cache, naive=False):
     prompts = [rl.prompt_of(r, processor, v) for r, v in zip(recs, videos)]
     seeds = [sample_seed(rl.seed, pos) for pos in positions]
     if naive:
-        outs = [rl.naive_rollouts(rollout_model, None, p, v["pixel_values_videos"], s, tok, "cpu")[0]
+        outs = [rl.naive_rollouts(rollout_model, None, p, v, s, tok, "cpu")[0]
                 for p, v, s in zip(prompts, videos, seeds)]
         passes += rl.group_size * len(recs)
     else:
