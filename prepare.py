@@ -43,6 +43,7 @@ tiny = ""             # write the tiny checkpoint here (its tokenizer is trained
 data = "data/synth"   # --tiny: the dataset folder (or one JSONL file) whose text the tokenizer learns
 tiny_heads = 4        # --tiny: LM attention heads (the demo uses 8)
 tiny_rope_theta = 1e6  # --tiny: LM rope base (the demo uses 3: bench/probe_tiny.py)
+tiny_layers = 2       # --tiny: LM layers
 family = "qwen2_5_vl"  # --tiny: the model family (transformers model_type): qwen2_vl, qwen2_5_vl or qwen3_vl
 seed = 0              # everything is deterministic given the seed
 task = "video"        # --out: "video" (the long-video QA set), "math" (text-only arithmetic / word problems) or
@@ -407,8 +408,13 @@ def train_tokenizer(texts, vocab_size=1024):
                           errors="replace", clean_up_tokenization_spaces=False)
 
 
-def _tiny_text(heads, rope_theta):
-    """TINY_TEXT with another head count / rope base; mrope sections scale with head_dim (t:h:w = 2:3:3 eighths)."""
+def _tiny_text(heads, rope_theta, layers=None):
+    """TINY_TEXT with another head count / rope base / layer count; mrope sections scale with head_dim (t:h:w = 2:3:3
+    eighths)."""
+    if layers is not None and layers != TINY_TEXT["num_hidden_layers"]:
+        if layers < 1:
+            raise ValueError(f"--tiny_layers={layers}: expected >= 1")
+        return dict(_tiny_text(heads, rope_theta), num_hidden_layers=layers)
     hidden = TINY_TEXT["hidden_size"]
     if heads < 2 or hidden % heads or (hidden // heads) % 16:
         raise ValueError(f"--tiny_heads={heads}: expected an even divisor of {hidden} with head_dim a multiple of 16")
@@ -458,13 +464,13 @@ def _tiny_family(family, text, ids, tokenizer):
     return config, tf.Qwen2_5_VLForConditionalGeneration, processor
 
 
-def init_tiny(out_dir, data_dir, seed=0, vocab_size=1024, heads=4, rope_theta=1e6, family="qwen2_5_vl"):
+def init_tiny(out_dir, data_dir, seed=0, vocab_size=1024, heads=4, rope_theta=1e6, family="qwen2_5_vl", layers=None):
     """Write a random-init Qwen2_5_VLForConditionalGeneration + processor as a standard HF checkpoint.
     heads / rope_theta: the LM's attention heads (width 128 fixed; head_dim = 128 / heads, KV heads = heads / 2) and
     rope base. The demo uses 8 heads and theta 3: with head_dim 16 each M-RoPE axis gets 2-3 frequencies, and only a
     small base makes them fast enough to tell this model's few positions apart (bench/probe_tiny.py; at 1e4 the w
     axis turns by 0.003 rad between the two token columns). The default (4 heads, theta 1e6, Qwen's) is what the
-    tests use (BENCHMARKS.md, "Why SFT learning is fragile").
+    tests use (BENCHMARKS.md, "Why SFT learning is fragile"). layers: the LM's layers (None: TINY_TEXT's 2).
     family: qwen2_5_vl (the default), qwen2_vl or qwen3_vl -- the same tiny LM with that family's model class,
     vision tower (TINY_VISION*) and processor."""
     from transformers import GenerationConfig
@@ -472,7 +478,7 @@ def init_tiny(out_dir, data_dir, seed=0, vocab_size=1024, heads=4, rope_theta=1e
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     vocab = (len(tokenizer) + 63) // 64 * 64  # pad the embedding table, as real checkpoints do
     text = dict(vocab_size=vocab, bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
-                pad_token_id=ids["<|endoftext|>"], **_tiny_text(heads, rope_theta))
+                pad_token_id=ids["<|endoftext|>"], **_tiny_text(heads, rope_theta, layers))
     config, model_class, processor = _tiny_family(family, text, ids, tokenizer)
     torch.manual_seed(seed)
     model = model_class(config)
@@ -522,5 +528,6 @@ if __name__ == "__main__":
 
     # --- the tiny checkpoint
     if tiny:
-        n = init_tiny(tiny, data, seed, heads=tiny_heads, rope_theta=tiny_rope_theta, family=family)
+        n = init_tiny(tiny, data, seed, heads=tiny_heads, rope_theta=tiny_rope_theta, family=family,
+                      layers=tiny_layers)
         print(f"wrote tiny {family} ({n / 1e6:.2f}M params) to {tiny}")
