@@ -825,18 +825,12 @@ def record_media(rec):
         "images" if ni else "videos"
 
 
-def check_supported(records, where="", engine="hf"):
-    """What the stage scripts cannot take, found before any model work. Records with videos (one or several), images
-    (one or several, each encoded and cached on its own: mrsp.get_image_embeds) or both, or none (text only) go
-    through sft.py, rl.py (--loop=mrsp) and eval.py with the HF engine. The vLLM engine (engine="vllm") is fed
-    cached video embeddings only: RecordError naming the first image record and what to use instead."""
-    if engine != "vllm":
-        return
-    for r in records:
-        if r.get("images"):
-            raise RecordError(f"{where + ': ' if where else ''}record {r['id']!r} ({r.get('where', '?')}) has "
-                              f"{len(r['images'])} image(s): images are not supported with the vLLM engine yet "
-                              f"(--engine=hf takes them; README, Record formats)")
+def most_videos(records):
+    """The most videos one record holds (at least 1): vllm_start's max_videos. Every record kind -- text only, one or
+    several videos, one or several images, images beside videos -- goes through sft.py, rl.py (--loop=mrsp) and
+    eval.py with either engine; vLLM (0.32) counts a prompt's video embeddings against its per-prompt limit when it
+    builds its own vision tower (Qwen3-VL), so the engine is started with room for the data's largest record."""
+    return max([1] + [len(record_videos(r)) for r in records])
 
 
 def load_records(path, video_root=None, on_error=None):

@@ -42,7 +42,7 @@ import sys
 import time
 
 from common import apply_overrides, config_of, gather_rows, phase, print0, setup_dist, teardown, watchdog
-from data import CATEGORIES, RecordError, VideoError, check_supported, check_videos, load_records, video_flags
+from data import CATEGORIES, RecordError, VideoError, check_videos, load_records, most_videos, video_flags
 from reward import extract_choice
 from mrsp import EmbeddingCache, VLLMEngine, evaluate, load_model, vllm_start
 
@@ -67,7 +67,7 @@ samples = 1                 # answers per item (needs --temperature > 0): accura
                             # samples (one prefill per item, its KV shared by the N samples; items.jsonl: N rows each)
 top_p = 1.0
 seed = 0
-engine = "hf"               # hf | vllm (vLLM fed the cached video embeddings; needs vllm installed)
+engine = "hf"               # hf | vllm (vLLM fed the cached image / video embeddings; needs vllm installed)
 dtype = ""                  # "" = bfloat16 on GPU, float32 on CPU
 batch_size = 16             # prompts per vLLM call (the HF engine decodes one prompt at a time)
 max_model_len = 32768       # vLLM: longest prompt (video tokens expanded) + max_new_tokens
@@ -460,7 +460,6 @@ if __name__ == "__main__":
         if max_samples:
             records = records[:max_samples]
         records, bad_videos = check_videos(records, where=f"--data={data}", skip_bad=skip_bad)
-        check_supported(records, where=f"--data={data}", engine=engine)   # vLLM: no image records yet
     except (RecordError, VideoError) as e:
         raise SystemExit(f"eval.py: {e}") from None
     bad_rows = [dict(id=b["id"], index=-1, bad=b["reason"]) for b in bad_rows + bad_videos]
@@ -477,7 +476,8 @@ if __name__ == "__main__":
     rollout_model.eval()
     llm = None
     if engine == "vllm":
-        llm = VLLMEngine(vllm_start(model, max_model_len, seed=seed, gpu_memory_utilization=gpu_memory_utilization),
+        llm = VLLMEngine(vllm_start(model, max_model_len, seed=seed, gpu_memory_utilization=gpu_memory_utilization,
+                                    max_videos=most_videos(records)),
                          policy=None, level=0)
     cache = EmbeddingCache(cache_bytes)
 

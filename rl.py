@@ -55,7 +55,8 @@ Design choices (and the traps they avoid):
     launcher, the engines data-parallel). They step in lockstep, so every rank calls the engine once per prompt draw
     and once per eval round, even with no prompt of its own. The engine sleeps after the rollouts (--vllm_sleep_level,
     GPU) and wakes before the next rollouts or eval: weights back -> the new weights streamed in tensor by tensor ->
-    KV cache back; metrics.jsonl lists each step's engine calls (vllm_calls). vLLM builds no vision tower of its own.
+    KV cache back; metrics.jsonl lists each step's engine calls (vllm_calls). vLLM builds no vision tower of its own
+    (Qwen3-VL's: built, never run) and takes every record kind: images, several videos, both, or text only.
   * FSDP lockstep: every rank must run the policy forward/backward equally often. DP ranks always train the same
     number of groups; with dynamic sampling a rank short of informative groups pads with dropped ones at loss
     weight 0 (balance_groups). SP ranks hold the same sequences.
@@ -66,8 +67,9 @@ Design choices (and the traps they avoid):
   * Trainable vision (--freeze_vision=0, not the paper's RL setting): rollouts and the old-policy prefill use the
     step's fresh embeddings (cache keyed by step), the training forward and the reference re-encode pixels (cached
     embeddings carry no gradient and are not the reference's).
-  * --loop=naive: every rollout request carries its own freshly encoded video and images (G encodes + G prefills per prompt,
-    decode still batched), and the old/ref prefills and training forwards take pixels; vision_passes in metrics.jsonl.
+  * --loop=naive: every rollout request carries its own freshly encoded video and images (G encodes + G prefills
+    per prompt, decode still batched), and the old/ref prefills and training forwards take pixels; vision_passes in
+    metrics.jsonl.
   * --loop=baseline: the paper's baseline as EasyR1 / Long-RL run it (bench/bench_baseline.py documents each step):
     per prompt the dataset decodes the video, the rollout worker decodes + pre-processes it and encodes it once for
     ONE prefill shared by the G samples, the actor decodes + pre-processes it for each of the G sequences, and the
@@ -95,8 +97,8 @@ from common import (apply_overrides, autocast, batch_indices, check_seconds, cli
                     sample_seed, save_checkpoint, setup_dist, teardown, tick, watchdog)
 import data as data_lib   # its COUNTS (decodes, processor runs) and FRAME_CACHE
 import mrsp as mrsp_lib   # its ROLLOUT_TIMES (the HF engine's prefill / decode seconds)
-from data import (LETTERS, FrameCache, check_supported, check_videos, decode_opts, encode_text, image_inputs,
-                  load_records, load_video, no_video, video_flags, video_inputs, video_options)
+from data import (LETTERS, FrameCache, check_videos, decode_opts, encode_text, image_inputs, load_records, load_video,
+                  most_videos, no_video, video_flags, video_inputs, video_options)
 from reward import extract_choice, follows_format, score_answer
 from mrsp import (EmbeddingCache, VLLMEngine, accuracy_metrics, encode_videos, evaluate, fsdp_gathered,
                   get_video_embeds, load_model, load_models, rollout, setup_mesh, sp_logprobs, sync_weights,
@@ -735,8 +737,6 @@ if __name__ == "__main__":
         val = load_records(val_data)[:eval_samples] if val_data else []
         check_videos(train, where=f"--data={data}")
         check_videos(val, where=f"--val_data={val_data}")
-        check_supported(train, where=f"--data={data}", engine=engine)   # vLLM: no image records yet
-        check_supported(val, where=f"--val_data={val_data}", engine=engine)
         if loop == "baseline":   # the benchmark arm models EasyR1's per-consumer decodes of ONE video per prompt
             odd = next((r for r in train if not r.get("video")), None)
             if odd is not None:
@@ -756,9 +756,9 @@ if __name__ == "__main__":
     except (FileNotFoundError, ValueError) as e:   # a wrong --model: say so, no traceback
         raise SystemExit(f"rl.py: {e}") from None
     llm = None
-    if engine == "vllm":   # one engine per rank (mrsp.vllm_start); its own vision tower is not built
+    if engine == "vllm":   # one engine per rank (mrsp.vllm_start); its own vision tower is not built (but Qwen3-VL's)
         llm = VLLMEngine(vllm_start(model, max_model_len=vllm_max_model_len, seed=seed,
-                                    gpu_memory_utilization=vllm_memory,
+                                    gpu_memory_utilization=vllm_memory, max_videos=most_videos(train + val),
                                     enable_sleep_mode=vllm_sleep_level > 0 and device.type == "cuda"), policy,
                          vllm_sleep_level)
     # frozen vision: one cache for the whole run (version 0); trainable: keyed by step (fresh embeddings each step)

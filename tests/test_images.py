@@ -1,8 +1,9 @@
 """Image records (one or several images, and images beside a video) through every stage: the cached image features
 and the pixel path give the model's own HF forward on pixels (Qwen2.5-VL, and Qwen3-VL with DeepStack), SP=2 == SP=1
 (parallel encode of the images, each rank's DeepStack slice), positions against transformers' get_rope_index, HF engine
-greedy == model.generate, the per-image cache round trip, bad image paths, the vLLM refusal, and one SFT step, one RL
-step and an eval on prepare.py's synthetic image set through the stage scripts' command lines.
+greedy == model.generate, the per-image cache round trip, bad image paths, and one SFT step, one RL step and an eval
+on prepare.py's synthetic image set through the stage scripts' command lines (the vLLM engine on image records:
+tests/test_vllm_engine.py).
 
     python -m pytest -q tests/test_images.py
 """
@@ -15,7 +16,7 @@ import torch
 
 import data
 import reward
-from data import RecordError, VideoError
+from data import VideoError
 from dist_utils import run_distributed
 from mrsp import (EmbeddingCache, build_seq, get_video_embeds, hf_rollout, load_model, mrope_positions, rope_index,
                   sp_logprobs, split_vision)
@@ -202,9 +203,9 @@ def test_image_cache_round_trip(img_env, tmp_path):
     assert data.image_key(two["images"][0], processor) != key
 
 
-def test_bad_image_paths_and_the_vllm_refusal(img_env, tmp_path):
+def test_bad_image_paths(img_env, tmp_path):
     """A missing image stops before any model work naming the data file, the line, the field and the file; an
-    unreadable one when it is read, naming the same; the vLLM engine refuses image records naming the first."""
+    unreadable one when it is read, naming the same."""
     d, _, recs = img_env
     (tmp_path / "broken.png").write_bytes(b"not a png")
     path = _write(tmp_path / "bad.jsonl", [
@@ -221,10 +222,6 @@ def test_bad_image_paths_and_the_vllm_refusal(img_env, tmp_path):
     with pytest.raises(VideoError, match=rf"broken.png: cannot read image of record 'broken' \({path}:3, field "
                                          rf"'images'\)"):
         build_seq(broken, processor, None)
-    data.check_supported([ok, recs["mixed"]])   # the HF engine takes them
-    with pytest.raises(RecordError, match=rf"--data=x: record 'ok' \({path}:1\) has 1 image\(s\): images are not "
-                                          rf"supported with the vLLM engine yet \(--engine=hf takes them"):
-        data.check_supported([ok], where="--data=x", engine="vllm")
 
 
 def test_sampled_image_pad_is_cut_from_a_response(img_env):

@@ -12,15 +12,28 @@ import time
 import pytest
 
 import vllm_probe
-from mrsp import _collapse_video_pads, vllm_rollout, vllm_start, vllm_sync_weights
+from mrsp import _collapse_pads, _collapse_timestamped_videos, vllm_rollout, vllm_start, vllm_sync_weights
 
 X86_LINUX = sys.platform.startswith("linux") and platform.machine() in ("x86_64", "AMD64")
 
 
-def test_collapse_video_pads():
-    V = 7
-    assert _collapse_video_pads([1, 2, V, V, V, 3, V, 4, V, V], V) == [1, 2, V, 3, V, 4, V]
-    assert _collapse_video_pads([1, 2, 3], V) == [1, 2, 3]
+def test_collapse_pads():
+    V, I = 7, 8
+    assert _collapse_pads([1, 2, V, V, V, 3, V, 4, V, V], V) == [1, 2, V, 3, V, 4, V]
+    assert _collapse_pads([1, 2, 3], V) == [1, 2, 3]
+    assert _collapse_pads(_collapse_pads([1, I, I, 2, I, 3, V, V, 4], I), V) == [1, I, 2, I, 3, V, 4]
+
+
+def test_collapse_timestamped_videos():
+    """Qwen3-VL: each video's frame groups ("<t seconds>" <|vision_start|> pads <|vision_end|>) inside its outer
+    <|vision_start|> ... <|vision_end|> become one <|video_pad|>, video by video; images' pads are left alone."""
+    V, I, S, E = 7, 8, 5, 6   # video pad, image pad, vision start / end; 1-4: text ("<0.5 seconds>" and the like)
+    groups = [S, 1, 2, S, V, V, E, 3, S, V, V, E, E]            # outer start, two groups, outer end
+    one = [9, S, I, I, E] + groups + [4]
+    assert _collapse_timestamped_videos(one, V, S, E) == [9, S, I, I, E, S, V, E, 4]
+    two = [9] + groups + [4] + [S, 2, S, V, E, E] + [3]        # a second video of one group
+    assert _collapse_timestamped_videos(two, V, S, E) == [9, S, V, E, 4, S, V, E, 3]
+    assert _collapse_timestamped_videos([1, 2], V, S, E) == [1, 2]
 
 
 def test_clear_error_without_vllm():
@@ -125,22 +138,92 @@ def test_rl_models_share_one_frozen_vision_tower(monkeypatch, tiny_ckpt, engine)
     assert all(p.requires_grad for p in policy.model.visual.parameters())
 
 
-@pytest.mark.skipif(not X86_LINUX, reason=f"requirements-vllm-cpu.txt is a freeze for x86-64 Linux "
-                                          f"(this is {sys.platform} {platform.machine()})")
-def test_vllm_engine_equals_hf_engine(tiny_ckpt, synth_dir, tmp_path):
-    """Greedy tokens from vLLM fed the cached embeddings == hf_rollout's (canonical positions), also with two stop
-    ids; every sampled token's log-prob == a teacher-forced HF forward at the sampling temperature (< 1e-4); the
-    same seed reproduces the samples; sleep/wake keeps the outputs; after a perturbation of the LLM weights and
-    vllm_sync_weights the outputs equal HF's again and differ from before. A failed venv build FAILS here."""
+@pytest.fixture(scope="module")
+def media_jsonl(synth_dir, tmp_path_factory):
+    """One record of each kind beside the one-video ones, in one JSONL: one image, two images (prepare.py
+    --task=image), an image beside a video, two videos sampled at 2 fps between 4 and 8 frames (the synthetic set's
+    32 s video: 4 frame groups of 8 s; a 2 s one: 2 groups of 1 s -- each video keeps its own grid, time scale and,
+    for Qwen3-VL, its own number of timestamps) and a text-only math question (prepare.py --task=math). The tiny
+    checkpoints' byte-level tokenizer encodes any text."""
+    import numpy as np
+    from prepare import generate_images, generate_math, write_mp4
+    root = tmp_path_factory.mktemp("media")
+    generate_images(str(root / "img"), n_train=2, n_val=0, n_test=0, seed=0)
+    generate_math(str(root / "math"), n_train=1, n_val=0, n_test=0, seed=0)
+    short = str(root / "short.mp4")
+    write_mp4(short, np.random.default_rng(0).integers(0, 255, (8, 56, 56, 3), dtype=np.uint8), 4.0)
+    one, two = [json.loads(x) for x in open(root / "img" / "train.jsonl")]
+    (math,) = [json.loads(x) for x in open(root / "math" / "train.jsonl")]
+    one, two = ({**r, "images": [str(root / "img" / p) for p in r["images"]]} for r in (one, two))
+    video = json.loads(open(os.path.join(synth_dir, "val.jsonl")).readline())["video"]
+    video = os.path.join(synth_dir, video)
+    q = {k: one[k] for k in ("question", "options", "answer")}
+    rows = [dict(one, id="one-image"), dict(two, id="two-images"),
+            dict(id="image+video", images=one["images"][:1], video=video, **q),
+            dict(id="two-videos", videos=[video, short], fps=2, min_frames=4, max_frames=8, **q),
+            dict(math, id="text-only")]
+    path = root / "media.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def media_records(media_jsonl):
+    import data
+    recs = data.load_records(media_jsonl)
+    assert [data.record_media(r) for r in recs] == ["images", "images", "mixed", "videos", "text"]
+    assert [len(r["images"]) for r in recs] == [1, 2, 1, 0, 0]
+    return recs
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen3_vl(synth_dir, tmp_path_factory):
+    from prepare import init_tiny
+    ckpt = str(tmp_path_factory.mktemp("tiny_qwen3_vl"))
+    init_tiny(ckpt, synth_dir, seed=0, family="qwen3_vl")
+    return ckpt
+
+
+def _probe(ckpt, synth_dir, media, workdir):
+    """tests/vllm_probe.py on `ckpt`: the synthetic set's one-video prompts through every engine call of the RL loop,
+    and the media records greedy, in ONE vLLM engine (each start costs CPU minutes). A failed venv build FAILS."""
     t0 = time.time()
     python = vllm_probe.vllm_python()          # builds the venv if needed; raises (-> test failure) if it cannot
     t_venv = time.time() - t0
     assert os.access(python, os.X_OK), python
-    rep, fails, tail = vllm_probe.run(tiny_ckpt, os.path.join(synth_dir, "val.jsonl"), str(tmp_path), python=python,
-                                      timeout=900)
+    rep, fails, tail = vllm_probe.run(ckpt, os.path.join(synth_dir, "val.jsonl"), str(workdir), python=python,
+                                      timeout=900, media=media)
+    return dict(rep=rep, fails=fails, tail=tail, t_venv=t_venv)
+
+
+@pytest.fixture(scope="module")
+def probe_qwen2_5_vl(tiny_ckpt, synth_dir, media_records, tmp_path_factory):
+    return _probe(tiny_ckpt, synth_dir, media_records, tmp_path_factory.mktemp("probe_qwen2_5_vl"))
+
+
+@pytest.fixture(scope="module")
+def probe_qwen3_vl(tiny_qwen3_vl, synth_dir, media_records, tmp_path_factory):
+    return _probe(tiny_qwen3_vl, synth_dir, media_records, tmp_path_factory.mktemp("probe_qwen3_vl"))
+
+
+def _checked(probe, media):
+    """The probe's report and its failures of one part: the one-video checks (media=False) or the media records'."""
+    rep = probe["rep"]
+    fails = [f for f in probe["fails"] if f.startswith("media ") == media or not rep]   # no report: the driver died
     summary = "\n".join(f"  {k}: {v}" for k, v in rep.items())
-    print(f"vLLM venv ready in {t_venv:.1f}s\n{summary}")
-    assert not fails, "\n".join(fails) + f"\n{summary}\n--- driver output (tail) ---\n{tail[-3000:]}"
+    print(f"vLLM venv ready in {probe['t_venv']:.1f}s\n{summary}")
+    assert not fails, "\n".join(fails) + f"\n{summary}\n--- driver output (tail) ---\n{probe['tail'][-3000:]}"
+    return rep
+
+
+@pytest.mark.skipif(not X86_LINUX, reason=f"requirements-vllm-cpu.txt is a freeze for x86-64 Linux "
+                                          f"(this is {sys.platform} {platform.machine()})")
+def test_vllm_engine_equals_hf_engine(probe_qwen2_5_vl):
+    """Greedy tokens from vLLM fed the cached embeddings == hf_rollout's (canonical positions), also with two stop
+    ids; every sampled token's log-prob == a teacher-forced HF forward at the sampling temperature (< 1e-4); the
+    same seed reproduces the samples; sleep/wake keeps the outputs; after a perturbation of the LLM weights and
+    vllm_sync_weights the outputs equal HF's again and differ from before. A failed venv build FAILS here."""
+    rep = _checked(probe_qwen2_5_vl, media=False)
     # the headline numbers, explicitly
     assert rep["policy A: greedy tokens == HF engine"]
     assert rep["policy B (after vllm_sync_weights): greedy tokens == HF engine"]
@@ -154,21 +237,38 @@ def test_vllm_engine_equals_hf_engine(tiny_ckpt, synth_dir, tmp_path):
 
 
 @pytest.mark.skipif(not X86_LINUX, reason="requirements-vllm-cpu.txt is a freeze for x86-64 Linux")
-def test_vllm_engine_equals_hf_engine_qwen3_vl(synth_dir, tmp_path):
+def test_vllm_engine_equals_hf_engine_qwen3_vl(probe_qwen3_vl):
     """The same probe on a tiny Qwen3-VL (prepare.py --family=qwen3_vl): vLLM 0.32 fed our (N, D * (1 + L))
     embeddings -- DeepStack features side by side, its own video_embeds layout -- plus the frame groups' timestamps
     (it rebuilds the "<t seconds>" text: its prompt ids must equal ours) gives the HF engine's greedy tokens and
     teacher-forced log-probs (the HF side adds DeepStack; without it they differ by > 1e-3: test_families.py)."""
-    from prepare import init_tiny
-    ckpt = str(tmp_path / "tiny_qwen3_vl")
-    init_tiny(ckpt, synth_dir, seed=0, family="qwen3_vl")
-    rep, fails, tail = vllm_probe.run(ckpt, os.path.join(synth_dir, "val.jsonl"), str(tmp_path / "work"),
-                                      python=vllm_probe.vllm_python(), timeout=900)
-    summary = "\n".join(f"  {k}: {v}" for k, v in rep.items())
-    assert not fails, "\n".join(fails) + f"\n{summary}\n--- driver output (tail) ---\n{tail[-3000:]}"
+    rep = _checked(probe_qwen3_vl, media=False)
     assert rep["policy A: greedy tokens == HF engine"]
     assert rep["policy B (after vllm_sync_weights): greedy tokens == HF engine"]
     assert rep["vLLM's own vision-tower parameters"] > 0   # vLLM applies DeepStack only with its tower built
+
+
+@pytest.mark.skipif(not X86_LINUX, reason="requirements-vllm-cpu.txt is a freeze for x86-64 Linux")
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_vllm_engine_images_several_videos_text(family, media_records, request):
+    """Every other record kind through vllm_rollout, in the probe's engine (policy A): one image, two images, an image
+    beside a video, two videos, text only. vLLM fed one dict per modality (all the prompt's image_embeds +
+    image_grid_thw; all its video_embeds + video_grid_thw + per-video second_per_grid_ts, or Qwen3-VL's per-video
+    timestamps; DeepStack features side by side for Qwen3-VL) or nothing (text) expands our collapsed pads to our prompt
+    ids, gives the HF engine's greedy tokens, and log-probs within 1e-4 of a teacher-forced HF forward -- a comparison
+    that sees (> 1e-4 off) reversed image / video features, Qwen3-VL's DeepStack features dropped and Qwen2.5-VL's
+    two videos' time scales swapped."""
+    rep = _checked(request.getfixturevalue(f"probe_{family}"), media=True)
+    for r in media_records:
+        tag = f"media {r['id']}"
+        assert rep[f"{tag}: greedy tokens == HF engine"], tag
+        assert rep[f"{tag}: max |logprob - HF teacher-forced| (T=1.0)"] < 1e-4, tag
+    # the non-vacuity checks that ran (each > 1e-4 off, else the probe failed): how many records each
+    want = {"image features reversed": 3, "video features reversed": 2}
+    want.update({"second_per_grid_ts swapped between the videos": 1} if family == "qwen2_5_vl" else
+                {"image DeepStack features zeroed": 3, "video DeepStack features zeroed": 2})
+    ran = [k for k in rep if k.startswith("media ") and " with the " in k]
+    assert {w: sum(k.endswith(w) for k in ran) for w in want} == want, ran
 
 
 def run_rl_vllm(python, model, data_dir, out_dir, root, steps=3, prompts=4, nproc=1, extra=(), evals=4):
@@ -259,3 +359,28 @@ def test_rl_loop_with_vllm_engines_under_torchrun(tiny_ckpt, synth_dir, tmp_path
                           extra=[f"--sp={sp}", f"--seed={run_seed}", "--eval_batch_size=1"], evals=3)
     check_rl_vllm_run(p, rows, steps=3, vision_passes=prompts, eval_rounds=2)
     assert "external_launcher" in p.stdout + p.stderr   # vLLM logs "Using external launcher ..."
+
+
+@pytest.mark.skipif(not X86_LINUX, reason=f"requirements-vllm-cpu.txt is a freeze for x86-64 Linux "
+                                          f"(this is {sys.platform} {platform.machine()})")
+def test_rl_loop_with_vllm_engine_on_every_record_kind(tiny_qwen3_vl, media_jsonl, tmp_path):
+    """rl.py --engine=vllm on the media set (one image, two images, image + video, two videos, text only) with the
+    tiny Qwen3-VL -- the family whose engine builds its vision tower and so counts a prompt's videos (rl.py starts it
+    with room for the data's most videos per record): one step drawing all five records, then the held-out eval on
+    the same five, both through vLLM. Every picture and video is encoded once (the image + video record's picture is
+    the one-image record's: a cache hit): 1 + 2 + 1 + 2 = 6 vision passes, so every media record was drawn; the
+    engine's log-probs match the trainer's recompute (the images, videos and their positions reached vLLM as the
+    trainer sees them)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    data_dir = str(tmp_path / "data")
+    os.makedirs(data_dir)
+    for split in ("train", "val"):
+        os.symlink(media_jsonl, os.path.join(data_dir, f"{split}.jsonl"))
+    p, rows = run_rl_vllm(vllm_probe.vllm_python(), tiny_qwen3_vl, data_dir, str(tmp_path / "rl"), root, steps=1,
+                          prompts=5, evals=5)
+    assert p.returncode == 0, p.stdout[-3000:] + "\n" + p.stderr[-5000:]
+    assert "Traceback" not in p.stderr, p.stderr[-5000:]
+    assert [r["step"] for r in rows] == [0, 1] and all("val_acc" in r for r in rows), rows
+    assert rows[1]["vision_passes"] == 6 and rows[1]["response_len"] > 0, rows[1]
+    assert rows[1]["logp_gap"] < 1e-2, rows[1]
+    assert [r["vllm_calls"] for r in rows] == expected_engine_calls(1, 1)

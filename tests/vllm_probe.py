@@ -6,14 +6,20 @@ transformers 5.24 and no vllm. So the check runs in three steps, two interpreter
   1. HF side (project venv), build_case(): a perturbed tiny policy A saved as a checkpoint for vLLM to start from,
      prompts from cached video embeddings (expanded <|video_pad|>, as the RL loop builds them), the HF engine's
      greedy rollouts under A and under B = A + noise on the LLM weights (the vision tower stays frozen, as in RL,
-     so the cached embeddings stay valid), and B's weights; saved to case.pt.
+     so the cached embeddings stay valid), and B's weights; saved to case.pt. With `media` records (images, an image
+     beside a video, several videos, text only): their prompts (build_seq, from cached image / video features) and
+     the HF engine's greedy rollouts under A.
   2. vLLM side (vLLM venv), `python tests/vllm_probe.py --driver CASE OUT`: vllm_start on A (no vLLM vision tower:
      it only gets embeddings), greedy and seeded sampled rollouts, vllm_sleep / vllm_wake, vllm_sync_weights(B)
-     (streamed: reload_weights consumes a generator in the in-process worker), rollouts again; saved to OUT.
+     (streamed: reload_weights consumes a generator in the in-process worker), rollouts again; the media prompts
+     greedy under A, one engine call each (a refusal is recorded, not raised); saved to OUT.
      This imports mrsp.py and data.py under transformers 5.19 (only the vllm_* functions run there).
   3. HF side, check(): vLLM's greedy tokens == the HF engine's (canonical mrope positions), before and after the
      sync (and different between A and B); every sampled token's log-prob == a teacher-forced HF forward at the
-     sampling temperature (< --tol); same seed -> same samples; sleep/wake changes nothing.
+     sampling temperature (< --tol); same seed -> same samples; sleep/wake changes nothing. Media prompts: greedy
+     tokens == the HF engine's, their log-probs == a teacher-forced HF forward (< --tol), and that comparison would
+     see a wrong image / video order, dropped DeepStack features or a wrong per-video time scale (failures prefixed
+     "media ").
 
 Run all three from the project venv (builds or reuses the vLLM venv; a missing model/data is built here):
     python tests/vllm_probe.py --model=/tmp/vllmwork/tiny --data=/tmp/vllmwork/synth/val.jsonl
@@ -54,11 +60,16 @@ def _perturb(model, std, seed, llm_only):
                 p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
 
 
-def build_case(model_dir, data_file, workdir, n_prompts=3, frames=8, max_new_tokens=16, noise=0.15):
-    """Step 1. -> path of case.pt in workdir."""
+MEDIA_KEYS = ("input_ids", "mm_token_type_ids", "embeds", "video_grid_thw", "second_per_grid_ts", "timestamps",
+              "image_embeds", "image_grid_thw")   # build_seq's prompt keys (what rl.py sends an engine)
+
+
+def build_case(model_dir, data_file, workdir, n_prompts=3, frames=8, max_new_tokens=16, noise=0.15, media=()):
+    """Step 1. -> path of case.pt in workdir. media: records of other kinds (images, several videos, text only),
+    checked greedy under policy A."""
     import torch
-    from data import encode_text, load_records
-    from mrsp import get_video_embeds, hf_rollout, load_model
+    from data import encode_text, load_records, most_videos
+    from mrsp import build_seq, get_video_embeds, hf_rollout, load_model
     os.makedirs(workdir, exist_ok=True)
     model, processor = load_model(model_dir)
     model.eval()
@@ -82,10 +93,17 @@ def build_case(model_dir, data_file, workdir, n_prompts=3, frames=8, max_new_tok
     first = hf_a["token_ids"][0]
     stop_tok = next(t for k, t in enumerate(first) if k >= 3 and t not in first[:k])
     hf_stop = hf_rollout(model, prompts, n=1, temperature=0, max_new_tokens=max_new_tokens, eos_id=[eos, stop_tok])
+    media_prompts = []
+    for r in media:   # as rl.py builds them: cached image / video features, expanded pads
+        seq = build_seq(r, processor, model, frames=frames, with_target=False)
+        media_prompts.append({k: seq[k] for k in MEDIA_KEYS if k in seq})
+    hf_media = hf_rollout(model, media_prompts, n=1, temperature=0, max_new_tokens=max_new_tokens, eos_id=eos)
     _perturb(model, noise / 3, 2, llm_only=True)          # policy B: a training step's worth of change
     hf_b = hf_rollout(model, prompts, **kw)
     case = dict(model_dir=ckpt_a, prompts=prompts, eos=eos, max_new_tokens=max_new_tokens,
-                max_model_len=max(p["input_ids"].numel() for p in prompts) + max_new_tokens + 64,
+                max_model_len=max(p["input_ids"].numel() for p in prompts + media_prompts) + max_new_tokens + 64,
+                media_names=[r["id"] for r in media], media_prompts=media_prompts, hf_greedy_media=hf_media,
+                max_videos=most_videos(media),
                 hf_greedy_a=hf_a, hf_greedy_b=hf_b, stop_ids=[eos, stop_tok], hf_greedy_stop=hf_stop,
                 state_dict_b={k: v.clone() for k, v in model.state_dict().items()})
     path = os.path.join(workdir, "case.pt")
@@ -94,17 +112,19 @@ def build_case(model_dir, data_file, workdir, n_prompts=3, frames=8, max_new_tok
 
 
 def _score(model, p, toks, T):
-    """Teacher-forced forward of prompt + toks with canonical positions -> (log-probs at temperature T, argmax,
-    top-1 minus top-2 logit) for each token of toks."""
+    """Teacher-forced forward of prompt + toks with canonical positions (images, videos, or neither) -> (log-probs at
+    temperature T, argmax, top-1 minus top-2 logit) for each token of toks."""
     import torch
     from mrsp import lm_video_inputs, mrope_positions
     toks = torch.tensor(toks, dtype=torch.long)
     ids = torch.cat([p["input_ids"], toks])[None]
     mm = torch.cat([p["mm_token_type_ids"], torch.zeros_like(toks)])[None]
-    pos, _ = mrope_positions(model, ids, mm, p["video_grid_thw"], p["second_per_grid_ts"])
+    pos, _ = mrope_positions(model, ids, mm, p["video_grid_thw"], p["second_per_grid_ts"],
+                             image_grid_thw=p.get("image_grid_thw"))
     S = p["input_ids"].numel()
     with torch.no_grad():   # generated tokens embed as text, even a (mis)generated <|video_pad|>
-        x = lm_video_inputs(model, ids[:, :S], p["embeds"])   # + Qwen3-VL's DeepStack inputs (prompt positions)
+        # + Qwen3-VL's DeepStack inputs (prompt positions)
+        x = lm_video_inputs(model, ids[:, :S], p["embeds"], p.get("image_embeds"))
         x["inputs_embeds"] = torch.cat([x["inputs_embeds"], model.model.get_input_embeddings()(toks[None])], 1)
         if "visual_pos_masks" in x:
             x["visual_pos_masks"] = torch.cat([x["visual_pos_masks"], torch.zeros_like(toks[None], dtype=torch.bool)], 1)
@@ -114,6 +134,63 @@ def _score(model, p, toks, T):
     lp = torch.log_softmax(lg / T, -1).gather(-1, toks[:, None])[:, 0]
     top = lg.topk(2, -1).values
     return lp, lg.argmax(-1), top[:, 0] - top[:, 1]
+
+
+def _media_variants(p, model):
+    """What a wrong hand-over to vLLM would amount to, as prompts for the HF side: (label, prompt) pairs with the
+    image / video features in reverse row order (items swapped, or an item's tokens reversed); for Qwen3-VL their
+    DeepStack features zeroed (dropped); for Qwen2.5-VL (the family whose positions scale time) with several videos
+    of different time scales, their second_per_grid_ts swapped. vLLM's log-probs must be far from these."""
+    import torch
+    from mrsp import deepstack_levels, vision_dim
+    D = vision_dim(model)
+
+    def no_deepstack(f):
+        return torch.cat([f[:, :D], torch.zeros_like(f[:, D:])], -1)
+    if p.get("image_grid_thw") is not None and p["image_grid_thw"].numel():
+        yield "image features reversed", dict(p, image_embeds=p["image_embeds"].flip(0))
+        if deepstack_levels(model):
+            yield "image DeepStack features zeroed", dict(p, image_embeds=no_deepstack(p["image_embeds"]))
+    if p["video_grid_thw"].numel():
+        yield "video features reversed", dict(p, embeds=p["embeds"].flip(0))
+        if deepstack_levels(model):
+            yield "video DeepStack features zeroed", dict(p, embeds=no_deepstack(p["embeds"]))
+    ts = p["second_per_grid_ts"].reshape(-1)
+    if model.config.model_type == "qwen2_5_vl" and len(ts) > 1 and len(set(ts.tolist())) > 1:
+        yield "second_per_grid_ts swapped between the videos", dict(p, second_per_grid_ts=torch.flip(ts, [0]))
+
+
+def check_media(model, case, r, rep, fails, tol):
+    """The media prompts under policy A (model): vLLM greedy == HF greedy, their log-probs == a teacher-forced HF
+    forward, and the check is not vacuous (a wrong image / video order or time scale moves them by > tol).
+    Failures start with "media "."""
+    import torch
+    for k, (name, p) in enumerate(zip(case["media_names"], case["media_prompts"])):
+        tag = f"media {name}"
+        if r["media_errors"][k] is not None:
+            fails.append(f"{tag}: vllm_rollout raised:\n{r['media_errors'][k]}")
+            continue
+        v, hf = r["greedy_media"][k], case["hf_greedy_media"]
+        same = v["token_ids"] == hf["token_ids"][k:k + 1]
+        rep[f"{tag}: greedy tokens == HF engine"] = same
+        if not same:
+            fails.append(f"{tag}: vLLM greedy tokens differ from the HF engine's:\n  HF   {hf['token_ids'][k]}\n"
+                         f"  vLLM {v['token_ids'][0]}")
+        if v["finish_reasons"] != hf["finish_reasons"][k:k + 1]:
+            fails.append(f"{tag}: finish reasons {v['finish_reasons']} != HF {hf['finish_reasons'][k:k + 1]}")
+        toks, lps = v["token_ids"][0], torch.tensor(v["logprobs"][0], dtype=torch.double)
+        lp, _, gaps = _score(model, p, toks, 1.0)
+        worst = (lp - lps).abs().max().item()
+        rep[f"{tag}: max |logprob - HF teacher-forced| (T=1.0)"] = worst
+        rep[f"{tag}: min greedy top1-top2 logit gap"] = gaps.min().item()
+        if not worst < tol:
+            fails.append(f"{tag}: greedy-token log-probs differ from HF by {worst:.2e} >= {tol}")
+        for label, q in _media_variants(p, model):
+            off = (_score(model, q, toks, 1.0)[0] - lps).abs().max().item()
+            rep[f"{tag}: max |logprob - HF| with the {label}"] = off
+            if not off > tol:
+                fails.append(f"{tag}: with the {label} HF's log-probs are still within {tol} of vLLM's ({off:.2e}): "
+                             f"the check would not see that mistake")
 
 
 def check(case_path, result_path, tol=1e-4):
@@ -181,6 +258,7 @@ def check(case_path, result_path, tol=1e-4):
                      f"{r['awake_after_kv']}; expected False, then True")
     if r["greedy_after_wake"]["token_ids"] != r["greedy_a"]["token_ids"]:
         fails.append("greedy outputs changed across vllm_sleep / vllm_wake")
+    check_media(model, case, r, rep, fails, tol)
     rep["vLLM's own vision-tower parameters"] = r["vllm_vision_params"]
     tower = model.config.model_type == "qwen3_vl"   # vLLM 0.32 applies DeepStack only with its tower (vllm_start)
     if bool(r["vllm_vision_params"]) != tower:
@@ -251,7 +329,8 @@ def driver(case_path, out_path):
     t1 = time.time()
     llm = vllm_start(case["model_dir"], max_model_len=case["max_model_len"], seed=0, dtype="float32",
                      gpu_memory_utilization=0.05, kv_cache_memory_bytes=256 << 20, max_num_seqs=8,
-                     block_size=32)   # CPU default 128 > these prompts: no prefix caching, stale-KV bugs unseen
+                     block_size=32,   # CPU default 128 > these prompts: no prefix caching, stale-KV bugs unseen
+                     max_videos=case["max_videos"])
     t_start = time.time() - t1
     greedy = dict(n=GREEDY_N, temperature=0, max_new_tokens=mnt, eos_id=eos)
     sample = dict(SAMPLE, max_new_tokens=mnt, eos_id=eos)
@@ -260,6 +339,15 @@ def driver(case_path, out_path):
     r["greedy_a"] = vllm_rollout(llm, prompts, **greedy)
     t_roll = time.time() - t2
     r["greedy_stop"] = vllm_rollout(llm, prompts, **dict(greedy, n=1, eos_id=case["stop_ids"]))
+    # the other record kinds, one call each: a refusal or a wrong expansion names its prompt and spares the rest
+    r["greedy_media"], r["media_errors"] = [], []
+    for p in case["media_prompts"]:
+        try:
+            r["greedy_media"].append(vllm_rollout(llm, [p], **dict(greedy, n=1)))
+            r["media_errors"].append(None)
+        except (ValueError, RuntimeError) as e:
+            r["greedy_media"].append(None)
+            r["media_errors"].append(f"{type(e).__name__}: {e}")
     r["sampled_a"] = vllm_rollout(llm, prompts, **sample)
     r["sampled_a_again"] = vllm_rollout(llm, prompts, **sample)
     r["sampled_a_other_seed"] = vllm_rollout(llm, prompts, **dict(sample, seed=SAMPLE["seed"] + 1000))
