@@ -67,9 +67,11 @@ if [ -z "$USER_MODEL" ]; then
   stamp "2/7 tiny $FAMILY checkpoint -> $MODEL"
   # 8 heads (head_dim 16) and rope base 3: the M-RoPE frequencies then resolve this model's own position grid (8
   # temporal patches x 2x2 tokens); at Qwen's base (1e6, or 1e4) its few frequencies per axis are too slow to tell
-  # neighbouring tokens apart, and whether SFT learns becomes a lottery (BENCHMARKS.md, "Why SFT learning is fragile")
+  # neighbouring tokens apart (BENCHMARKS.md, "Why SFT learning is fragile"). 3 LM layers: the answer sentence repeats
+  # an item of the model's own list ("The last one is ..."), a copy by content that two layers did not learn
+  # (BENCHMARKS.md, "Reading vs concluding")
   [ -f "$MODEL/config.json" ] || x python prepare.py --tiny="$MODEL" --data="$DATA" --tiny_heads=8 --tiny_rope_theta=3 \
-                                         --family="$FAMILY"
+                                         --tiny_layers=3 --family="$FAMILY"
 fi
 TRAIN=${TRAIN:-$DATA/train.jsonl}
 VAL=${VAL:-$DATA/val.jsonl}

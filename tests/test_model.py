@@ -247,19 +247,23 @@ def test_encode_sample_matches_the_processor(samples, loaded):
 
 
 def test_tiny_variant_heads_and_rope_base(tmp_path, synth_dir):
-    """--tiny_heads / --tiny_rope_theta (the demo's 8-head, theta-1e4 tiny): config, mrope sections, a forward."""
+    """--tiny_heads / --tiny_rope_theta / --tiny_layers (the demo's 8-head, theta-3, 3-layer tiny): config, mrope
+    sections, a forward."""
     from data import load_records
     from mrsp import build_seq, sp_logprobs
     from prepare import init_tiny
     out = str(tmp_path / "tiny8")
-    init_tiny(out, synth_dir, heads=8, rope_theta=1e4)
+    init_tiny(out, synth_dir, heads=8, rope_theta=3, layers=3)
     model, processor = load_model(out)
     t = model.config.text_config
     assert (t.num_attention_heads, t.num_key_value_heads, t.head_dim) == (8, 4, 16)
-    assert t.rope_parameters["rope_theta"] == 1e4 and sum(t.rope_parameters["mrope_section"]) == 8
+    assert t.rope_parameters["rope_theta"] == 3 and sum(t.rope_parameters["mrope_section"]) == 8
+    assert t.num_hidden_layers == 3 and len(model.model.language_model.layers) == 3
     rec = load_records(os.path.join(synth_dir, "val.jsonl"))[0]
     seq = build_seq(rec, processor, model, frames=16)
     lp = sp_logprobs(model, seq)
     assert torch.isfinite(lp).all() and int(seq["loss_mask"].sum()) > 0 and (lp[seq["loss_mask"]] < 0).all()
     with pytest.raises(ValueError, match="tiny_heads"):
         init_tiny(str(tmp_path / "bad"), synth_dir, heads=3)
+    with pytest.raises(ValueError, match="tiny_layers"):
+        init_tiny(str(tmp_path / "bad"), synth_dir, layers=0)
