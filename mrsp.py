@@ -1023,20 +1023,19 @@ def hf_rollout(model, prompts, n=1, temperature=1.0, top_p=1.0, top_k=0, max_new
         pos, delta = mrope_positions(model, ids, p["mm_token_type_ids"].to(device)[None],
                                      p["video_grid_thw"].to(device), p["second_per_grid_ts"].to(device),
                                      rule=rope_rule, image_grid_thw=None if igrid is None else igrid.to(device))
-        img = p.get("image_embeds")   # (N_image, D) or, with per-sample embeds, a list of n copies
-        img = None if img is None else torch.cat(img) if isinstance(img, (list, tuple)) else img
-        img = None if img is None else img.to(device)
+        img = p.get("image_embeds")   # (N_image, D); with per-sample embeds also a list of n copies
         cache = DynamicCache(config=lm.config)
         t0 = tick()   # (tick synchronizes: the timings split the rollout into prefill and decode; a sync point)
         if isinstance(p["embeds"], (list, tuple)):   # one video copy per sample (the naive loop): n prefills
             assert len(p["embeds"]) == n, f"{len(p['embeds'])} per-sample videos for n={n} samples"
-            if img is not None and not isinstance(p.get("image_embeds"), (list, tuple)):
-                img = img.repeat(n, 1)                                          # (n * N_image, D)
+            if img is not None:   # (n * N_image, D): each sample's own copy, or the one copy n times
+                img = torch.cat([i.to(device) for i in (img if isinstance(img, (list, tuple)) else [img] * n)])
             x = lm_video_inputs(model, ids.expand(n, -1), torch.cat([e.to(device) for e in p["embeds"]]), img)
                                                                                 # (n, S, D)
             h = lm(**x, position_ids=pos.expand(3, n, -1), cache=cache, use_cache=True).last_hidden_state
             logits = head(h[:, -1])                                             # (n, V)
         else:                                        # MR-SP: prefill the shared prefix once, replicate its KV
+            img = None if img is None else img.to(device)
             h = lm(**lm_video_inputs(model, ids, p["embeds"].to(device), img), position_ids=pos,
                    cache=cache, use_cache=True).last_hidden_state
             logits = head(h[:, -1]).expand(n, -1)                               # (n, V) same start for all
