@@ -4,7 +4,8 @@
 # and a last table: accuracy per category before SFT / after SFT / after RL, plus out/rl/reward_curve.png and a
 # table of RL's objective (held-out sampled accuracy, avg@8 at T=1) after SFT / after RL.
 # (RL: --recompute_old=0 -- one update per batch, so pi_old = pi_theta and the old-policy prefill would only
-# recompute logp.detach(); same gradient, a quarter less time a step.)
+# recompute logp.detach(); same gradient, a quarter less time a step. SFT and RL run --micro_batch sequences to a
+# forward, right-padded: the same loss, fewer and larger matmuls for these ~170-token sequences; 1 for long videos.)
 # Run it through `bash run.sh` (installs requirements first) or directly inside the venv.
 #
 # Knobs, as flags (--key=value) or environment variables (KEY=value), flags win:
@@ -92,7 +93,7 @@ x $RUN $EVAL --model="$MODEL" --out_dir="$OUT/eval/base"
 
 stamp "4/7 CoT-SFT ($SFT_STEPS steps, SP=$SFT_SP, frozen vision tower, cached video embeddings)"
 x $RUN sft.py --model="$MODEL" --data="$TRAIN" --val_data="$VAL" --out_dir="$OUT/sft" --sp="$SFT_SP" --frames="$FRAMES" \
-  --steps="$SFT_STEPS" --lr=1e-2 --warmup_steps=20 --batch_size=8 --freeze_vision=1 --eval_every=500 \
+  --steps="$SFT_STEPS" --lr=1e-2 --warmup_steps=20 --batch_size=8 --micro_batch=4 --freeze_vision=1 --eval_every=500 \
   --eval_samples=32 --max_new_tokens=80 --save_every=500 --seed="$SEED" --log_every=50 ${SFT_ARGS:-}
 
 stamp "5/7 eval after SFT (greedy on test; 8 sampled answers per test question, T=1: RL's objective)"
@@ -103,7 +104,7 @@ stamp "6/7 GRPO with MR-SP ($RL_STEPS steps, SP=$SP)"
 # (--val_data= : no in-loop greedy evals; the evals around this stage measure it)
 x $RUN rl.py --model="$OUT/sft/hf" --data="$TRAIN" --val_data= --out_dir="$OUT/rl" --sp="$SP" --frames="$FRAMES" \
   --steps="$RL_STEPS" --prompts_per_step="$RL_PROMPTS" --group_size=8 --max_new_tokens=80 --lr="$RL_LR" \
-  --kl_coef=0 --recompute_old=0 --save_every=10 --seed="$SEED" ${RL_ARGS:-}
+  --micro_batch=8 --kl_coef=0 --recompute_old=0 --save_every=10 --seed="$SEED" ${RL_ARGS:-}
 
 stamp "7/7 eval after RL"
 x $RUN $EVAL --model="$OUT/rl/hf" --out_dir="$OUT/eval/rl"

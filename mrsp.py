@@ -809,49 +809,24 @@ def _target_logp_entropy(head, h, targets, temperature):
 
 
 def sp_logprobs(model, seq, group=None, impl="ring", logit_chunk=1024, temperature=1.0, return_entropy=False):
-    """Log-probs of the target tokens of ONE sequence, sequence-parallel over `group` (see _sp_logprobs)."""
+    """Log-probs of the target tokens of ONE sequence, or of a LIST of sequences run as one right-padded batch
+    (a micro-batch), sequence-parallel over `group` (see _sp_logprobs)."""
     return root_call(model, _sp_logprobs, model, seq, group, impl, logit_chunk, temperature, return_entropy)
 
 
-def _sp_logprobs(model, seq, group, impl, logit_chunk, temperature, return_entropy):
-    """Log-probs of the target tokens of ONE sequence, with the sequence sharded over the SP `group`.
-
-    seq: dict(input_ids (N,), mm_token_type_ids (N,), embeds (N_video, D * (1 + L)) (cached vision features,
-              DeepStack included; or pixel_values_videos to encode here with gradients), video_grid_thw (1, 3),
-              second_per_grid_ts (1,), for images image_grid_thw (n, 3) + image_embeds (N_image, D * (1 + L)) (or
-              pixel_values: encoded here, in the same tower call as the video pixels),
-              loss_mask (N,) bool: the tokens to score, e.g. the response).
-    -> logp (N,) in sequence order (token i scored by position i-1; 0 where loss_mask is False) and,
-       with return_entropy, entropy (N,) of the same distributions (no grad; return_entropy="grad" with grad
-       enabled: with gradient, from the same checkpointed LM-head chunks -- rl.py --entropy_coef). Identical on
-       every SP rank.
-
-    Each rank embeds only its own tokens; the 3-D mrope positions are computed on the FULL sequence
-    and sharded with the tokens (zigzag layout, causal balance); attention is ring (or Ulysses); the
-    LM head runs on this rank's scored tokens in checkpointed chunks, so logits of the whole
-    sequence never exist at once. Gradients: each rank holds the contribution of its own tokens;
-    summed over the SP group (FSDP's reduce over the mesh) they equal the one-rank gradient."""
-    import seq_parallel_attn as spa
-    from torch.utils.checkpoint import checkpoint
-    device = next(model.parameters()).device
+def _seq_inputs(model, seq, group, device):
+    """One sequence's per-token inputs on the FULL sequence: ids (N,), targets (N,) (token i+1 at position i, -100
+    where not scored), 3-D mrope positions (3, N), its image / video features (encoded here, with autograd, from
+    pixels when the sequence carries no cached ones), and whether it needs a blank tower pass (see _sp_logprobs)."""
     ids = seq["input_ids"].to(device)[None]                                  # (1, N)
     N = ids.shape[1]
     mask = seq["loss_mask"].to(device).bool()
-    if _group_info(group)[1] > 1:
-        # what the SP ranks must agree on, checked ONCE per sequence before any collective (ring_attn checks only
-        # its local inputs: a rank holding another sequence would hang the ring or mix two sequences). The
-        # odd-weighted id sum is an order-sensitive checksum; int64 wraps identically on every rank.
-        n_video, n_image, n_scored, checksum = torch.stack([
-            (ids == model.config.video_token_id).sum(), (ids == model.config.image_token_id).sum(), mask.sum(),
-            (ids[0] * torch.arange(1, 2 * N, 2, device=device)).sum()]).tolist()
-        spa.check_same(group, "sp_logprobs", device=device, total_len=N, video_tokens=n_video, image_tokens=n_image,
-                       scored_tokens=n_scored, ids_checksum=checksum)
     vgrid = seq["video_grid_thw"].reshape(-1, 3)
     igrid = seq["image_grid_thw"].reshape(-1, 3) if seq.get("image_grid_thw") is not None else vgrid[:0]
     pos, _ = mrope_positions(model, ids, seq["mm_token_type_ids"].to(device)[None], vgrid.to(device),
                              seq["second_per_grid_ts"].to(device), image_grid_thw=igrid.to(device))   # (3, 1, N)
-    targets = torch.full((1, N), -100, dtype=torch.long, device=device)
-    targets[0, :-1] = torch.where(mask[1:], ids[0, 1:], -100)                # position i predicts token i+1
+    targets = torch.full((N,), -100, dtype=torch.long, device=device)
+    targets[:-1] = torch.where(mask[1:], ids[0, 1:], -100)                   # position i predicts token i+1
     no_video = vgrid.shape[0] + igrid.shape[0] == 0    # no image or video (data.no_video): nothing to encode
     blank = no_video and "embeds" not in seq and vision_is_sharded(model)
     if "embeds" not in seq and not no_video:  # trainable vision tower: parallel encoding with autograd, in the root call
@@ -861,11 +836,73 @@ def _sp_logprobs(model, seq, group, impl, logit_chunk, temperature, return_entro
                                                                     else [])
         feats = encode_videos(model, torch.cat(pix).to(device), torch.cat([igrid, vgrid]).to(device), group)
         n_img = int(igrid.prod(-1).sum()) // model.model.visual.spatial_merge_size ** 2
-        img_feats, vid_feats = feats[:n_img], feats[n_img:]
+        img_feats, vid_feats = (feats[:n_img] if igrid.shape[0] else None), feats[n_img:]   # no image: None (text)
     else:
         img_feats, vid_feats = seq.get("image_embeds"), seq.get("embeds")
-    # every image / video slot and the row of `feats` (image features, then video features) that fills it
-    is_vis, vis_idx, feats = vision_slots(model, ids, vid_feats, img_feats)
+    return dict(ids=ids[0], targets=targets, pos=pos[:, 0], img=img_feats, vid=vid_feats, blank=blank)
+
+
+def _cat_feats(parts):
+    """One kind's features of a batch, row-major (None where a sequence has none; None if no sequence has any)."""
+    parts = [p for p in parts if p is not None and p.shape[0]]
+    return torch.cat(parts) if parts else None
+
+
+def _sp_logprobs(model, seq, group, impl, logit_chunk, temperature, return_entropy):
+    """Log-probs of the target tokens of ONE sequence (or a list of them), with the sequence sharded over the SP
+    `group`.
+
+    seq: dict(input_ids (N,), mm_token_type_ids (N,), embeds (N_video, D * (1 + L)) (cached vision features,
+              DeepStack included; or pixel_values_videos to encode here with gradients), video_grid_thw (1, 3),
+              second_per_grid_ts (1,), for images image_grid_thw (n, 3) + image_embeds (N_image, D * (1 + L)) (or
+              pixel_values: encoded here, in the same tower call as the video pixels),
+              loss_mask (N,) bool: the tokens to score, e.g. the response),
+         or a list of such dicts: one forward over the batch, each row right-padded to the longest (causal attention
+         never lets a real token see the padding after it; the padding is not scored).
+    -> logp (N,) in sequence order (token i scored by position i-1; 0 where loss_mask is False) and,
+       with return_entropy, entropy (N,) of the same distributions (no grad; return_entropy="grad" with grad
+       enabled: with gradient, from the same checkpointed LM-head chunks -- rl.py --entropy_coef). Identical on
+       every SP rank. A list in -> a list of those out (one per sequence, its own length).
+
+    Each rank embeds only its own tokens; the 3-D mrope positions are computed on the FULL sequence
+    and sharded with the tokens (zigzag layout, causal balance); attention is ring (or Ulysses); the
+    LM head runs on this rank's scored tokens in checkpointed chunks, so logits of the whole
+    sequence never exist at once. Gradients: each rank holds the contribution of its own tokens;
+    summed over the SP group (FSDP's reduce over the mesh) they equal the one-rank gradient."""
+    import seq_parallel_attn as spa
+    from torch.utils.checkpoint import checkpoint
+    device = next(model.parameters()).device
+    many = isinstance(seq, (list, tuple))
+    rows = [_seq_inputs(model, s, group, device) for s in (seq if many else [seq])]
+    lens = [r["ids"].numel() for r in rows]
+    N = max(lens)                                                            # the batch's padded length
+
+    def stack(key, pad, dim):   # (B, N) (or (3, B, N) for positions): rows right-padded to N
+        return torch.stack([torch.nn.functional.pad(r[key], (0, N - r[key].shape[-1]), value=pad) for r in rows],
+                           dim)
+    pad_id = getattr(model.config.text_config, "pad_token_id", None) or 0
+    ids, targets, pos = stack("ids", pad_id, 0), stack("targets", -100, 0), stack("pos", 0, 1)   # (B,N) (B,N) (3,B,N)
+    if _group_info(group)[1] > 1:
+        # what the SP ranks must agree on, checked ONCE per forward before any collective (ring_attn checks only
+        # its local inputs: a rank holding another sequence would hang the ring or mix two sequences). The
+        # odd-weighted id sum is an order-sensitive checksum; int64 wraps identically on every rank.
+        flat = ids.flatten()
+        n_video, n_image, n_scored, checksum = torch.stack([
+            (ids == model.config.video_token_id).sum(), (ids == model.config.image_token_id).sum(),
+            (targets != -100).sum(), (flat * torch.arange(1, 2 * flat.numel(), 2, device=device)).sum()]).tolist()
+        spa.check_same(group, "sp_logprobs", device=device, total_len=N, rows=len(rows), video_tokens=n_video,
+                       image_tokens=n_image, scored_tokens=n_scored, ids_checksum=checksum)
+    # every image / video slot of the batch and the row of `feats` (image features, then video features) that fills
+    # it. A sequence without image features (None) keeps its <|image_pad|> ids as text (vision_slots' rule, per row)
+    slot_ids = ids.clone()
+    for b, r in enumerate(rows):
+        if r["img"] is None:
+            slot_ids[b][slot_ids[b] == model.config.image_token_id] = pad_id
+    with_img = [r["img"] for r in rows if r["img"] is not None]
+    img_feats = _cat_feats(with_img) if with_img else None
+    if img_feats is None and with_img:
+        img_feats = with_img[0]                                              # zero rows: a stray <|image_pad|> errs
+    is_vis, vis_idx, feats = vision_slots(model, slot_ids, _cat_feats([r["vid"] for r in rows]), img_feats)
 
     # --- shard everything that is per-token (pad beyond N: positions 0, targets -100, not video)
     l_ids = spa.shard_seq(ids, group)
@@ -873,7 +910,7 @@ def _sp_logprobs(model, seq, group, impl, logit_chunk, temperature, return_entro
     l_tgt = spa.shard_seq(targets, group, pad_value=-100)
     l_vid = spa.shard_seq(is_vis, group, pad_value=False)
     l_vidx = spa.shard_seq(vis_idx, group, pad_value=-1)
-    emb = model.model.get_input_embeddings()(l_ids)                          # (1, S_local, D)
+    emb = model.model.get_input_embeddings()(l_ids)                          # (B, S_local, D)
     extra = {}
     if feats is not None:
         vis, deep = split_vision(model, feats)                               # (N_vis, D), L x (N_vis, D)
@@ -883,17 +920,18 @@ def _sp_logprobs(model, seq, group, impl, logit_chunk, temperature, return_entro
         # local token order (what the text model's visual_pos_masks selects)
         local_idx = l_vidx[l_vid]                                            # (n_local_video,)
         extra = dict(visual_pos_masks=l_vid, deepstack_visual_embeds=[d.to(device, emb.dtype)[local_idx] for d in deep])
-    if blank:
-        # a trainable, FSDP-sharded tower runs for every sequence that asked for pixels: its all-gathers and
-        # reduce-scatters are collectives that a DP rank holding a video sequence runs. A text-only sequence runs it
-        # on one blank 2x2-patch block at weight 0 (no effect on the loss or the gradients) to stay in lockstep.
-        emb = emb + 0.0 * _blank_video_embeds(model, device).to(emb.dtype).sum()
+    for r in rows:
+        if r["blank"]:
+            # a trainable, FSDP-sharded tower runs for every sequence that asked for pixels: its all-gathers and
+            # reduce-scatters are collectives that a DP rank holding a video sequence runs. A text-only sequence runs
+            # it on one blank 2x2-patch block at weight 0 (no effect on the loss or the gradients) to stay in lockstep.
+            emb = emb + 0.0 * _blank_video_embeds(model, device).to(emb.dtype).sum()
 
     with sp_attention(model, group, impl):
         h = model.model.language_model(inputs_embeds=emb, position_ids=l_pos, attention_mask=None,
-                                       use_cache=False, sp_total_len=N, **extra).last_hidden_state   # (1, S_local, D)
-    sel = (l_tgt[0] != -100).nonzero()[:, 0]
-    h_sel, t_sel = h[0, sel], l_tgt[0, sel]                                  # (M, D), (M,)
+                                       use_cache=False, sp_total_len=N, **extra).last_hidden_state   # (B, S_local, D)
+    sel = (l_tgt != -100).nonzero()                                          # (M, 2): (row, local position)
+    h_sel, t_sel = h[sel[:, 0], sel[:, 1]], l_tgt[sel[:, 0], sel[:, 1]]      # (M, D), (M,)
     parts, ents = [], []
     grad_entropy = return_entropy == "grad" and torch.is_grad_enabled()
     for i in range(0, len(sel), logit_chunk):
@@ -910,25 +948,30 @@ def _sp_logprobs(model, seq, group, impl, logit_chunk, temperature, return_entro
         if return_entropy:
             with torch.no_grad():
                 ents.append(_entropy(model.lm_head, hc, temperature))
-    local = h.new_zeros(1, h.shape[1], dtype=torch.float32)
-    local = local.index_put((torch.zeros_like(sel), sel), torch.cat(parts) if parts else local.new_zeros(0))
+    at = (sel[:, 0], sel[:, 1])
+    local = h.new_zeros(h.shape[:2], dtype=torch.float32)                   # (B, S_local)
+    local = local.index_put(at, torch.cat(parts) if parts else local.new_zeros(0))
     if not parts and torch.is_grad_enabled():
         # a rank may hold no scored token (a short response sits in one rank's chunk); it must still join the ring
         # backward, which is a collective, AND give the LM head a gradient: with untied embeddings (the 7B) the head
         # is its own FSDP parameter, and a rank without its gradient would reduce-scatter other sizes than the rest
         # (gloo: "data size doesn't match"; NCCL: a hang). Zero contributions keep both in the graph.
         local = local + 0.0 * (h.sum() + model.lm_head(h[0, :1]).float().sum())
-    logp_pos = spa.gather_seq(local, N, group)[0]                            # (N,) by predicting position
-    logp = torch.cat([logp_pos.new_zeros(1), logp_pos[:-1]])                 # (N,) by scored token
-    if not return_entropy:
-        return logp
-    ent_local = torch.zeros(1, h.shape[1], device=device)
-    if ents:
-        ent_local = ent_local.index_put((torch.zeros_like(sel), sel), torch.cat(ents))
-    elif grad_entropy:   # no scored token here: still an entropy with a gradient (zero), as on the other ranks
-        ent_local = ent_local + 0.0 * h.sum()
-    ent_pos = spa.gather_seq(ent_local, N, group)[0]
-    return logp, torch.cat([ent_pos.new_zeros(1), ent_pos[:-1]])
+
+    def by_token(x_local):   # (B, S_local) by predicting position -> per row (N_b,) by scored token
+        x = spa.gather_seq(x_local, N, group)                                # (B, N)
+        x = torch.cat([x.new_zeros(x.shape[0], 1), x[:, :-1]], 1)
+        return [x[b, :n] for b, n in enumerate(lens)]
+    logp = by_token(local)
+    if return_entropy:
+        ent_local = torch.zeros(h.shape[:2], device=device)
+        if ents:
+            ent_local = ent_local.index_put(at, torch.cat(ents))
+        elif grad_entropy:   # no scored token here: still an entropy with a gradient (zero), as on the other ranks
+            ent_local = ent_local + 0.0 * h.sum()
+        ent = by_token(ent_local)
+        return (logp, ent) if many else (logp[0], ent[0])
+    return logp if many else logp[0]
 
 
 def _blank_video_embeds(model, device):

@@ -131,6 +131,8 @@ top_k = 0
 max_new_tokens = 256        # response budget (also Dr. GRPO's constant normaliser)
 ppo_epochs = 1              # passes over each rollout batch
 mini_batch = 0              # sequences per optimizer update, global; 0 = the whole step's batch (one update/epoch)
+micro_batch = 1             # sequences per forward (update and prefills) on a rank, right-padded into one batch (verl
+                            # ppo_micro_batch_size_per_gpu; same loss, more memory); 1 suits long videos
 recompute_old = True        # old-policy log-probs by a no-grad prefill (as the paper's system); False reuses
                             # logp.detach() when there is one update per batch (pi_old = pi_theta, one forward less;
                             # --kl_in_reward needs pi_old before the update: the prefill runs regardless)
@@ -528,33 +530,41 @@ def balance_groups(kept, drawn, per_rank, dp_group=None):
 
 # -----------------------------------------------------------------------------
 # helpers: log-probs (prefills and the update) and one optimizer update
-def logprobs(model, item, videos, mesh, from_cache, entropy=False):
-    """(L,) log-probs of an item's response tokens (and their entropies) by the SP prefill, at the rollout
-    temperature; the video from the cache (from_cache: its embeddings) or from pixels (the vision tower runs inside
-    this forward). entropy: True (no grad) or "grad" (with gradient, for --entropy_coef). Every rank of the SP group
-    gets the same values; every rank of the mesh must call this equally often (FSDP)."""
-    v = videos[item["video"]]
-    seq = with_features(item, v) if from_cache else dict(item, pixel_values_videos=v["pixel_values_videos"],
-                                                         **({"pixel_values": v["pixel_values"]} if "pixel_values" in v
-                                                            else {}))
+def logprobs(model, items, videos, mesh, from_cache, entropy=False):
+    """[(L_i,)] log-probs of the items' response tokens (and their entropies, else None) by ONE SP prefill over the
+    list (a micro-batch: right-padded rows), at the rollout temperature; videos from the cache (from_cache: their
+    embeddings) or from pixels (the vision tower runs inside this forward). entropy: True (no grad) or "grad" (with
+    gradient, for --entropy_coef). Every rank of the SP group gets the same values; every rank of the mesh must call
+    this equally often (FSDP)."""
+    seqs = []
+    for it in items:
+        v = videos[it["video"]]
+        seqs.append(with_features(it, v) if from_cache else dict(
+            it, pixel_values_videos=v["pixel_values_videos"],
+            **({"pixel_values": v["pixel_values"]} if "pixel_values" in v else {})))
     with autocast(next(model.parameters()).device):
-        out = sp_logprobs(model, seq, group=mesh.sp_group, impl=attn, logit_chunk=logit_chunk,
+        out = sp_logprobs(model, seqs, group=mesh.sp_group, impl=attn, logit_chunk=logit_chunk,
                           temperature=temperature, return_entropy=entropy)
-    lp, ent = out if entropy else (out, None)
-    m = seq["loss_mask"].to(lp.device)
-    return lp[m].float(), (ent[m] if entropy else None)
+    lps, ents = out if entropy else (out, [None] * len(seqs))
+    masks = [s["loss_mask"].to(lp.device) for s, lp in zip(seqs, lps)]
+    return [(lp[m].float(), None if ent is None else ent[m]) for lp, ent, m in zip(lps, ents, masks)]
+
+
+def micro_batches(items):
+    """items in runs of --micro_batch (the last may be shorter): one forward each."""
+    return [items[k:k + micro_batch] for k in range(0, len(items), micro_batch)]
 
 
 @torch.no_grad()
 def prefill(model, items, videos, mesh, from_cache):
     """Old-policy / reference log-probs of every item (no grad), -> list of (L_i,)."""
     with fsdp_gathered(model, keep_gathered):
-        return [logprobs(model, it, videos, mesh, from_cache)[0] for it in items]
+        return [lp for mb in micro_batches(items) for lp, _ in logprobs(model, mb, videos, mesh, from_cache)]
 
 
 def update(policy, opt, params, items, videos, adv, old, ref, mesh, from_cache, first_epoch):
-    """ONE optimizer update on a mini-batch: per-sequence forward + backward (the global denominators make them add
-    up to the whole mini-batch's gradient), clip, step. items: this rank's sequences -- the SAME count on every DP rank
+    """ONE optimizer update on a mini-batch: a forward + backward per micro-batch (the global denominators make them
+    add up to the whole mini-batch's gradient), clip, step. items: this rank's sequences -- the SAME count on every DP rank
     (FSDP collectives run in lockstep); padding items (weight 0) run forward and backward but add nothing to the
     loss, the denominators or the stats. adv (n,); old: list of (L_i,) or None (pi_old = pi_theta: logp.detach(), one
     update per batch); ref: list or None. first_epoch: also measure entropy and the engine / trainer mismatch
@@ -574,33 +584,37 @@ def update(policy, opt, params, items, videos, adv, old, ref, mesh, from_cache, 
     acc = dict(loss=0.0, clip=0.0, clip_lower=0.0, kl=0.0, ratio=0.0, ent=0.0, gap=0.0, gap_max=0.0, tis_trunc=0.0,
                tokens=0.0, tokens0=0.0)
     with fsdp_gathered(policy, keep_gathered) as grad_sync:
-        for k, it in enumerate(items):
-            lp, ent = logprobs(policy, it, videos, mesh, from_cache,
-                               entropy="grad" if entropy_coef else first_epoch)
-            assert not entropy_coef or ent.requires_grad   # the bonus's gradient flows through the entropies
-            o = lp.detach() if old is None else old[k].to(device)
-            r = ref[k].to(device) if ref is not None else None
-            L = lp.numel()
-            loss, st = grpo_loss(lp[None], o[None], r[None] if r is not None else None, adv[k:k + 1].to(device),
-                                 torch.ones(1, L, dtype=torch.bool, device=device),
-                                 entropy=ent[None] if entropy_coef else None,
-                                 rollout_logp=it["engine_logp"].to(device)[None], **kw)
-            grad_sync(last=k == len(items) - 1)   # one reduce-scatter per mini-batch, after its last backward
-            (loss * it["weight"]).backward()       # weight 0 (padding): the backward's collectives still run
-            if not it["weight"]:
-                continue
-            acc["loss"] += loss.item()
-            acc["clip"] += st["clip_frac"].item() * L     # over every update (epoch 0 alone has ratio 1)
-            acc["clip_lower"] += st["clip_frac_lower"].item() * L
-            acc["kl"] += st["kl"].item() * L
-            acc["ratio"] += st["ratio_mean"].item() * L
-            acc["tokens"] += L
-            if first_epoch:                                # the rollout policy's own numbers
-                acc["ent"] += ent.detach().sum().item()
-                acc["gap"] += st["tis_mismatch_mean"].item() * L      # |log pi_old - log pi_engine|
-                acc["gap_max"] = max(acc["gap_max"], st["tis_mismatch_max"].item())
-                acc["tis_trunc"] += st["tis_trunc_frac"].item() * L
-                acc["tokens0"] += L
+        k0 = 0
+        for mb in micro_batches(items):
+            outs = logprobs(policy, mb, videos, mesh, from_cache, entropy="grad" if entropy_coef else first_epoch)
+            total, stats = 0.0, []
+            for k, it, (lp, ent) in zip(range(k0, k0 + len(mb)), mb, outs):
+                assert not entropy_coef or ent.requires_grad   # the bonus's gradient flows through the entropies
+                o = lp.detach() if old is None else old[k].to(device)
+                r = ref[k].to(device) if ref is not None else None
+                L = lp.numel()
+                loss, st = grpo_loss(lp[None], o[None], r[None] if r is not None else None, adv[k:k + 1].to(device),
+                                     torch.ones(1, L, dtype=torch.bool, device=device),
+                                     entropy=ent[None] if entropy_coef else None,
+                                     rollout_logp=it["engine_logp"].to(device)[None], **kw)
+                total = total + loss * it["weight"]   # weight 0 (padding): the backward's collectives still run
+                stats.append((it, loss, st, ent, L))
+            k0 += len(mb)
+            grad_sync(last=k0 == len(items))   # one reduce-scatter per mini-batch, after its last backward
+            total.backward()
+            for it, loss, st, ent, L in (x for x in stats if x[0]["weight"]):
+                acc["loss"] += loss.item()
+                acc["clip"] += st["clip_frac"].item() * L     # over every update (epoch 0 alone has ratio 1)
+                acc["clip_lower"] += st["clip_frac_lower"].item() * L
+                acc["kl"] += st["kl"].item() * L
+                acc["ratio"] += st["ratio_mean"].item() * L
+                acc["tokens"] += L
+                if first_epoch:                                # the rollout policy's own numbers
+                    acc["ent"] += ent.detach().sum().item()
+                    acc["gap"] += st["tis_mismatch_mean"].item() * L      # |log pi_old - log pi_engine|
+                    acc["gap_max"] = max(acc["gap_max"], st["tis_mismatch_max"].item())
+                    acc["tis_trunc"] += st["tis_trunc_frac"].item() * L
+                    acc["tokens0"] += L
     acc["grad_norm"] = clip_grad(params, grad_clip)
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -691,8 +705,9 @@ def check_config():
         raise SystemExit(f"--group_size={group_size}: GRPO needs at least 2 rollouts per prompt")
     if temperature <= 0:
         raise SystemExit(f"--temperature={temperature}: RL samples need a positive temperature")
-    if ppo_epochs < 1 or prompts_per_step < 1 or mini_batch < 0:
-        raise SystemExit("--ppo_epochs and --prompts_per_step must be >= 1, --mini_batch >= 0")
+    if ppo_epochs < 1 or prompts_per_step < 1 or mini_batch < 0 or micro_batch < 1:
+        raise SystemExit(f"--ppo_epochs={ppo_epochs}, --prompts_per_step={prompts_per_step} and --micro_batch="
+                         f"{micro_batch} must be >= 1, --mini_batch={mini_batch} >= 0")
     if vllm_sleep_level not in (0, 1, 2):
         raise SystemExit(f"--vllm_sleep_level={vllm_sleep_level}: expected 0 (never sleep), 1 or 2")
     if loop in ("naive", "baseline") and sp != 1:

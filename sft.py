@@ -52,6 +52,8 @@ total_pixels = 0            #   video shared by its frames, 0 = 90% of 128k toke
 sp = 1                      # sequence-parallel group size (divides the world size)
 attn = "ring"               # ring | ulysses
 batch_size = 8              # sequences per optimizer step, global (divisible by the DP size)
+micro_batch = 1             # sequences per forward/backward on a rank, right-padded into one batch (same loss; more
+                            # memory). 1 = one sequence at a time, what long videos need; short ones run faster batched
 steps = 100                 # optimizer steps
 lr = 2e-3
 min_lr_ratio = 0.1          # cosine decays to lr * min_lr_ratio
@@ -140,6 +142,8 @@ if __name__ == "__main__":
     rank, local_rank, world, device = setup_dist(dist_timeout)
     master_process = rank == 0
     mesh = setup_mesh(sp)
+    if micro_batch < 1:
+        raise SystemExit(f"--micro_batch={micro_batch}: expected sequences per forward >= 1")
     if batch_size % mesh.dp_size:
         raise SystemExit(f"--batch_size={batch_size} must be divisible by the data-parallel size {mesh.dp_size} "
                          f"(world {world} / sp {sp})")
@@ -195,14 +199,15 @@ if __name__ == "__main__":
         n_tok = reduce_sum(dict(n=sum(int(s["loss_mask"].sum()) for s in seqs)), mesh.dp_group)["n"]
         loss_sum, seq_tokens = 0.0, 0
         with fsdp_gathered(policy, keep_gathered) as grad_sync:
-            for k, s in enumerate(seqs):
+            for k in range(0, len(seqs), micro_batch):
+                mb = seqs[k:k + micro_batch]
                 with autocast(device):
-                    lp = sp_logprobs(policy, s, group=mesh.sp_group, impl=attn)     # (S,) 0 outside the target
-                loss = -lp.sum() / n_tok
-                grad_sync(last=k == len(seqs) - 1)   # one reduce-scatter per step, after the last backward
+                    lps = sp_logprobs(policy, mb, group=mesh.sp_group, impl=attn)   # [(S_i,)] 0 outside the target
+                loss = -sum(lp.sum() for lp in lps) / n_tok
+                grad_sync(last=k + micro_batch >= len(seqs))   # one reduce-scatter per step, after the last backward
                 loss.backward()
                 loss_sum += loss.item()
-                seq_tokens += s["input_ids"].numel()
+                seq_tokens += sum(s["input_ids"].numel() for s in mb)
         grad_norm = clip_grad(params, grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)

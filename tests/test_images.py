@@ -152,6 +152,77 @@ def test_sp2_image_logprobs_equal_sp1(img_env):
         assert res[0][fam, "cache"] == res[1][fam, "cache"] and res[0][fam, "cache"]["hits"] == 1
 
 
+# ----------------------------------------------------------------------------- micro-batches (sft.py --micro_batch)
+def _batch_seqs(model, processor, recs, pixels=False):
+    """Sequences of every kind and length, for one right-padded forward: one image, two images, image + video, the
+    video alone with a stray <|image_pad|> in its answer (a token there: the sequence has no image features), and
+    text only. pixels: the trainable-tower path (each sequence's pixels encoded in the forward)."""
+    out = [build_seq(r, processor, None if pixels else model, EmbeddingCache(1 << 26), frames=4)
+           for r in (recs["one"], recs["two"], recs["mixed"], dict(recs["mixed"], images=[]),
+                     dict(recs["one"], images=[]))]
+    stray = out[3]["input_ids"].clone()
+    stray[-3] = model.config.image_token_id
+    out[3]["input_ids"] = stray
+    assert len({int(s["input_ids"].numel()) for s in out}) >= 3   # really padded
+    return out
+
+
+def _batch_vs_each(model, seqs, group=None):
+    """-> (log-probs one sequence at a time, in one micro-batch; the two loss gradients)"""
+    grads, lps = [], []
+    for batched in (False, True):
+        model.zero_grad(set_to_none=True)
+        lp = sp_logprobs(model, seqs, group=group, logit_chunk=7) if batched else [
+            sp_logprobs(model, s, group=group, logit_chunk=7) for s in seqs]
+        (-sum(x.sum() for x in lp) / sum(int(s["loss_mask"].sum()) for s in seqs)).backward()   # sft.py's token mean
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        lps.append([x.detach() for x in lp])
+    return lps, grads
+
+
+def _micro_batch_worker(jobs):
+    import torch.distributed as dist
+    out = {}
+    for fam, (ckpt, recs) in jobs.items():
+        model, processor = _perturbed(ckpt)
+        model.model.visual.requires_grad_(False)
+        (one, batch), (g1, gb) = _batch_vs_each(model, _batch_seqs(model, processor, recs), group=dist.group.WORLD)
+        for g in (g1, gb):
+            for v in g.values():
+                dist.all_reduce(v)   # each SP rank holds the gradient of its own tokens
+        out[fam] = (one, batch, g1, gb)
+    return out
+
+
+def test_micro_batch_logprobs_and_grads_equal_one_sequence_at_a_time(img_env):
+    """sp_logprobs on a LIST of sequences (one right-padded forward; sft.py --micro_batch) == each sequence alone, in
+    log-probs and gradients: images, two images, image + video, video alone with a stray <|image_pad|> that stays
+    text, text only; cached features (frozen tower) and pixels (trainable tower, its gradients too); Qwen2.5-VL and
+    Qwen3-VL (each row's DeepStack features at its own slots); SP=1 and SP=2 (a batch sharded over the ring)."""
+    _, ckpts, recs = img_env
+    ref = {}
+    for fam in FAMS:
+        model, processor = _perturbed(ckpts[fam])
+        for pixels in (False, True):
+            model.model.visual.requires_grad_(pixels)
+            (one, batch), (g1, gb) = _batch_vs_each(model, _batch_seqs(model, processor, recs, pixels))
+            assert [x.shape for x in one] == [x.shape for x in batch]
+            assert max((a - b).abs().max() for a, b in zip(one, batch)) <= 1e-5, (fam, pixels)
+            assert set(g1) == set(gb) and any("visual" in n for n in g1) == pixels
+            for n in g1:
+                assert (g1[n] - gb[n]).abs().max() <= 1e-5, (fam, pixels, n)
+            if not pixels:
+                ref[fam] = one
+        # not vacuous: the batch holds distinct answers, and a row reading another row's features would move them
+        assert len({round(float(x.sum()), 3) for x in ref[fam]}) == len(ref[fam])
+    res = run_distributed(_micro_batch_worker, 2, args=({f: (ckpts[f], recs) for f in FAMS},))
+    for fam in FAMS:
+        for one, batch, g1, gb in (r[fam] for r in res):
+            assert max((a - b).abs().max() for a, b in zip(batch, ref[fam])) <= 1e-5, fam   # SP=2 batch == SP=1
+            for n in g1:
+                assert (g1[n] - gb[n]).abs().max() <= 1e-5, (fam, n)
+
+
 # ----------------------------------------------------------------------------- HF engine, cache, errors
 @pytest.mark.parametrize("fam", FAMS)
 def test_hf_engine_greedy_equals_generate(img_env, fam):

