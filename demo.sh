@@ -84,6 +84,10 @@ if [ -n "$USER_MODEL" ] || [ "${DRY_RUN:-0}" != 1 ]; then   # (a dry run of the 
                           "pass --train= --val= --test=)" >&2; exit 2; }
   done
 fi
+# micro-batches: the tiny model's ~170-token sequences run 4 (SFT) / 8 (RL) to a forward; a real checkpoint's long
+# videos one at a time (--micro_batch=1, the stage scripts' default: a batch of hour-long videos would not fit)
+MB_SFT=4; MB_RL=8
+[ -z "$USER_MODEL" ] || { MB_SFT=1; MB_RL=1; }
 EVAL="eval.py --data=$TEST --frames=$FRAMES --max_samples=$EVAL_N --max_new_tokens=${EVAL_TOKENS:-80}"
 SAMPLED="eval.py --data=$TEST --frames=$FRAMES --max_samples=$EVAL_N --max_new_tokens=${EVAL_TOKENS:-80} \
   --temperature=1 --samples=8"
@@ -93,7 +97,7 @@ x $RUN $EVAL --model="$MODEL" --out_dir="$OUT/eval/base"
 
 stamp "4/7 CoT-SFT ($SFT_STEPS steps, SP=$SFT_SP, frozen vision tower, cached video embeddings)"
 x $RUN sft.py --model="$MODEL" --data="$TRAIN" --val_data="$VAL" --out_dir="$OUT/sft" --sp="$SFT_SP" --frames="$FRAMES" \
-  --steps="$SFT_STEPS" --lr=1e-2 --warmup_steps=20 --batch_size=8 --micro_batch=4 --freeze_vision=1 --eval_every=500 \
+  --steps="$SFT_STEPS" --lr=1e-2 --warmup_steps=20 --batch_size=8 --micro_batch=$MB_SFT --freeze_vision=1 --eval_every=500 \
   --eval_samples=32 --max_new_tokens=80 --save_every=500 --seed="$SEED" --log_every=50 ${SFT_ARGS:-}
 
 stamp "5/7 eval after SFT (greedy on test; 8 sampled answers per test question, T=1: RL's objective)"
@@ -104,7 +108,7 @@ stamp "6/7 GRPO with MR-SP ($RL_STEPS steps, SP=$SP)"
 # (--val_data= : no in-loop greedy evals; the evals around this stage measure it)
 x $RUN rl.py --model="$OUT/sft/hf" --data="$TRAIN" --val_data= --out_dir="$OUT/rl" --sp="$SP" --frames="$FRAMES" \
   --steps="$RL_STEPS" --prompts_per_step="$RL_PROMPTS" --group_size=8 --max_new_tokens=80 --lr="$RL_LR" \
-  --micro_batch=8 --kl_coef=0 --recompute_old=0 --save_every=10 --seed="$SEED" ${RL_ARGS:-}
+  --micro_batch=$MB_RL --kl_coef=0 --recompute_old=0 --save_every=10 --seed="$SEED" ${RL_ARGS:-}
 
 stamp "7/7 eval after RL"
 x $RUN $EVAL --model="$OUT/rl/hf" --out_dir="$OUT/eval/rl"

@@ -41,6 +41,15 @@ def test_missing_checkpoint_or_split_is_a_clear_error(tmp_path):
     assert not (tmp_path / "out").exists()                       # nothing ran
 
 
+def test_synthetic_demo_runs_micro_batches(tmp_path):
+    """The tiny model's short sequences run 4 (SFT) / 8 (RL) to a forward; a real checkpoint's (above) one at a time."""
+    p = demo("--dry_run=1", f"--out={tmp_path}/out", f"--data={tmp_path}/synth")
+    assert p.returncode == 0, p.stderr
+    cmds = [line[2:].split() for line in p.stdout.splitlines() if line.startswith("+ ")]
+    assert "--micro_batch=4" in next(c for c in cmds if "sft.py" in c)
+    assert "--micro_batch=8" in next(c for c in cmds if "rl.py" in c)
+
+
 def test_flags_reach_the_stage_commands(tmp_path):
     ckpt, data = real_dataset(tmp_path)
     p = demo("--dry_run=1", f"--model={ckpt}", f"--data={data}", "--nproc=8", "--sp=4", "--frames=256",
@@ -54,6 +63,8 @@ def test_flags_reach_the_stage_commands(tmp_path):
     assert rl[0].endswith("--engine=vllm --lr=1e-6")               # the user's args come last: they win
     assert f"--model={ckpt}" in [c for c in cmds if " sft.py " in c][0].split()
     assert not any("prepare.py" in c for c in cmds)                  # a real checkpoint: no synthetic stages
+    sft = [c for c in cmds if " sft.py " in c][0].split()
+    assert "--micro_batch=1" in sft and "--micro_batch=1" in rl[0].split()   # long videos one at a time
     assert sum(" eval.py " in c and f"--data={data}/test.jsonl" in c.split() for c in cmds) == 5   # before, SFT x2, RL x2
     assert not (tmp_path / "out").exists()
 
