@@ -16,8 +16,9 @@ change with its 95% interval over the questions. Then the checks the demo is hel
 
 * SFT greedy test accuracy >= --sft_target (50%) in every run (chance is 25%);
 * RL's sampled accuracy above SFT's in every run;
-* the pooled change, two-level bootstrap: resample runs, then questions within each resampled run, so the interval
-  carries the run-to-run spread as well as the question noise. Its lower end must clear zero.
+* the pooled change, bootstrap over runs and questions: each draw resamples the runs and one set of questions for all
+  of them (the runs share the test set), so the interval carries the run-to-run spread and the question-to-question
+  spread, which more runs do not shrink. Its lower end must clear zero.
 
 Rows go to {out}/results.json; the table is what docs/BENCHMARKS.md records.
 """
@@ -88,12 +89,18 @@ def read_run(run_dir):
 
 
 def boot_ci(diffs, rng, level=0.95):
-    """Two-level bootstrap of the mean change: runs, then questions within each run -> (lo, hi)."""
-    arrs = [np.asarray(list(d.values())) for d in diffs]
+    """Bootstrap of the mean change over runs AND questions -> (lo, hi). The runs share one test set, so each draw
+    resamples the runs and ONE set of questions applied to every drawn run (a crossed design): the question-to-question
+    spread does not shrink with more runs, as it would if each run's questions were resampled on their own."""
+    keys = sorted(set.intersection(*(set(d) for d in diffs)))
+    if not keys:
+        raise SystemExit("demo_seeds: the runs share no test question (were they scored on different test sets?)")
+    arr = np.asarray([[d[k] for k in keys] for d in diffs])                  # (runs, questions)
     means = np.empty(n_boot)
     for b in range(n_boot):
-        pick = rng.integers(0, len(arrs), len(arrs))
-        means[b] = np.mean([arrs[i][rng.integers(0, len(arrs[i]), len(arrs[i]))].mean() for i in pick])
+        runs_b = rng.integers(0, arr.shape[0], arr.shape[0])
+        qs_b = rng.integers(0, arr.shape[1], arr.shape[1])
+        means[b] = arr[np.ix_(runs_b, qs_b)].mean()
     a = (1 - level) / 2
     return float(np.quantile(means, a)), float(np.quantile(means, 1 - a))
 

@@ -71,7 +71,7 @@ def _fake_demo_run(root, seed, lift, n=40):
 
 
 def test_demo_seeds_pools_over_runs_and_questions(tmp_path):
-    """read_run reads a demo folder; the two-level bootstrap carries the run-to-run spread: runs that lift by +1/8 and
+    """read_run reads a demo folder; the bootstrap over runs and questions carries the run-to-run spread: runs that lift by +1/8 and
     +3/8 on every question give an interval as wide as the runs (a question-only bootstrap of the pooled change
     would be a point), and an unfinished run reads as None."""
     import numpy as np
@@ -84,6 +84,13 @@ def test_demo_seeds_pools_over_runs_and_questions(tmp_path):
     assert [sorted(set(r["diff"].values())) for r in runs] == [[0.125], [0.375]]
     lo, hi = boot_ci([r["diff"] for r in runs], np.random.default_rng(0))
     assert lo == pytest.approx(0.125) and hi == pytest.approx(0.375)
+    # the runs share one test set: repeating the same run does not narrow the question-to-question spread (resampling
+    # each run's questions on its own would halve it for four runs)
+    d = {f"q{i}": (0.25 if i % 3 == 0 else 0.0) for i in range(60)}
+    (lo1, hi1), (lo4, hi4) = (boot_ci([d] * k, np.random.default_rng(1)) for k in (1, 4))
+    assert hi1 - lo1 > 0.04 and abs((hi4 - lo4) / (hi1 - lo1) - 1) < 0.15
+    with pytest.raises(SystemExit, match="share no test question"):
+        boot_ci([{"a": 0.1}, {"b": 0.2}], np.random.default_rng(0))
     os.remove(tmp_path / "omp1_s1" / "eval" / "rl_sampled" / "results.json")
     assert read_run(str(tmp_path / "omp1_s1")) is None
 
