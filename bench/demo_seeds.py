@@ -52,7 +52,11 @@ n_boot = 4000
 def variants():
     """-> [(name, env)] : the thread counts, and each again with --python's venv when given."""
     here = os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]   # demo.sh runs `python`: this venv's
-    vs = [(f"omp{t}", {"OMP_NUM_THREADS": str(t), "PATH": here}) for t in str(threads).split(",") if t]
+    # OMP_WAIT_POLICY=PASSIVE with more than one thread: the demo's two processes of two spin-waiting OpenMP threads
+    # on two cores starve each other (a sampled eval of 16 questions: 86 s, against 15 s passive or at one thread);
+    # the wait policy changes no arithmetic, the thread count changes the reduction order
+    vs = [(f"omp{t}", {"OMP_NUM_THREADS": str(t), "PATH": here, **({"OMP_WAIT_POLICY": "PASSIVE"} if int(t) > 1 else {})})
+          for t in str(threads).split(",") if t]
     if python:
         bin_dir = os.path.dirname(os.path.abspath(python))
         ver = subprocess.run([python, "-c", "import torch; print(torch.__version__.split('+')[0])"],
