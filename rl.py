@@ -588,7 +588,7 @@ def update(policy, opt, params, items, videos, adv, old, ref, mesh, from_cache, 
         for mb in micro_batches(items):
             outs = logprobs(policy, mb, videos, mesh, from_cache, entropy="grad" if entropy_coef else first_epoch)
             total, stats = 0.0, []
-            for k, it, (lp, ent) in zip(range(k0, k0 + len(mb)), mb, outs):
+            for k, (it, (lp, ent)) in enumerate(zip(mb, outs), start=k0):   # k: the item's index in `items`
                 assert not entropy_coef or ent.requires_grad   # the bonus's gradient flows through the entropies
                 o = lp.detach() if old is None else old[k].to(device)
                 r = ref[k].to(device) if ref is not None else None
