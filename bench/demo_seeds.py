@@ -2,14 +2,19 @@
 numeric variants that stand in for other machines, and one table of the runs with a pooled interval that includes
 the seed-to-seed spread.
 
-    python bench/demo_seeds.py                                  # seeds 0-4 x OMP_NUM_THREADS 1,2 (~10 x 13 min, 2 cores)
-    python bench/demo_seeds.py --seeds=0,1 --threads=1          # fewer runs
+    python bench/demo_seeds.py                                  # seeds 0-4 x micro-batches 4/8, 2/4 (~10 x 13 min)
+    python bench/demo_seeds.py --seeds=0,1 --micro_batches=4/8  # fewer runs
+    python bench/demo_seeds.py --threads=1,2 --micro_batches=   # thread counts as the variant instead
     python bench/demo_seeds.py --report_only=1                  # the table from the runs already under --out
     python bench/demo_seeds.py --demo_args="--sft_steps=2000"   # any other demo.sh flags (the recipe under test)
 
-A variant is a thread count (OMP_NUM_THREADS changes the CPU kernels' reduction order, as another machine does) and,
-with --python=, another interpreter (a venv with another torch minor version): each run is
-`PYTHON demo.sh --seed=S --out=OUT/<variant>_s<S> --data=DATA ...` with the venv's bin first on PATH. Runs whose
+A variant stands in for another machine by changing the order of the floating-point sums and nothing else: the SFT /
+RL micro-batch sizes (--micro_batches: sequences per forward; the gradient of a step is summed in another order) and,
+with --python=, another interpreter (a venv with another torch minor version: other kernels). Thread counts
+(--threads, OMP_NUM_THREADS) are offered too, but at this model's sizes they change nothing: OMP 1 and OMP 2 gave
+bit-identical losses over all 2500 SFT and 20 RL steps (docs/BENCHMARKS.md), the kernels split outputs, not sums,
+over threads. Each run is `PYTHON demo.sh --seed=S --out=OUT/<variant>_s<S> --data=DATA ...` with the venv's bin
+first on PATH (and the variant's --sft_args / --rl_args; --demo_args must not set those two). Runs whose
 results exist are skipped (restartable). Per run the table shows SFT val accuracy at the last in-loop eval, greedy
 test accuracy after SFT and after RL, RL's objective (held-out avg@8 at T=1) after SFT and after RL, and the paired
 change with its 95% interval over the questions. Then the checks the demo is held to:
@@ -40,8 +45,9 @@ from eval import load_scores  # noqa: E402
 out = "out/demo_seeds"        # one folder per run: {variant}_s{seed}
 data = "data/synth"           # the synthetic set (demo.sh makes it once if missing; every run shares it)
 seeds = "0,1,2,3,4"
-threads = "1,2"               # OMP_NUM_THREADS variants
-python = ""                   # another venv's python (e.g. one with another torch minor): a third variant family
+threads = "1"                 # OMP_NUM_THREADS variants (no numeric effect here: see above)
+micro_batches = "4/8,2/4"     # SFT/RL micro-batch variants (demo.sh's own is 4/8); "" = the demo's own only
+python = ""                   # another venv's python (e.g. one with another torch minor): a further variant family
 demo_args = ""                # extra demo.sh flags, the same for every run
 sft_target = 0.5              # SFT greedy test accuracy every run must reach
 report_only = False           # only print the table of the runs found under --out
@@ -50,24 +56,31 @@ n_boot = 4000
 
 
 def variants():
-    """-> [(name, env)] : the thread counts, and each again with --python's venv when given."""
+    """-> [(name, env, demo flags)]: the thread counts x the micro-batch sizes, and each again with --python's venv."""
     here = os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]   # demo.sh runs `python`: this venv's
     # OMP_WAIT_POLICY=PASSIVE with more than one thread: the demo's two processes of two spin-waiting OpenMP threads
     # on two cores starve each other (a sampled eval of 16 questions: 86 s, against 15 s passive or at one thread);
-    # the wait policy changes no arithmetic, the thread count changes the reduction order
+    # the wait policy changes no arithmetic (nor, measured here, does the thread count)
     vs = [(f"omp{t}", {"OMP_NUM_THREADS": str(t), "PATH": here, **({"OMP_WAIT_POLICY": "PASSIVE"} if int(t) > 1 else {})})
           for t in str(threads).split(",") if t]
+    mbs = [m.split("/") for m in str(micro_batches).split(",") if m]
+    if any(len(m) != 2 or not all(x.isdigit() and int(x) > 0 for x in m) for m in mbs):
+        raise SystemExit(f"--micro_batches={micro_batches}: expected SFT/RL pairs of positive integers, e.g. 4/8,2/4")
+    # the demo's own 4/8 keeps the plain name (so earlier runs' folders still count); others are named by their sizes
+    vs = [(n + ("" if (s_, r_) == ("4", "8") else f"_mb{s_}-{r_}"), e,
+           [] if (s_, r_) == ("4", "8") else [f"--sft_args=--micro_batch={s_}", f"--rl_args=--micro_batch={r_}"])
+          for n, e in vs for s_, r_ in (mbs or [("4", "8")])]
     if python:
         bin_dir = os.path.dirname(os.path.abspath(python))
         ver = subprocess.run([python, "-c", "import torch; print(torch.__version__.split('+')[0])"],
                              capture_output=True, text=True, check=True).stdout.strip()
-        vs += [(f"{n}_torch{ver}", dict(e, PATH=bin_dir + os.pathsep + os.environ["PATH"])) for n, e in list(vs)]
+        vs += [(f"{n}_torch{ver}", dict(e, PATH=bin_dir + os.pathsep + os.environ["PATH"]), a) for n, e, a in list(vs)]
     return vs
 
 
-def run_demo(run_dir, seed, env):
+def run_demo(run_dir, seed, env, args=()):
     log = run_dir + ".log"
-    cmd = ["bash", "demo.sh", f"--seed={seed}", f"--out={run_dir}", f"--data={data}", *demo_args.split()]
+    cmd = ["bash", "demo.sh", f"--seed={seed}", f"--out={run_dir}", f"--data={data}", *demo_args.split(), *args]
     print(f"running {' '.join(cmd)} ({' '.join(f'{k}=...' if k == 'PATH' else f'{k}={v}' for k, v in env.items())})"
           f" > {log}", flush=True)
     with open(log, "w") as f:
@@ -120,12 +133,13 @@ if __name__ == "__main__":
     cfg = config_of(globals())
     print("config:", json.dumps(cfg))
     os.makedirs(out, exist_ok=True)
-    runs = [(f"{name}_s{s}", s, env) for name, env in variants() for s in [int(x) for x in str(seeds).split(",")]]
+    runs = [(f"{name}_s{s}", s, env, args) for name, env, args in variants()
+            for s in [int(x) for x in str(seeds).split(",")]]
     if not report_only:
-        for name, s, env in runs:
+        for name, s, env, args in runs:
             if read_run(os.path.join(out, name)) is None:
-                run_demo(os.path.join(out, name), s, env)
-    rows = [(name, read_run(os.path.join(out, name))) for name, _, _ in runs]
+                run_demo(os.path.join(out, name), s, env, args)
+    rows = [(name, read_run(os.path.join(out, name))) for name, *_ in runs]
     rows = [(n, r) for n, r in rows if r is not None]
     if not rows:
         raise SystemExit(f"demo_seeds: no finished runs under {out}")

@@ -95,6 +95,23 @@ def test_demo_seeds_pools_over_runs_and_questions(tmp_path):
     assert read_run(str(tmp_path / "omp1_s1")) is None
 
 
+def test_demo_seeds_variants(monkeypatch):
+    """The variants: thread counts x SFT/RL micro-batch sizes (the demo's own 4/8 keeps the plain name, so runs made
+    before the option still count), each carried to demo.sh as --sft_args / --rl_args; a bad pair is named."""
+    import demo_seeds
+    monkeypatch.setattr(demo_seeds, "threads", "1,2")
+    monkeypatch.setattr(demo_seeds, "micro_batches", "4/8,2/4")
+    vs = demo_seeds.variants()
+    assert [n for n, _, _ in vs] == ["omp1", "omp1_mb2-4", "omp2", "omp2_mb2-4"]
+    assert vs[1][2] == ["--sft_args=--micro_batch=2", "--rl_args=--micro_batch=4"] and vs[0][2] == []
+    assert vs[2][1]["OMP_NUM_THREADS"] == "2" and vs[2][1]["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setattr(demo_seeds, "micro_batches", "")
+    assert [n for n, _, a in demo_seeds.variants()] == ["omp1", "omp2"]
+    monkeypatch.setattr(demo_seeds, "micro_batches", "4/8,2")
+    with pytest.raises(SystemExit, match="--micro_batches=4/8,2: expected SFT/RL pairs"):
+        demo_seeds.variants()
+
+
 def test_cot_check_reads_both_synthetic_formats():
     from cot_check import listed
     assert listed("<think>Squares in order: yellow, green, blue, red. The first one is yellow.") == \
