@@ -67,9 +67,10 @@ def variants():
     if any(len(m) != 2 or not all(x.isdigit() and int(x) > 0 for x in m) for m in mbs):
         raise SystemExit(f"--micro_batches={micro_batches}: expected SFT/RL pairs of positive integers, e.g. 4/8,2/4")
     # the demo's own 4/8 keeps the plain name (so earlier runs' folders still count); others are named by their sizes
-    vs = [(n + ("" if (s_, r_) == ("4", "8") else f"_mb{s_}-{r_}"), e,
-           [] if (s_, r_) == ("4", "8") else [f"--sft_args=--micro_batch={s_}", f"--rl_args=--micro_batch={r_}"])
-          for n, e in vs for s_, r_ in (mbs or [("4", "8")])]
+    own = ["4", "8"]
+    vs = [(n, e, []) if m == own else
+          (f"{n}_mb{m[0]}-{m[1]}", e, [f"--sft_args=--micro_batch={m[0]}", f"--rl_args=--micro_batch={m[1]}"])
+          for n, e in vs for m in (mbs or [own])]
     if python:
         bin_dir = os.path.dirname(os.path.abspath(python))
         ver = subprocess.run([python, "-c", "import torch; print(torch.__version__.split('+')[0])"],
