@@ -9,7 +9,7 @@
 # Run it through `bash run.sh` (installs requirements first) or directly inside the venv.
 #
 # Knobs, as flags (--key=value) or environment variables (KEY=value), flags win:
-#   --nproc=2 --sp=2 --sft_sp=1 --frames=16 --sft_steps=2500 --rl_steps=20 --rl_prompts=32 --rl_lr=3e-4 --seed=0
+#   --nproc=2 --sp=2 --sft_sp=1 --frames=16 --sft_steps=3000 --rl_steps=20 --rl_prompts=32 --rl_lr=3e-4 --seed=0
 #   --out=out --data=data/synth --eval_n=128 --eval_tokens=80 --sft_args="..." --rl_args="..."
 #   --family=qwen2_5_vl (the tiny model's family: qwen2_vl, qwen2_5_vl or qwen3_vl; prepare.py --family)
 #   --dry_run=1 prints each stage's command instead of running it
@@ -17,13 +17,13 @@
 # A real checkpoint and dataset on GPUs: --model=DIR (a local HF Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint; its
 # family is its config's model_type, --family is ignored) skips the synthetic
 # data and the tiny model; --data=DIR then holds train.jsonl, val.jsonl and test.jsonl (or give --train= --val=
-# --test= files; see README and data.py for the record formats):
+# --test= files, and --sft_train= for SFT's own CoT split; see README and data.py for the record formats):
 #   bash run.sh --model=/ckpt/Qwen2.5-VL-7B-Instruct --data=/data/lvr --nproc=8 --sp=4 --frames=256 \
 #     --sft_args="--lr=1e-5 --batch_size=32 --activation_checkpointing=1 --keep_gathered=0" \
 #     --rl_args="--lr=1e-6 --prompts_per_step=32 --max_new_tokens=1024 --keep_gathered=0 --engine=vllm"
 set -euo pipefail
 cd "$(dirname "$0")"
-KNOBS="MODEL DATA TRAIN VAL TEST NPROC SP SFT_SP FRAMES SFT_STEPS RL_STEPS RL_PROMPTS RL_LR SEED OUT EVAL_N EVAL_TOKENS
+KNOBS="MODEL DATA TRAIN SFT_TRAIN VAL TEST NPROC SP SFT_SP FRAMES SFT_STEPS RL_STEPS RL_PROMPTS RL_LR SEED OUT EVAL_N EVAL_TOKENS
        SFT_ARGS RL_ARGS DRY_RUN FAMILY"
 for arg in "$@"; do
   case "$arg" in
@@ -46,8 +46,8 @@ OUT=${OUT:-out}
 DATA=${DATA:-data/synth}
 SFT_SP=${SFT_SP:-1}     # SFT data-parallel by default: a 16-frame sample is ~130 tokens, where SP only adds ring
                         # traffic (2.5x slower here); SFT_SP=2 runs it sequence-parallel (tests: SP=2 == SP=1)
-SFT_STEPS=${SFT_STEPS:-2500}   # SFT's loss sits on a plateau until step 500-1250: 1500 steps left a late start too
-                                # few (BENCHMARKS.md, "Reading vs concluding")
+SFT_STEPS=${SFT_STEPS:-3000}   # SFT's loss sits on a plateau until step 500-2000 (later with the teacher's slips in
+                                # train_sft.jsonl): 1500 steps left a late start too few (BENCHMARKS.md)
 RL_STEPS=${RL_STEPS:-20}
 RL_PROMPTS=${RL_PROMPTS:-32}
 RL_LR=${RL_LR:-3e-4}
@@ -75,13 +75,18 @@ if [ -z "$USER_MODEL" ]; then
                                          --tiny_layers=3 --family="$FAMILY"
 fi
 TRAIN=${TRAIN:-$DATA/train.jsonl}
+# SFT's CoT: the synthetic set's train_sft.jsonl (the same questions, teacher-written traces, 20% of them wrong; RL is
+# rewarded by train.jsonl's answer key -- prepare.py teacher_traces); a real dataset's SFT split is --sft_train=
+# (default: --train, whose `reasoning` field is the CoT)
+if [ -z "$USER_MODEL" ]; then SFT_TRAIN=${SFT_TRAIN:-$DATA/train_sft.jsonl}; else SFT_TRAIN=${SFT_TRAIN:-$TRAIN}; fi
 VAL=${VAL:-$DATA/val.jsonl}
 TEST=${TEST:-$DATA/test.jsonl}
 if [ -n "$USER_MODEL" ] || [ "${DRY_RUN:-0}" != 1 ]; then   # (a dry run of the synthetic demo creates nothing)
   [ -d "$MODEL" ] || { echo "demo.sh: --model=$MODEL: no such checkpoint directory" >&2; exit 2; }
-  for f in "$TRAIN" "$VAL" "$TEST"; do
+  for f in "$TRAIN" "$SFT_TRAIN" "$VAL" "$TEST"; do
     [ -f "$f" ] || { echo "demo.sh: $f not found: --data=DIR must hold train.jsonl, val.jsonl and test.jsonl (or" \
-                          "pass --train= --val= --test=)" >&2; exit 2; }
+                          "pass --train= --val= --test=; SFT reads --sft_train=, the synthetic set's train_sft.jsonl:" \
+                          "re-run prepare.py --out=DIR if it is missing)" >&2; exit 2; }
   done
 fi
 # micro-batches: the tiny model's ~170-token sequences run 4 (SFT) / 8 (RL) to a forward; a real checkpoint's long
@@ -96,7 +101,7 @@ stamp "3/7 eval before SFT"
 x $RUN $EVAL --model="$MODEL" --out_dir="$OUT/eval/base"
 
 stamp "4/7 CoT-SFT ($SFT_STEPS steps, SP=$SFT_SP, frozen vision tower, cached video embeddings)"
-x $RUN sft.py --model="$MODEL" --data="$TRAIN" --val_data="$VAL" --out_dir="$OUT/sft" --sp="$SFT_SP" --frames="$FRAMES" \
+x $RUN sft.py --model="$MODEL" --data="$SFT_TRAIN" --val_data="$VAL" --out_dir="$OUT/sft" --sp="$SFT_SP" --frames="$FRAMES" \
   --steps="$SFT_STEPS" --lr=1e-2 --warmup_steps=20 --batch_size=8 --micro_batch=$MB_SFT --freeze_vision=1 --eval_every=500 \
   --eval_samples=32 --max_new_tokens=80 --save_every=500 --seed="$SEED" --log_every=50 ${SFT_ARGS:-}
 

@@ -38,6 +38,9 @@ n_test = 128          # test questions for eval
 num_frames = 256      # frames per video (long: events spread over all of them)
 fps = 8.0             # video frame rate (256 frames -> 32 s)
 size = 112            # frame height = width (multiple of 28)
+cot_noise = 0.2       # fraction of train_sft.jsonl's CoT traces where the teacher slips (the reasoning right, another
+                      #   option's letter given; train.jsonl's answer key stays right): SFT imitates them, RL is
+                      #   rewarded by the key
 workers = min(2, os.cpu_count() or 1)   # processes encoding the mp4s (the output does not depend on it)
 tiny = ""             # write the tiny checkpoint here (its tokenizer is trained on --data's text)
 data = "data/synth"   # --tiny: the dataset folder (or one JSONL file) whose text the tokenizer learns
@@ -155,6 +158,26 @@ def make_synthetic_sample(rng, category, answer_idx, T=256, S=112, fps=8.0):
                         answer=letter, reasoning=" ".join(why), category=category, duration=round(T / fps, 2))
 
 
+def teacher_traces(recs, cot_noise, seed):
+    """The SFT split: train's records with their CoT as a teacher model writes it -- right, except for exactly
+    round(cot_noise * n) of them (drawn with their own seed, so the videos and train.jsonl do not move) where the
+    teacher slips at the last step: the events and the conclusion right, then another option's letter ("... The
+    first one is red. That is option C." where red is A). Model-written CoT data carries such slips; SFT imitates
+    them (its sampled letter strays from its own right conclusion about as often), while GRPO is rewarded by the
+    answer key (train.jsonl): the room RL has to lift (docs/BENCHMARKS.md, issue 16)."""
+    rng = np.random.default_rng([seed, 99])
+    slips = set(rng.choice(len(recs), round(cot_noise * len(recs)), replace=False).tolist())
+    out = []
+    for i, r in enumerate(recs):
+        if i in slips:
+            w = LETTERS[int(rng.choice([k for k in range(4) if LETTERS[k] != r["answer"]]))]
+            said, last = r["reasoning"].rsplit(" ", 1)
+            assert last == f"{r['answer']}.", r["reasoning"]   # "... That is option A."
+            r = dict(r, reasoning=f"{said} {w}.", answer=w)
+        out.append(dict(r, teacher_correct=i not in slips))
+    return out
+
+
 def write_mp4(path, frames, fps):
     """Write frames (T, H, W, 3) uint8 as H.264 mp4 (yuv420p, near-lossless, single-threaded for
     byte-identical output per seed). Written to a temp name and renamed: no half-written videos."""
@@ -175,8 +198,9 @@ def write_mp4(path, frames, fps):
 
 
 def generate_synthetic(out, n_train=640, n_val=64, n_test=128, num_frames=256, fps=8.0, size=112, seed=0,
-                       progress=True, workers=1):
-    """Write {out}/videos/*.mp4 and {out}/{train,val,test}.jsonl. Deterministic given the arguments (workers too:
+                       progress=True, workers=1, cot_noise=0.2):
+    """Write {out}/videos/*.mp4, {out}/{train,val,test}.jsonl and {out}/train_sft.jsonl (train's questions with
+    teacher-written CoT, a fraction cot_noise of it wrong: teacher_traces). Deterministic given the arguments (workers too:
     frames are drawn in order in this process; only the H.264 encoding, ~90% of the time, runs in `workers`
     processes). Categories and answer letters are balanced exactly within each block of 16 samples."""
     from concurrent.futures import ProcessPoolExecutor
@@ -208,13 +232,17 @@ def generate_synthetic(out, n_train=640, n_val=64, n_test=128, num_frames=256, f
                 f.result()
             pending = []
             order = rng.permutation(len(recs))
-            tmp = os.path.join(out, f"{split}.jsonl.tmp")
-            with open(tmp, "w") as f:
-                for j in order:
-                    f.write(json.dumps(recs[j]) + "\n")
-            os.replace(tmp, os.path.join(out, f"{split}.jsonl"))
+            files = {split: [recs[j] for j in order]}
+            if split == "train":
+                files["train_sft"] = teacher_traces(files["train"], cot_noise, seed)
+            for name, rows in files.items():
+                tmp = os.path.join(out, f"{name}.jsonl.tmp")
+                with open(tmp, "w") as f:
+                    for r in rows:
+                        f.write(json.dumps(r) + "\n")
+                os.replace(tmp, os.path.join(out, f"{name}.jsonl"))
     meta = dict(n_train=n_train, n_val=n_val, n_test=n_test, num_frames=num_frames, fps=fps, size=size,
-                seed=seed, categories=list(CATEGORIES))
+                seed=seed, cot_noise=cot_noise, categories=list(CATEGORIES))
     with open(os.path.join(out, "meta.json"), "w") as f:
         json.dump(meta, f, indent=1)
     return meta
@@ -386,6 +414,9 @@ def _dataset_texts(data_dir):
     """Every string a prompt or target can contain, to train the tiny tokenizer on."""
     texts = [INSTRUCTION, "You are a helpful assistant.", "system", "user", "assistant"]
     files = sorted(glob.glob(os.path.join(data_dir, "*.jsonl"))) if os.path.isdir(data_dir) else [data_dir]
+    # the splits only: train_sft.jsonl re-words train's questions with the same words, and its share of wrong traces
+    # must not change the tokenizer (nor the tiny checkpoint the tests draw from)
+    files = [f for f in files if not f.endswith("_sft.jsonl")] or files
     if not files:
         raise FileNotFoundError(f"--data={data_dir}: no *.jsonl files to train the tokenizer on")
     for f in files:
@@ -507,7 +538,7 @@ if __name__ == "__main__":
             raise SystemExit(f"prepare.py: --out={out} already holds {', '.join(theirs)} without the meta.json that "
                              "prepare.py writes: refusing to overwrite a dataset it did not generate (pick another "
                              "--out; to run the demo on it, pass --model=CHECKPOINT too)")
-        keys = ("n_train", "n_val", "n_test", "num_frames", "fps", "size", "seed")
+        keys = ("n_train", "n_val", "n_test", "num_frames", "fps", "size", "seed", "cot_noise")
         have = json.load(open(os.path.join(out, "meta.json"))) if mine else {}
         if task not in ("video", "math", "image"):
             raise SystemExit(f"prepare.py: --task={task!r}: expected video, math or image")
@@ -523,7 +554,10 @@ if __name__ == "__main__":
         elif mine and all(have.get(k) == cfg[k] for k in keys):
             print(f"{out}: already generated with this config, skipping")
         else:
-            generate_synthetic(out, n_train, n_val, n_test, num_frames, fps, size, seed, workers=workers)
+            if not 0 <= cot_noise < 1:
+                raise SystemExit(f"prepare.py: --cot_noise={cot_noise}: expected a fraction in [0, 1)")
+            generate_synthetic(out, n_train, n_val, n_test, num_frames, fps, size, seed, workers=workers,
+                               cot_noise=cot_noise)
             print(f"wrote {n_train}/{n_val}/{n_test} train/val/test questions to {out}")
 
     # --- the tiny checkpoint

@@ -617,6 +617,33 @@ def test_synthetic_is_deterministic_by_seed(tmp_path):
     assert read(a, "train.jsonl") != read(c, "train.jsonl")
 
 
+def test_teacher_traces_are_wrong_where_drawn_and_move_nothing_else(tmp_path):
+    """train_sft.jsonl: train's questions, videos and order; exactly round(cot_noise * n) traces a teacher's slip (the
+    reasoning right, another option's letter); train.jsonl, the videos and the tokenizer's
+    text do not depend on cot_noise."""
+    clean, noisy = str(tmp_path / "clean"), str(tmp_path / "noisy")
+    for out, p in ((clean, 0.0), (noisy, 0.5)):
+        prepare.generate_synthetic(out, n_train=16, n_val=1, n_test=1, num_frames=64, fps=8.0, size=56, seed=1,
+                                   progress=False, cot_noise=p)
+    read = lambda d, f: open(os.path.join(d, f), "rb").read()  # noqa: E731
+    assert read(clean, "train.jsonl") == read(noisy, "train.jsonl")
+    assert all(read(clean, f"videos/{n}") == read(noisy, f"videos/{n}") for n in os.listdir(f"{clean}/videos"))
+    rows = lambda d, f: [json.loads(line) for line in open(os.path.join(d, f))]  # noqa: E731
+    key = rows(noisy, "train.jsonl")
+    for d, n_wrong in ((clean, 0), (noisy, 8)):
+        sft = rows(d, "train_sft.jsonl")
+        assert [(r["id"], r["video"], r["question"], r["options"]) for r in sft] == \
+            [(r["id"], r["video"], r["question"], r["options"]) for r in key]
+        wrong = [(s, k) for s, k in zip(sft, key) if not s["teacher_correct"]]
+        assert len(wrong) == n_wrong
+        for s, k in zip(sft, key):
+            if s["teacher_correct"]:
+                assert (s["reasoning"], s["answer"]) == (k["reasoning"], k["answer"])
+        for s, k in wrong:   # the reasoning as it was, up to the letter: another option's
+            assert s["answer"] != k["answer"] and s["reasoning"] == k["reasoning"][:-2] + s["answer"] + "."
+    assert prepare._dataset_texts(clean) == prepare._dataset_texts(noisy)   # the tokenizer reads the splits only
+
+
 def test_synthetic_bad_settings(tmp_path):
     with pytest.raises(ValueError, match="size"):
         prepare.generate_synthetic(str(tmp_path), n_train=1, n_val=0, n_test=0, size=100, progress=False)

@@ -48,6 +48,9 @@ def test_synthetic_demo_runs_micro_batches(tmp_path):
     cmds = [line[2:].split() for line in p.stdout.splitlines() if line.startswith("+ ")]
     assert "--micro_batch=4" in next(c for c in cmds if "sft.py" in c)
     assert "--micro_batch=8" in next(c for c in cmds if "rl.py" in c)
+    # SFT imitates the teacher's traces (train_sft.jsonl); RL is rewarded by the answer key (train.jsonl)
+    assert f"--data={tmp_path}/synth/train_sft.jsonl" in next(c for c in cmds if "sft.py" in c)
+    assert f"--data={tmp_path}/synth/train.jsonl" in next(c for c in cmds if "rl.py" in c)
 
 
 def test_flags_reach_the_stage_commands(tmp_path):
@@ -62,6 +65,7 @@ def test_flags_reach_the_stage_commands(tmp_path):
         assert want in rl[0].split(), (want, rl[0])
     assert rl[0].endswith("--engine=vllm --lr=1e-6")               # the user's args come last: they win
     assert f"--model={ckpt}" in [c for c in cmds if " sft.py " in c][0].split()
+    assert f"--data={data}/train.jsonl" in [c for c in cmds if " sft.py " in c][0].split()   # no train_sft here
     assert not any("prepare.py" in c for c in cmds)                  # a real checkpoint: no synthetic stages
     sft = [c for c in cmds if " sft.py " in c][0].split()
     assert "--micro_batch=1" in sft and "--micro_batch=1" in rl[0].split()   # long videos one at a time
