@@ -2,7 +2,7 @@
 numeric variants that stand in for other machines, and one table of the runs with a pooled interval that includes
 the seed-to-seed spread.
 
-    python bench/demo_seeds.py                                  # seeds 0-4 x micro-batches 4/8, 2/4 (~10 x 13 min)
+    python bench/demo_seeds.py                                  # seeds 0-4 x micro-batches 4/8, 2/4 (~10 x 11 min)
     python bench/demo_seeds.py --seeds=0,1 --micro_batches=4/8  # fewer runs
     python bench/demo_seeds.py --threads=1,2 --micro_batches=   # thread counts as the variant instead
     python bench/demo_seeds.py --report_only=1                  # the table from the runs already under --out

@@ -341,7 +341,12 @@ def check_rl_vllm_run(p, rows, steps, vision_passes, eval_rounds):
     assert got == list(range(steps + 1)) and "val_acc" in rows[0] and "val_acc" in rows[-1], got
     train = rows[1:]
     assert all(r["vision_passes"] == vision_passes and r["response_len"] > 0 for r in train)   # one encode a prompt
-    assert all(r["grad_norm"] > 0 for r in train)
+    # a step whose rollouts all scored alike (every group tied: zero advantages) has nothing to learn; which steps do
+    # is the sampler's draw, and another CPU draws other tokens (a seed picked on one machine tied step 3 on another)
+    for r in train:
+        assert r["grad_norm"] > 0 or (r["accuracy"] in (0, 1) and r["format_rate"] in (0, 1)), \
+            [(r["grad_norm"], r["accuracy"], r["format_rate"]) for r in train]
+    assert any(r["grad_norm"] > 0 for r in train[:-1])   # the weights moved before a later step's rollouts
     # lr 3e-2 moves the policy a lot each step: the engine's sampling log-probs agree with the trainer's recompute
     # at EVERY step only if the new weights reached every engine before its rollouts
     gaps = [r["logp_gap"] for r in train]
@@ -381,7 +386,7 @@ def test_rl_loop_with_vllm_engines_under_torchrun(tiny_ckpt, synth_dir, tmp_path
     (--eval_batch_size=1), so the second eval round has a record on rank 0 only (rank 1 makes an empty call). Every step's log-prob gap stays small on every rank
     (the sync reached both engines: under SP each rank scores the responses of both engines; measured without the
     sync, sp=2: 0.72 and 1.15 at steps 2 and 3) and the run finishes (no rank waits forever in vLLM's lockstep).
-    Seeds chosen so that every step has groups with unequal rewards (a real update each step)."""
+    Seeds chosen so that the first steps have groups with unequal rewards (real updates before the later rollouts)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     python = vllm_probe.vllm_python()
     prompts, run_seed = (4, 0) if sp == 1 else (3, 1)
