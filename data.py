@@ -39,6 +39,7 @@ COUNTS = dict(decodes=0, decoded_frames=0, processor_runs=0, decode_s=0.0, decod
               process_cpu_s=0.0)   # this process's decode / pre-process work, wall and CPU s (rl.py's metrics)
 DECODE_THREADS = 0        # codec threads per decode (0: one per core, at most 16: libavcodec's auto)
 SEEK_SLACK = 8            # decode on rather than seek when the next keyframe is at most this many frames ahead
+DECODE_BACKEND = None     # load_video's backend when none is passed: None = decord, then PyAV (set_decode_backend)
 # frame sizes are counted in merged tokens of factor x factor pixels (factor = patch 14 x merge 2 = 28 for Qwen2.5-VL)
 VIDEO_MIN_TOKENS = 128    # per-frame pixel floor: 128 * 28 * 28
 VIDEO_MAX_TOKENS = 768    # per-frame pixel ceiling: 768 * 28 * 28
@@ -395,6 +396,7 @@ def _load_video(path, num_frames=None, fps=FPS, min_frames=FPS_MIN_FRAMES, max_f
     Raises VideoError (a ValueError) naming the path for missing/empty/corrupt/truncated files.
     """
     path = _check_file(path)
+    backend = backend or DECODE_BACKEND
     if subset is not None:
         start, end = subset
         if not 0 <= start < end:
@@ -430,14 +432,27 @@ def _load_video(path, num_frames=None, fps=FPS, min_frames=FPS_MIN_FRAMES, max_f
     raise VideoError(f"{path}: cannot decode video ({'; '.join(errors)})")
 
 
+def set_decode_backend(name):
+    """A stage's --decode_backend: "" keeps the default order (decord, then PyAV where decord is missing or cannot
+    read a file), "decord" or "pyav" makes it the only decoder of this process (every rank sets the same)."""
+    global DECODE_BACKEND
+    if name not in ("", "decord", "pyav"):
+        raise SystemExit(f"--decode_backend={name!r}: expected '' (decord, then PyAV), 'decord' or 'pyav'")
+    DECODE_BACKEND = name or None
+
+
 def sampled_frame_count(path, num_frames=None, fps=FPS, min_frames=FPS_MIN_FRAMES, max_frames=FPS_MAX_FRAMES,
                         video_start=None, video_end=None):
     """How many frames load_video samples from this video (same options), read from the header (nothing decoded):
     the plan of MR-SP's parallel decoding, made before any rank decodes its share."""
     path = _check_file(path)
-    try:
-        _, total, video_fps = _decord_open(path)
-    except Exception:  # noqa: BLE001 - no decord, or decord cannot read it: PyAV (load_video does the same)
+    total = None
+    if DECODE_BACKEND != "pyav":      # the header of the reader load_video will use
+        try:
+            _, total, video_fps = _decord_open(path)
+        except Exception:  # noqa: BLE001 - no decord, or decord cannot read it: PyAV (load_video does the same)
+            pass
+    if total is None:
         import av
         try:
             with av.open(path) as container:

@@ -42,7 +42,8 @@ import sys
 import time
 
 from common import apply_overrides, config_of, gather_rows, phase, print0, setup_dist, teardown, watchdog
-from data import CATEGORIES, RecordError, VideoError, check_videos, load_records, most_videos, video_flags
+from data import (CATEGORIES, RecordError, VideoError, check_videos, load_records, most_videos, set_decode_backend,
+                  video_flags)
 from reward import extract_choice
 from mrsp import EmbeddingCache, VLLMEngine, evaluate, load_model, vllm_start
 
@@ -73,6 +74,7 @@ batch_size = 16             # prompts per vLLM call (the HF engine decodes one p
 max_model_len = 32768       # vLLM: longest prompt (video tokens expanded) + max_new_tokens
 gpu_memory_utilization = 0.5    # vLLM
 cache_bytes = 1 << 30       # video-embedding cache budget (Video-MME asks 3 questions per video)
+decode_backend = ""         # decord | pyav: the only video decoder; "": decord, then PyAV where decord is missing/fails
 skip_bad = False            # skip bad records / unreadable videos (listed and counted) instead of stopping
 dist_timeout = 60           # minutes a collective may wait for the other ranks before it fails
 phase_timeout = 3600.0      # seconds one frame count's pass may take; past it every rank dumps its stacks to
@@ -443,6 +445,7 @@ if __name__ == "__main__":
     apply_overrides(globals(), argv)
     cfg = config_of(globals())
     frame_list = parse_frames(frames)
+    set_decode_backend(decode_backend)
     if engine not in ("hf", "vllm"):
         raise SystemExit(f"--engine={engine!r}: expected hf or vllm")
     if samples < 1 or (samples > 1 and temperature <= 0):

@@ -98,7 +98,7 @@ from common import (apply_overrides, autocast, batch_indices, check_seconds, cli
 import data as data_lib   # its COUNTS (decodes, processor runs) and FRAME_CACHE
 import mrsp as mrsp_lib   # its ROLLOUT_TIMES (the HF engine's prefill / decode seconds)
 from data import (LETTERS, FrameCache, check_videos, decode_opts, encode_text, image_inputs, load_records, load_video,
-                  most_videos, no_video, video_flags, video_inputs, video_options)
+                  most_videos, no_video, set_decode_backend, video_flags, video_inputs, video_options)
 from reward import extract_choice, follows_format, score_answer
 from mrsp import (EmbeddingCache, VLLMEngine, accuracy_metrics, encode_videos, evaluate, fsdp_gathered,
                   get_video_embeds, load_model, load_models, rollout, setup_mesh, sp_logprobs, sync_weights,
@@ -122,6 +122,7 @@ loop = "mrsp"               # mrsp | naive: the baseline loop (no cache: re-enco
                             #   passes per prompt, one shared rollout prefill; sp 1): the paper's baseline
 decode_once = False         # --loop=baseline: decode + pre-process each video once (the compute-only control)
 frame_cache_dir = ""        # on-disk cache of decoded + resized frames (data.FrameCache), for data reused over epochs
+decode_backend = ""         # decord | pyav: the only video decoder; "": decord, then PyAV where decord is missing/fails
 engine = "hf"               # rollout engine: hf (an unsharded copy of the model) | vllm (needs vllm installed)
 prompts_per_step = 8        # prompts per RL step, global (divisible by the data-parallel size)
 group_size = 5              # G rollouts per prompt (paper release: 5)
@@ -699,6 +700,7 @@ def check_config():
         raise SystemExit(f"--engine={engine}: expected hf or vllm")
     if loop not in ("mrsp", "naive", "baseline"):
         raise SystemExit(f"--loop={loop}: expected mrsp, naive or baseline")
+    set_decode_backend(decode_backend)   # a bad name stops here, before any model is loaded
     if decode_once and loop != "baseline":
         raise SystemExit(f"--decode_once=1 is the compute-only control of --loop=baseline (got --loop={loop})")
     if group_size < 2:

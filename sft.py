@@ -34,7 +34,7 @@ from tqdm import tqdm
 from common import (apply_overrides, autocast, batch_indices, check_seconds, clip_grad, config_of, export_hf,
                     gather_rows, load_checkpoint, metrics_logger, phase, phase_memory, print0, reduce_sum,
                     save_checkpoint, setup_dist, teardown, tick, watchdog)
-from data import VideoError, check_videos, load_records, video_flags
+from data import VideoError, check_videos, load_records, set_decode_backend, video_flags
 from mrsp import (EmbeddingCache, accuracy_metrics, build_seq, evaluate, fsdp_gathered, load_model, load_models,
                   setup_mesh, sp_logprobs, sync_weights)
 
@@ -76,6 +76,7 @@ keep_checkpoints = 2
 resume = False
 stop_after = 0              # stop after this many steps of this run, as if killed (tests); 0 = never
 cache_bytes = 1 << 30       # video-embedding cache budget (frozen vision only)
+decode_backend = ""         # decord | pyav: the only video decoder; "": decord, then PyAV where decord is missing/fails
 seed = 0
 log_every = 1
 wandb_project = ""          # set to log to Weights & Biases
@@ -137,6 +138,7 @@ def validate(val, processor, policy, rollout_model, cache, answer_cache, mesh, d
 if __name__ == "__main__":
     apply_overrides(globals(), sys.argv[1:])
     cfg = config_of(globals())
+    set_decode_backend(decode_backend)
 
     # --- init
     rank, local_rank, world, device = setup_dist(dist_timeout)

@@ -19,13 +19,14 @@ Arms (one rl.py process, or torchrun --nproc_per_node=nproc, each; same seed, da
                 prefills and the update (same data-parallel layout as the baseline)
   stage1+2      --loop=mrsp --sp=nproc (nproc > 1): plus the sequence-parallel decode/encode, prefill and update
 
-Videos: ONE realistic H.264 file (bench/make_videos.py: --video_seconds at 640x360, 30 fps, keyframe every 250,
-film grain, cuts), hard-linked under a distinct name for every record, so every step draws "new" videos for the
-embedding cache while every decode does the same real work (the file sits in the page cache for all arms alike).
-The model sees each frame at 56x56 (records carry resized_height/width=56): the bench model of bench_mrsp.py, sized
-to Qwen2.5-VL-7B's vision/LLM cost share at that input. Decoding is at 640x360 with data.load_video's default
-backend, identical for every arm. Wall-clock figures depend on this machine's decode speed relative to its model
-compute: the transferable figure is the decode share (decode s / stage-1 step s) printed next to each speed-up.
+Videos: ONE realistic H.264 file (bench/make_videos.py: --video_seconds long, --video_height 360 or 720 at 16:9,
+30 fps, keyframe every 250, film grain, cuts), hard-linked under a distinct name for every record, so every step
+draws "new" videos for the embedding cache while every decode does the same real work (the file sits in the page
+cache for all arms alike). The model sees each frame at 56x56 (records carry resized_height/width=56): the bench
+model of bench_mrsp.py, sized to Qwen2.5-VL-7B's vision/LLM cost share at that input. Decoding is at the file's size
+with the same reader for every arm (--decode_backend; "" = data.load_video's default). Wall-clock figures depend on
+this machine's decode speed relative to its model compute: the transferable figure is the decode share (decode s /
+stage-1 step s) printed next to each speed-up.
 """
 import json
 import os
@@ -53,6 +54,8 @@ kl_coef = 1e-2
 nproc = 1
 arms = "baseline,compute-only,stage1,stage1+2"
 video_seconds = 60.0
+video_height = 360           # 360 -> 640x360, 720 -> 1280x720 (16:9)
+decode_backend = ""          # every arm's decoder (rl.py --decode_backend): "" = decord, then PyAV; decord | pyav
 run_timeout = 1800
 seed = 0
 
@@ -93,7 +96,7 @@ def run_arm(arm, model_dir, data_file, F):
                     f"--prompts_per_step={prompts_per_step}",
                     f"--group_size={group_size}", f"--max_new_tokens={max_new_tokens}", f"--kl_coef={kl_coef}",
                     f"--seed={seed}", f"--save_every={steps + 1000}", f"--log_every={steps + 1000}",
-                    "--keep_gathered=0"] + flags
+                    "--keep_gathered=0", f"--decode_backend={decode_backend}"] + flags
     path = os.path.join(run_dir, "metrics.jsonl")
     t0, cpu_at_row, rc = time.time(), [], None
     with open(os.path.join(run_dir, "log.txt"), "w") as f:
@@ -145,10 +148,11 @@ def main():
     names = [a for a in arms.split(",") if a != "stage1+2" or nproc > 1]
     t_start, load0 = time.time(), os.getloadavg()[0]
     print(f"bench_baseline: {os.cpu_count()} CPUs, load {load0:.2f}; config {json.dumps(cfg)}", flush=True)
-    video = os.path.join(ROOT, "out", "videos", f"real_{video_seconds:g}s_360p.mp4")
+    width = 2 * round(video_height * 16 / 9 / 2)
+    video = os.path.join(ROOT, "out", "videos", f"real_{video_seconds:g}s_{video_height}p.mp4")
     if not os.path.exists(video):
         from make_videos import make_video
-        print(make_video(video, video_seconds, 360, 640), flush=True)
+        print(make_video(video, video_seconds, video_height, width), flush=True)
     data_dir = os.path.join(out, "data")
     data_file = make_data(data_dir, video, steps * prompts_per_step)
     model_dir = os.path.join(out, "model_7b")

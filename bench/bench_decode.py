@@ -19,8 +19,9 @@ Arms (each decodes the same sampled indices; the frames of ours are checked equa
                    last target), the lower bound for exact decoding; "ours decoded" is what gop_plan decodes
 
 Per N: wall and CPU seconds (time.process_time: all threads of this process), for every arm in one interleaved
-round (the order rotates per N), plus the frame-cache hit read (data.FrameCache, --cache=1). The machine is shared:
-read ratios within a row. Rows also go to {out}/decode_results.json.
+round (the order rotates per N; --rounds=R decodes R times per arm and reports the medians), plus the frame-cache
+hit read (data.FrameCache, --cache=1). On a shared machine read ratios within a row. Rows also go to
+{out}/decode_results.json.
 """
 import json
 import os
@@ -45,6 +46,7 @@ width = 640
 frames = "8,16,64,128,256,512"
 arms = "ours-pyav,ours-pyav-half,ours-decord,qvu-decord,qvu-torchvision"
 cache = 1                                  # also time data.FrameCache: a write (miss) and a read (hit)
+rounds = 1                                 # decodes per arm and N, back to back: the median wall / CPU is reported
 out = "out/bench_decode"
 
 
@@ -122,23 +124,30 @@ if __name__ == "__main__":
     for r, n in enumerate(Ns):
         order = names[r % len(names):] + names[:r % len(names)]      # rotate: drifting load hits every arm
         res, ref = {}, None
-        for a in order:
+        def decode(a):
+            """-> (frames, sampled indices, wall s, CPU s) of one decode by arm a."""
             if a == "ours-pyav":
                 (fr, info), w, c = timed(lambda: data.load_video(video, num_frames=n, backend="pyav"))
-                idx = info["indices"]
-            elif a == "ours-pyav-half":
+                return fr, info["indices"], w, c
+            if a == "ours-pyav-half":
                 (fr, info), w, c = timed(lambda: data.load_video(video, num_frames=n, backend="pyav",
                                                                  subset=(0, n // 2)))
-                idx = info["indices"][:n // 2]
-            elif a == "ours-decord":
+                return fr, info["indices"][:n // 2], w, c
+            if a == "ours-decord":
                 (fr, info), w, c = timed(lambda: data.load_video(video, num_frames=n, backend="decord"))
-                idx = info["indices"]
-            elif a == "qvu-decord":
+                return fr, info["indices"], w, c
+            if a == "qvu-decord":
                 (fr, idx), w, c = timed(lambda: qvu_decord(video, n))
-            elif a == "qvu-torchvision":
+                return fr, idx, w, c
+            if a == "qvu-torchvision":
                 (fr, idx), w, c = timed(lambda: torchvision_like(video, n))
-            else:
-                raise ValueError(f"--arms: unknown arm {a!r}; known: {arms}")
+                return fr, idx, w, c
+            raise ValueError(f"--arms: unknown arm {a!r}; known: {arms}")
+
+        for a in order:
+            runs = [decode(a) for _ in range(rounds)]
+            fr, idx = runs[-1][:2]
+            w, c = float(np.median([x[2] for x in runs])), float(np.median([x[3] for x in runs]))
             res[a] = dict(wall=w, cpu=c, frames=len(fr), indices=list(map(int, idx)))
             if a in ("ours-pyav", "qvu-torchvision", "ours-pyav-half"):   # same decoder (PyAV/libavcodec, rgb24)
                 ref = fr if ref is None or len(fr) > len(ref) else ref

@@ -1,5 +1,6 @@
 """Fast decoding (GOP-aware PyAV, threaded) and the on-disk frame cache: the frames must be exactly those of a plain
 sequential decode, on small generated H.264 videos with B-frames and short GOPs (a few seconds each)."""
+import importlib.util
 import os
 import sys
 from fractions import Fraction
@@ -119,6 +120,30 @@ def test_frame_cache_serves_the_same_pixels_and_counts_hits(vids, tmp_path):
     fr, info = data.load_frames(proc, path, {"num_frames": 8, "resized_height": 56, "resized_width": 84}, cache=cache)
     with pytest.raises(ValueError, match="expected the source size or the processed size"):
         data.process_video(proc, fr[:, :28], info, resized_height=56, resized_width=84)
+
+
+def test_decode_backend_flag_picks_the_reader(vids, monkeypatch):
+    """The stages' --decode_backend (data.set_decode_backend) makes one reader decode every load_video that names
+    none, and sampled_frame_count read that reader's header; "" restores decord-then-PyAV; a wrong name stops."""
+    monkeypatch.setattr(data, "DECODE_BACKEND", None)
+    path = vids["closed"]
+    decord_ok = importlib.util.find_spec("decord") is not None
+    _, info = load_video(path, num_frames=8)
+    assert info["backend"] == ("decord" if decord_ok else "pyav")
+    data.set_decode_backend("pyav")
+    assert data.DECODE_BACKEND == "pyav"
+    got, info = load_video(path, num_frames=8)
+    assert info["backend"] == "pyav" and np.array_equal(got, _sequential(path, 8))
+    with monkeypatch.context() as mp:             # the frame-count plan must not consult decord either
+        mp.setattr(data, "_decord_open", lambda p: pytest.fail(f"decord opened {p} under --decode_backend=pyav"))
+        assert data.sampled_frame_count(path, num_frames=8) == 8
+    if decord_ok:
+        data.set_decode_backend("decord")
+        assert load_video(path, num_frames=8)[1]["backend"] == "decord"
+    data.set_decode_backend("")
+    assert data.DECODE_BACKEND is None
+    with pytest.raises(SystemExit, match="--decode_backend='ffmpeg': expected"):
+        data.set_decode_backend("ffmpeg")
 
 
 def test_decode_counts(vids):
