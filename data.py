@@ -1,5 +1,5 @@
 """
-data.py -- long-video QA data, as a library: video decoding (decord, GOP-aware PyAV; an on-disk frame cache), frame
+data.py -- long-video QA data, as a library: video decoding (GOP-aware PyAV, decord; an on-disk frame cache), frame
 sampling and sizing with qwen-vl-utils' rules (what Qwen2-VL / Qwen2.5-VL checkpoints were trained with), dataset
 records (LongVideo-Reason as released, our JSONL, Video-MME, GSM8K, MATH; one video, none, images or several videos;
 multiple-choice, open-ended or math answers), prompts and targets, and SFT/RL collation. What a response answered and
@@ -39,7 +39,8 @@ COUNTS = dict(decodes=0, decoded_frames=0, processor_runs=0, decode_s=0.0, decod
               process_cpu_s=0.0)   # this process's decode / pre-process work, wall and CPU s (rl.py's metrics)
 DECODE_THREADS = 0        # codec threads per decode (0: one per core, at most 16: libavcodec's auto)
 SEEK_SLACK = 8            # decode on rather than seek when the next keyframe is at most this many frames ahead
-DECODE_BACKEND = None     # load_video's backend when none is passed: None = decord, then PyAV (set_decode_backend)
+DECODE_BACKEND = None     # load_video's backend when none is passed: None = PyAV, then decord (set_decode_backend)
+DECODE_ORDER = ("pyav", "decord")   # the default order: our reader first (2-10% faster here, docs/BENCHMARKS.md)
 # frame sizes are counted in merged tokens of factor x factor pixels (factor = patch 14 x merge 2 = 28 for Qwen2.5-VL)
 VIDEO_MIN_TOKENS = 128    # per-frame pixel floor: 128 * 28 * 28
 VIDEO_MAX_TOKENS = 768    # per-frame pixel ceiling: 768 * 28 * 28
@@ -194,8 +195,8 @@ def frame_size(height, width, nframes, factor=28, min_pixels=None, max_pixels=No
 
 
 # -----------------------------------------------------------------------------
-# decoding: decord first, PyAV fallback. Both decode only the GOPs the sampled frames touch (decord's get_batch seeks
-# across GOPs only; our PyAV reader plans it: gop_plan), codec threads on (bench/bench_decode.py, docs/BENCHMARKS.md)
+# decoding: our PyAV reader first, decord the fallback. Both decode only the GOPs the sampled frames touch (our
+# reader plans it: gop_plan; decord's get_batch seeks across GOPs only), codec threads on (bench/bench_decode.py)
 class _timed:
     """Adds a block's wall and CPU (process, all threads) seconds to COUNTS[f"{name}_s"], COUNTS[f"{name}_cpu_s"]."""
 
@@ -389,7 +390,7 @@ def _load_video(path, num_frames=None, fps=FPS, min_frames=FPS_MIN_FRAMES, max_f
     process_video sizes them.
 
     Returns frames (T, H, W, 3) uint8 and info {video_fps, total_frames, indices, duration (of the whole video),
-    sampled_fps, backend, subset}. backend: None (decord, then PyAV), "decord" or "pyav".
+    sampled_fps, backend, subset}. backend: None (DECODE_BACKEND, else PyAV then decord), "pyav" or "decord".
     subset=(start, end): decode only sampled frames start..end-1 (MR-SP: each SP rank decodes its share);
     info still describes the whole sampling (indices, sampled_fps), so the time scale and the frame size stay
     those of the whole video.
@@ -404,7 +405,7 @@ def _load_video(path, num_frames=None, fps=FPS, min_frames=FPS_MIN_FRAMES, max_f
     sampling = dict(num_frames=num_frames, fps=fps, min_frames=min_frames, max_frames=max_frames,
                     video_start=video_start, video_end=video_end)
     errors = []
-    for name in ([backend] if backend else ["decord", "pyav"]):
+    for name in ([backend] if backend else DECODE_ORDER):
         reader = {"decord": _decord_read, "pyav": _pyav_read}.get(name)
         if reader is None:
             raise ValueError(f"backend={name!r}: expected 'decord' or 'pyav'")
@@ -433,11 +434,11 @@ def _load_video(path, num_frames=None, fps=FPS, min_frames=FPS_MIN_FRAMES, max_f
 
 
 def set_decode_backend(name):
-    """A stage's --decode_backend: "" keeps the default order (decord, then PyAV where decord is missing or cannot
-    read a file), "decord" or "pyav" makes it the only decoder of this process (every rank sets the same)."""
+    """A stage's --decode_backend: "" keeps the default order (PyAV, then decord where PyAV cannot read a file),
+    "pyav" or "decord" makes it the only decoder of this process (every rank sets the same)."""
     global DECODE_BACKEND
     if name not in ("", "decord", "pyav"):
-        raise SystemExit(f"--decode_backend={name!r}: expected '' (decord, then PyAV), 'decord' or 'pyav'")
+        raise SystemExit(f"--decode_backend={name!r}: expected '' (PyAV, then decord), 'pyav' or 'decord'")
     DECODE_BACKEND = name or None
 
 
@@ -446,21 +447,20 @@ def sampled_frame_count(path, num_frames=None, fps=FPS, min_frames=FPS_MIN_FRAME
     """How many frames load_video samples from this video (same options), read from the header (nothing decoded):
     the plan of MR-SP's parallel decoding, made before any rank decodes its share."""
     path = _check_file(path)
-    total = None
-    if DECODE_BACKEND != "pyav":      # the header of the reader load_video will use
+    errors = []
+    for name in [DECODE_BACKEND] if DECODE_BACKEND else DECODE_ORDER:   # the header of the reader load_video uses
         try:
-            _, total, video_fps = _decord_open(path)
-        except Exception:  # noqa: BLE001 - no decord, or decord cannot read it: PyAV (load_video does the same)
-            pass
-    if total is None:
-        import av
-        try:
-            with av.open(path) as container:
-                _, total, video_fps = _pyav_header(container, path)
-        except VideoError:
-            raise
-        except Exception as e:  # noqa: BLE001
-            raise VideoError(f"{path}: cannot read the video header ({type(e).__name__}: {e})") from e
+            if name == "pyav":
+                import av
+                with av.open(path) as container:
+                    _, total, video_fps = _pyav_header(container, path)
+            else:
+                _, total, video_fps = _decord_open(path)
+            break
+        except Exception as e:  # noqa: BLE001 - any reader's failure: the next one (load_video does the same)
+            errors.append(f"{name}: {e}" if isinstance(e, VideoError) else f"{name}: {type(e).__name__}: {e}")
+    else:
+        raise VideoError(f"{path}: cannot read the video header ({'; '.join(errors)})")
     return len(_sample(path, total, video_fps, dict(num_frames=num_frames, fps=fps, min_frames=min_frames,
                                                     max_frames=max_frames, video_start=video_start,
                                                     video_end=video_end)))

@@ -76,7 +76,7 @@ keep_checkpoints = 2
 resume = False
 stop_after = 0              # stop after this many steps of this run, as if killed (tests); 0 = never
 cache_bytes = 1 << 30       # video-embedding cache budget (frozen vision only)
-decode_backend = ""         # decord | pyav: the only video decoder; "": decord, then PyAV where decord is missing/fails
+decode_backend = ""         # pyav | decord: the only video decoder; "": PyAV, then decord where PyAV cannot read a file
 seed = 0
 log_every = 1
 wandb_project = ""          # set to log to Weights & Biases

@@ -55,7 +55,7 @@ nproc = 1
 arms = "baseline,compute-only,stage1,stage1+2"
 video_seconds = 60.0
 video_height = 360           # 360 -> 640x360, 720 -> 1280x720 (16:9)
-decode_backend = ""          # every arm's decoder (rl.py --decode_backend): "" = decord, then PyAV; decord | pyav
+decode_backend = ""          # every arm's decoder (rl.py --decode_backend): "" = PyAV, then decord; pyav | decord
 run_timeout = 1800
 seed = 0
 

@@ -124,12 +124,12 @@ def test_frame_cache_serves_the_same_pixels_and_counts_hits(vids, tmp_path):
 
 def test_decode_backend_flag_picks_the_reader(vids, monkeypatch):
     """The stages' --decode_backend (data.set_decode_backend) makes one reader decode every load_video that names
-    none, and sampled_frame_count read that reader's header; "" restores decord-then-PyAV; a wrong name stops."""
+    none, and sampled_frame_count read that reader's header; "" restores PyAV-then-decord; a wrong name stops."""
     monkeypatch.setattr(data, "DECODE_BACKEND", None)
     path = vids["closed"]
     decord_ok = importlib.util.find_spec("decord") is not None
     _, info = load_video(path, num_frames=8)
-    assert info["backend"] == ("decord" if decord_ok else "pyav")
+    assert info["backend"] == "pyav"                  # the default: our reader first
     data.set_decode_backend("pyav")
     assert data.DECODE_BACKEND == "pyav"
     got, info = load_video(path, num_frames=8)
@@ -139,7 +139,11 @@ def test_decode_backend_flag_picks_the_reader(vids, monkeypatch):
         assert data.sampled_frame_count(path, num_frames=8) == 8
     if decord_ok:
         data.set_decode_backend("decord")
-        assert load_video(path, num_frames=8)[1]["backend"] == "decord"
+        fr, info = load_video(path, num_frames=8)
+        assert info["backend"] == "decord" and np.array_equal(fr, got)   # H.264 here: the same RGB either way
+        with monkeypatch.context() as mp:
+            mp.setattr(data, "_pyav_header", lambda *a: pytest.fail("PyAV read a header under --decode_backend=decord"))
+            assert data.sampled_frame_count(path, num_frames=8) == 8
     data.set_decode_backend("")
     assert data.DECODE_BACKEND is None
     with pytest.raises(SystemExit, match="--decode_backend='ffmpeg': expected"):

@@ -426,7 +426,7 @@ def test_check_config_new_flags(monkeypatch, capsys):
                      (dict(kl_in_reward=True, kl_coef=0.0), "--kl_in_reward=1 needs --kl_coef > 0"),
                      (dict(kl_in_reward=True, adv_estimator="reinforce_plus_plus"), "per-token reward-to-go"),
                      (dict(agg="seq-sum"), "--agg=seq-sum: expected one of token-mean, seq-mean-token-sum"),
-                     (dict(decode_backend="ffmpeg"), "--decode_backend='ffmpeg': expected '' (decord, then PyAV)")):
+                     (dict(decode_backend="ffmpeg"), "--decode_backend='ffmpeg': expected '' (PyAV, then decord)")):
         with monkeypatch.context() as mp:
             for k, v in cfg.items():
                 mp.setattr(rl, k, v)
