@@ -20,11 +20,15 @@ PAPER = {8: (119, 30), 128: (201, 65), 256: (320, 110), 512: (439, 205)}
 
 
 def load():
+    """Rows of every input, each tagged with its video (file name without .mp4: the plot's series are per video and
+    process count)."""
     rows = []
     for p in inputs.split(","):
         if os.path.isfile(p):
             with open(p) as f:
-                rows += json.load(f)["rows"]
+                res = json.load(f)
+            video = os.path.splitext(os.path.basename(res.get("video", "")))[0] or "video"
+            rows += [dict(r, video=video) for r in res["rows"]]
     return rows
 
 
@@ -38,14 +42,14 @@ def _split(s):
 
 def tables(rows):
     out = []
-    hdr = ("| procs | frames | arm | s/step wall / CPU | speed-up wall / CPU | decode s wall / CPU | pre-process s | "
-           "vision (collect) s | rollout s (prefill / decode) | actor prep s | old s | ref s | update s | decodes | processor runs | "
-           "vision passes | rollout prefills | peak GB/rank | same tokens |")
+    hdr = ("| video | procs | frames | arm | s/step wall / CPU | speed-up wall / CPU | decode s wall / CPU | "
+           "pre-process s | vision (collect) s | rollout s (prefill / decode) | actor prep s | old s | ref s | "
+           "update s | decodes | processor runs | vision passes | rollout prefills | peak GB/rank | same tokens |")
     # phases: rank 0's wall s (pre-process: the processor incl. the resize; actor prep: the baseline's per-sequence
     # decode + pre-process, also inside the decode / pre-process columns; old / ref / update include their vision
     # passes); counts per step, rank 0 (each DP rank decodes its own prompts); CPU s/step: all ranks
     out += [hdr, "|" + "---|" * (hdr.count("|") - 1)]
-    rows = sorted(rows, key=lambda r: (r["nproc"], r["frames"]))
+    rows = sorted(rows, key=lambda r: (r["video"], r["nproc"], r["frames"]))
     for r in rows:
         b = r["arms"].get("baseline")
         for a in ("baseline", "compute-only", "stage1", "stage1+2"):
@@ -53,15 +57,16 @@ def tables(rows):
                 continue
             s = r["arms"][a]
             if not s:
-                out.append(f"| {r['nproc']} | {r['frames']} | {a} | failed |")
+                out.append(f"| {r['video']} | {r['nproc']} | {r['frames']} | {a} | failed |")
                 continue
             up = (f"{b['step_time'] / s['step_time']:.2f} / {b['cpu_s'] / s['cpu_s']:.2f}" if b else "-")
             out.append(
-                f"| {r['nproc']} | {r['frames']} | {a} | {s['step_time']:.2f} / {s['cpu_s']:.2f} | {up} | "
-                f"{s['decode_s_step']:.2f} / {s['decode_cpu_s_step']:.2f} | {s['process_s_step']:.2f} | "
-                f"{s['t_vision_collect']:.2f} | {s['t_rollout']:.2f}{_split(s)} | {s['t_actor_prep']:.2f} | {s['t_old']:.2f} | "
-                f"{s['t_ref']:.2f} | {s['t_train']:.2f} | {s['decodes_step']:.0f} | {s['processor_runs_step']:.0f} | "
-                f"{s['vision_passes']:.0f} | {s['rollout_prefills']:.0f} | {s['peak_gb']:.2f} | {r['same_tokens']} |")
+                f"| {r['video']} | {r['nproc']} | {r['frames']} | {a} | {s['step_time']:.2f} / {s['cpu_s']:.2f} | "
+                f"{up} | {s['decode_s_step']:.2f} / {s['decode_cpu_s_step']:.2f} | {s['process_s_step']:.2f} | "
+                f"{s['t_vision_collect']:.2f} | {s['t_rollout']:.2f}{_split(s)} | {s['t_actor_prep']:.2f} | "
+                f"{s['t_old']:.2f} | {s['t_ref']:.2f} | {s['t_train']:.2f} | {s['decodes_step']:.0f} | "
+                f"{s['processor_runs_step']:.0f} | {s['vision_passes']:.0f} | {s['rollout_prefills']:.0f} | "
+                f"{s['peak_gb']:.2f} | {r['same_tokens']} |")
     return "\n".join(out)
 
 
@@ -70,8 +75,11 @@ def plot(rows):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for nproc, mk in ((1, "o"), (2, "s")):
-        rs = sorted([r for r in rows if r["nproc"] == nproc and r["arms"].get("baseline")], key=lambda r: r["frames"])
+    series = sorted({(r["video"], r["nproc"]) for r in rows})
+    for k, (video, nproc) in enumerate(series):
+        mk, alpha = "osD^v<>"[k % 7], 1 if nproc == 1 else 0.6
+        rs = sorted([r for r in rows if (r["video"], r["nproc"]) == (video, nproc) and r["arms"].get("baseline")],
+                    key=lambda r: r["frames"])
         for arm, c in (("stage1", "C0"), ("stage1+2", "C1"), ("compute-only", "C2")):
             pts = [(r["frames"], r["arms"]["baseline"]["cpu_s"] / r["arms"][arm]["cpu_s"],
                     # decode CPU is rank 0's (each DP rank decodes its own prompts); step CPU is all ranks'
@@ -79,10 +87,9 @@ def plot(rows):
                    for r in rs if r["arms"].get(arm) and r["arms"].get("stage1")]
             if not pts:
                 continue
-            lab = f"baseline / {arm}, {nproc} proc"
-            ax1.plot([p[0] for p in pts], [p[1] for p in pts], mk + "-", color=c, label=lab,
-                     alpha=1 if nproc == 1 else 0.6)
-            ax2.plot([p[2] for p in pts], [p[1] for p in pts], mk, color=c, label=lab, alpha=1 if nproc == 1 else 0.6)
+            lab = f"baseline / {arm}, {video}, {nproc} proc"
+            ax1.plot([p[0] for p in pts], [p[1] for p in pts], mk + "-", color=c, label=lab, alpha=alpha)
+            ax2.plot([p[2] for p in pts], [p[1] for p in pts], mk, color=c, label=lab, alpha=alpha)
     ax1.plot(list(PAPER), [b / s for b, s in PAPER.values()], "k*--", ms=10, label="paper, stage 1 (7B, 8 GPUs)")
     ax1.axhline(2.1, color="gray", lw=0.8, ls=":")
     ax1.set_xscale("log", base=2)
