@@ -397,7 +397,6 @@ def _load_video(path, num_frames=None, fps=FPS, min_frames=FPS_MIN_FRAMES, max_f
     Raises VideoError (a ValueError) naming the path for missing/empty/corrupt/truncated files.
     """
     path = _check_file(path)
-    backend = backend or DECODE_BACKEND
     if subset is not None:
         start, end = subset
         if not 0 <= start < end:
@@ -405,7 +404,7 @@ def _load_video(path, num_frames=None, fps=FPS, min_frames=FPS_MIN_FRAMES, max_f
     sampling = dict(num_frames=num_frames, fps=fps, min_frames=min_frames, max_frames=max_frames,
                     video_start=video_start, video_end=video_end)
     errors = []
-    for name in ([backend] if backend else DECODE_ORDER):
+    for name in _readers(backend):
         reader = {"decord": _decord_read, "pyav": _pyav_read}.get(name)
         if reader is None:
             raise ValueError(f"backend={name!r}: expected 'decord' or 'pyav'")
@@ -433,6 +432,13 @@ def _load_video(path, num_frames=None, fps=FPS, min_frames=FPS_MIN_FRAMES, max_f
     raise VideoError(f"{path}: cannot decode video ({'; '.join(errors)})")
 
 
+def _readers(backend=None):
+    """The readers load_video tries, in order: the one named (the call's, else --decode_backend's), else DECODE_ORDER.
+    sampled_frame_count reads its header from the same list, so MR-SP's plan counts the frames load_video decodes."""
+    backend = backend or DECODE_BACKEND
+    return (backend,) if backend else DECODE_ORDER
+
+
 def set_decode_backend(name):
     """A stage's --decode_backend: "" keeps the default order (PyAV, then decord where PyAV cannot read a file),
     "pyav" or "decord" makes it the only decoder of this process (every rank sets the same)."""
@@ -448,7 +454,7 @@ def sampled_frame_count(path, num_frames=None, fps=FPS, min_frames=FPS_MIN_FRAME
     the plan of MR-SP's parallel decoding, made before any rank decodes its share."""
     path = _check_file(path)
     errors = []
-    for name in [DECODE_BACKEND] if DECODE_BACKEND else DECODE_ORDER:   # the header of the reader load_video uses
+    for name in _readers():           # the header of the reader load_video uses, in the same order
         try:
             if name == "pyav":
                 import av
