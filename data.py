@@ -41,6 +41,7 @@ DECODE_THREADS = 0        # codec threads per decode (0: one per core, at most 1
 SEEK_SLACK = 8            # decode on rather than seek when the next keyframe is at most this many frames ahead
 DECODE_BACKEND = None     # load_video's backend when none is passed: None = PyAV, then decord (set_decode_backend)
 DECODE_ORDER = ("pyav", "decord")   # the default order: our reader first (2-10% faster here, docs/BENCHMARKS.md)
+DECODE_BACKENDS = ("pyav", "decord", "pyav-seq")   # --decode_backend's names; pyav-seq: every frame from the start
 # frame sizes are counted in merged tokens of factor x factor pixels (factor = patch 14 x merge 2 = 28 for Qwen2.5-VL)
 VIDEO_MIN_TOKENS = 128    # per-frame pixel floor: 128 * 28 * 28
 VIDEO_MAX_TOKENS = 768    # per-frame pixel ceiling: 768 * 28 * 28
@@ -336,10 +337,13 @@ def gop_plan(targets, keyframes, slack=SEEK_SLACK):
     return plan
 
 
-def _pyav_read(path, sampling, subset, threads=None):
+def _pyav_read(path, sampling, subset, threads=None, seek=True):
     """PyAV, GOP-aware: seek to a keyframe only where that skips work (gop_plan), codec threading on (threads: 0 =
     one per core). Frames are matched by their timestamp against the packet table (pyav_index), so they are exactly
-    those a sequential decode yields at the same positions; streams without a usable table decode sequentially."""
+    those a sequential decode yields at the same positions; streams without a usable table decode sequentially.
+    seek=False (backend "pyav-seq") always decodes sequentially from frame 0 to the last sampled one: the cost of a
+    read_video-style reader (qwen-vl-utils' torchvision path), flat in the number of frames sampled, for ablations
+    of the paper's baseline; same frames, never faster."""
     import av
     with av.open(path) as container:
         stream, total, video_fps = _pyav_header(container, path)
@@ -347,7 +351,7 @@ def _pyav_read(path, sampling, subset, threads=None):
         sel = _part(idx, subset, path)
         stream.thread_type = "AUTO"                  # frame + slice threads: same pixels, less wall time
         stream.codec_context.thread_count = DECODE_THREADS if threads is None else threads
-        table = pyav_index(container, stream)
+        table = pyav_index(container, stream) if seek else None
         if table is None:
             return np.stack(_pyav_read_sequential(container, stream, path, sel, total)), total, video_fps, idx
         order, keyframes = table
@@ -390,7 +394,8 @@ def _load_video(path, num_frames=None, fps=FPS, min_frames=FPS_MIN_FRAMES, max_f
     process_video sizes them.
 
     Returns frames (T, H, W, 3) uint8 and info {video_fps, total_frames, indices, duration (of the whole video),
-    sampled_fps, backend, subset}. backend: None (DECODE_BACKEND, else PyAV then decord), "pyav" or "decord".
+    sampled_fps, backend, subset}. backend: None (DECODE_BACKEND, else PyAV then decord), "pyav", "decord" or
+    "pyav-seq" (PyAV without seeking: decodes every frame up to the last sampled one).
     subset=(start, end): decode only sampled frames start..end-1 (MR-SP: each SP rank decodes its share);
     info still describes the whole sampling (indices, sampled_fps), so the time scale and the frame size stay
     those of the whole video.
@@ -405,9 +410,10 @@ def _load_video(path, num_frames=None, fps=FPS, min_frames=FPS_MIN_FRAMES, max_f
                     video_start=video_start, video_end=video_end)
     errors = []
     for name in _readers(backend):
-        reader = {"decord": _decord_read, "pyav": _pyav_read}.get(name)
+        reader = {"decord": _decord_read, "pyav": _pyav_read,
+                  "pyav-seq": lambda *a: _pyav_read(*a, seek=False)}.get(name)
         if reader is None:
-            raise ValueError(f"backend={name!r}: expected 'decord' or 'pyav'")
+            raise ValueError(f"backend={name!r}: expected one of {DECODE_BACKENDS}")
         try:
             frames, total, video_fps, idx = reader(path, sampling, subset)
         except SamplingError:
@@ -441,10 +447,11 @@ def _readers(backend=None):
 
 def set_decode_backend(name):
     """A stage's --decode_backend: "" keeps the default order (PyAV, then decord where PyAV cannot read a file),
-    "pyav" or "decord" makes it the only decoder of this process (every rank sets the same)."""
+    "pyav", "decord" or "pyav-seq" makes it the only decoder of this process (every rank sets the same)."""
     global DECODE_BACKEND
-    if name not in ("", "decord", "pyav"):
-        raise SystemExit(f"--decode_backend={name!r}: expected '' (PyAV, then decord), 'pyav' or 'decord'")
+    if name not in ("",) + DECODE_BACKENDS:
+        raise SystemExit(f"--decode_backend={name!r}: expected '' (PyAV, then decord), 'pyav', 'decord' or "
+                         f"'pyav-seq' (PyAV, no seeking)")
     DECODE_BACKEND = name or None
 
 
@@ -456,7 +463,7 @@ def sampled_frame_count(path, num_frames=None, fps=FPS, min_frames=FPS_MIN_FRAME
     errors = []
     for name in _readers():           # the header of the reader load_video uses, in the same order
         try:
-            if name == "pyav":
+            if name.startswith("pyav"):
                 import av
                 with av.open(path) as container:
                     _, total, video_fps = _pyav_header(container, path)

@@ -122,7 +122,7 @@ loop = "mrsp"               # mrsp | naive: the baseline loop (no cache: re-enco
                             #   passes per prompt, one shared rollout prefill; sp 1): the paper's baseline
 decode_once = False         # --loop=baseline: decode + pre-process each video once (the compute-only control)
 frame_cache_dir = ""        # on-disk cache of decoded + resized frames (data.FrameCache), for data reused over epochs
-decode_backend = ""         # pyav | decord: the only video decoder; "": PyAV, then decord where PyAV cannot read a file
+decode_backend = ""         # pyav | decord | pyav-seq (no seeking): the only decoder; "": PyAV, then decord
 engine = "hf"               # rollout engine: hf (an unsharded copy of the model) | vllm (needs vllm installed)
 prompts_per_step = 8        # prompts per RL step, global (divisible by the data-parallel size)
 group_size = 5              # G rollouts per prompt (paper release: 5)

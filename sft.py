@@ -76,7 +76,7 @@ keep_checkpoints = 2
 resume = False
 stop_after = 0              # stop after this many steps of this run, as if killed (tests); 0 = never
 cache_bytes = 1 << 30       # video-embedding cache budget (frozen vision only)
-decode_backend = ""         # pyav | decord: the only video decoder; "": PyAV, then decord where PyAV cannot read a file
+decode_backend = ""         # pyav | decord | pyav-seq (no seeking): the only decoder; "": PyAV, then decord
 seed = 0
 log_every = 1
 wandb_project = ""          # set to log to Weights & Biases

@@ -24,7 +24,8 @@ Videos: ONE realistic H.264 file (bench/make_videos.py: --video_seconds long, --
 draws "new" videos for the embedding cache while every decode does the same real work (the file sits in the page
 cache for all arms alike). The model sees each frame at 56x56 (records carry resized_height/width=56): the bench
 model of bench_mrsp.py, sized to Qwen2.5-VL-7B's vision/LLM cost share at that input. Decoding is at the file's size
-with the same reader for every arm (--decode_backend; "" = data.load_video's default). Wall-clock figures depend on
+with the same reader for every arm (--decode_backend; "" = data.load_video's default; pyav-seq = no seeking, the
+cost of qwen-vl-utils' torchvision reader, which does not shrink with the frames sampled). Wall-clock figures depend on
 this machine's decode speed relative to its model compute: the transferable figure is the decode share (decode s /
 stage-1 step s) printed next to each speed-up.
 """
@@ -55,7 +56,8 @@ nproc = 1
 arms = "baseline,compute-only,stage1,stage1+2"
 video_seconds = 60.0
 video_height = 360           # 360 -> 640x360, 720 -> 1280x720 (16:9)
-decode_backend = ""          # every arm's decoder (rl.py --decode_backend): "" = PyAV, then decord; pyav | decord
+decode_backend = ""          # every arm's decoder (rl.py --decode_backend): "" = PyAV, then decord; pyav | decord |
+                             # pyav-seq (every frame from the start: a read_video-style cost, flat in the frames)
 run_timeout = 1800
 seed = 0
 
@@ -136,6 +138,8 @@ def summarize(run):
     s = {k: sum(r.get(k, 0.0) for r in timed) / len(timed) for k in KEYS}
     cs = [cpu[k] - cpu[k - 1] for k in range(warmup, len(rows)) if None not in (cpu[k], cpu[k - 1])]
     s["cpu_s"] = sum(cs) / max(len(cs), 1)
+    s["timed_steps"] = len(timed)
+    s["step_min"], s["step_max"] = min(r["step_time"] for r in timed), max(r["step_time"] for r in timed)
     s["peak_gb"] = max(r["peak_mem_gb"] for r in rows)
     s["tokens"] = [(r["response_len"], r["reward_mean"]) for r in rows]
     return s

@@ -20,14 +20,16 @@ PAPER = {8: (119, 30), 128: (201, 65), 256: (320, 110), 512: (439, 205)}
 
 
 def load():
-    """Rows of every input, each tagged with its video (file name without .mp4: the plot's series are per video and
-    process count)."""
+    """Rows of every input, each tagged with its video (file name without .mp4, and the reader where the run named
+    one: the plot's series are per video, reader and process count)."""
     rows = []
     for p in inputs.split(","):
         if os.path.isfile(p):
             with open(p) as f:
                 res = json.load(f)
             video = os.path.splitext(os.path.basename(res.get("video", "")))[0] or "video"
+            backend = res.get("config", {}).get("decode_backend")
+            video += f" {backend}" if backend else ""        # a non-default reader is its own series
             rows += [dict(r, video=video) for r in res["rows"]]
     return rows
 
@@ -40,11 +42,17 @@ def _split(s):
     return f" ({s['t_rollout_prefill']:.2f} / {s['t_rollout_decode']:.2f})"
 
 
+def _spread(s):
+    """'n: min-max' of the timed steps' wall time (results from before bench_baseline recorded it: '-')."""
+    return f"{s['timed_steps']}: {s['step_min']:.2f}-{s['step_max']:.2f}" if "step_min" in s else "-"
+
+
 def tables(rows):
     out = []
     hdr = ("| video | procs | frames | arm | s/step wall / CPU | speed-up wall / CPU | decode s wall / CPU | "
            "pre-process s | vision (collect) s | rollout s (prefill / decode) | actor prep s | old s | ref s | "
-           "update s | decodes | processor runs | vision passes | rollout prefills | peak GB/rank | same tokens |")
+           "update s | decodes | processor runs | vision passes | rollout prefills | peak GB/rank | same tokens | "
+           "timed steps: wall min-max s |")
     # phases: rank 0's wall s (pre-process: the processor incl. the resize; actor prep: the baseline's per-sequence
     # decode + pre-process, also inside the decode / pre-process columns; old / ref / update include their vision
     # passes); counts per step, rank 0 (each DP rank decodes its own prompts); CPU s/step: all ranks
@@ -66,7 +74,7 @@ def tables(rows):
                 f"{s['t_vision_collect']:.2f} | {s['t_rollout']:.2f}{_split(s)} | {s['t_actor_prep']:.2f} | "
                 f"{s['t_old']:.2f} | {s['t_ref']:.2f} | {s['t_train']:.2f} | {s['decodes_step']:.0f} | "
                 f"{s['processor_runs_step']:.0f} | {s['vision_passes']:.0f} | {s['rollout_prefills']:.0f} | "
-                f"{s['peak_gb']:.2f} | {r['same_tokens']} |")
+                f"{s['peak_gb']:.2f} | {r['same_tokens']} | {_spread(s)} |")
     return "\n".join(out)
 
 

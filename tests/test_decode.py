@@ -150,6 +150,26 @@ def test_decode_backend_flag_picks_the_reader(vids, monkeypatch):
         data.set_decode_backend("ffmpeg")
 
 
+@pytest.mark.parametrize("name", ["closed", "open", "mkv"])
+def test_pyav_seq_decodes_from_the_start_with_the_same_frames(vids, name, monkeypatch):
+    """--decode_backend=pyav-seq (the read_video-style cost for baseline ablations): it never consults the packet
+    table or plans a seek, yet yields exactly the frames of the GOP-aware reader, whole sampling and SP halves."""
+    path = vids[name]
+    want = {(n, sub): load_video(path, num_frames=n, backend="pyav", subset=sub)[0]
+            for n in (4, 16, 64) for sub in (None, (0, n // 2), (n // 2, n))}
+    monkeypatch.setattr(data, "pyav_index", lambda *a: pytest.fail("pyav-seq read the packet table"))
+    monkeypatch.setattr(data, "gop_plan", lambda *a, **k: pytest.fail("pyav-seq planned a seek"))
+    for (n, sub), ref in want.items():
+        got, info = load_video(path, num_frames=n, backend="pyav-seq", subset=sub)
+        assert info["backend"] == "pyav-seq" and np.array_equal(got, ref), (n, sub)
+    data.set_decode_backend("pyav-seq")
+    try:
+        assert data.sampled_frame_count(path, num_frames=16) == 16     # the plan reads PyAV's header
+        assert load_video(path, num_frames=4)[1]["backend"] == "pyav-seq"
+    finally:
+        data.set_decode_backend("")
+
+
 def test_decode_counts(vids):
     """load_video / process_video count their runs and time (rl.py's per-step decode and pre-process figures)."""
     before = dict(data.COUNTS)
