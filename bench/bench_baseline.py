@@ -139,7 +139,8 @@ def summarize(run):
     cs = [cpu[k] - cpu[k - 1] for k in range(warmup, len(rows)) if None not in (cpu[k], cpu[k - 1])]
     s["cpu_s"] = sum(cs) / max(len(cs), 1)
     s["timed_steps"] = len(timed)
-    s["step_min"], s["step_max"] = min(r["step_time"] for r in timed), max(r["step_time"] for r in timed)
+    s["step_times"] = [r["step_time"] for r in timed]   # step k of every arm: the same prompts and tokens (paired)
+    s["step_min"], s["step_max"] = min(s["step_times"]), max(s["step_times"])
     s["peak_gb"] = max(r["peak_mem_gb"] for r in rows)
     s["tokens"] = [(r["response_len"], r["reward_mean"]) for r in rows]
     return s

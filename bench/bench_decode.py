@@ -8,6 +8,9 @@ Arms (each decodes the same sampled indices; the frames of ours are checked equa
   ours-pyav        data.load_video(backend="pyav"): GOP-aware (seek to a keyframe only where it skips frames,
                    data.gop_plan), codec threads on (data.DECODE_THREADS)
   ours-pyav-half   the same for one SP rank's half of the sampled frames (subset=(0, N/2))
+  ours-pyav-seq    data.load_video(backend="pyav-seq"): no seeking, every frame decoded from the start to the last
+                   target (only the targets converted to RGB): the read_video-style cost of bench_baseline's
+                   --decode_backend=pyav-seq arms, flat in N (not a default arm: --arms=...,ours-pyav-seq)
   ours-decord      data.load_video(backend="decord"): decord's get_batch (decord already seeks only across GOPs),
                    threads = data.DECODE_THREADS
   qvu-decord       qwen_vl_utils.vision_process._read_video_decord (decord.VideoReader default threads, get_batch)
@@ -133,6 +136,9 @@ if __name__ == "__main__":
                 (fr, info), w, c = timed(lambda: data.load_video(video, num_frames=n, backend="pyav",
                                                                  subset=(0, n // 2)))
                 return fr, info["indices"][:n // 2], w, c
+            if a == "ours-pyav-seq":
+                (fr, info), w, c = timed(lambda: data.load_video(video, num_frames=n, backend="pyav-seq"))
+                return fr, info["indices"], w, c
             if a == "ours-decord":
                 (fr, info), w, c = timed(lambda: data.load_video(video, num_frames=n, backend="decord"))
                 return fr, info["indices"], w, c
@@ -149,7 +155,7 @@ if __name__ == "__main__":
             fr, idx = runs[-1][:2]
             w, c = float(np.median([x[2] for x in runs])), float(np.median([x[3] for x in runs]))
             res[a] = dict(wall=w, cpu=c, frames=len(fr), indices=list(map(int, idx)))
-            if a in ("ours-pyav", "qvu-torchvision", "ours-pyav-half"):   # same decoder (PyAV/libavcodec, rgb24)
+            if a in ("ours-pyav", "qvu-torchvision", "ours-pyav-half", "ours-pyav-seq"):   # same decoder (PyAV)
                 ref = fr if ref is None or len(fr) > len(ref) else ref
                 res[a]["frames_data"] = fr
         # exactness: ours-pyav equals torchvision's decode-everything loop at the same indices (same converter)
@@ -157,6 +163,9 @@ if __name__ == "__main__":
         tv = res.get("qvu-torchvision")
         if "ours-pyav" in res and tv and res["ours-pyav"]["indices"] == tv["indices"]:
             same = bool(np.array_equal(res["ours-pyav"]["frames_data"], res["qvu-torchvision"]["frames_data"]))
+        if "ours-pyav-seq" in res and "ours-pyav" in res:
+            same = (same is not False) and bool(np.array_equal(res["ours-pyav-seq"]["frames_data"],
+                                                               res["ours-pyav"]["frames_data"]))
         if "ours-pyav-half" in res and "ours-pyav" in res:
             same = (same is not False) and bool(np.array_equal(res["ours-pyav-half"]["frames_data"],
                                                                res["ours-pyav"]["frames_data"][:n // 2]))

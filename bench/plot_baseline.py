@@ -47,9 +47,18 @@ def _spread(s):
     return f"{s['timed_steps']}: {s['step_min']:.2f}-{s['step_max']:.2f}" if "step_min" in s else "-"
 
 
+def _paired(b, s):
+    """' [min-max]' of the per-step wall speed-ups baseline step k / arm step k (step k of every arm runs the same
+    prompts and tokens), where the run recorded its step times and timed more than one step."""
+    if len(b.get("step_times", [])) < 2 or len(b["step_times"]) != len(s.get("step_times", [])) or b is s:
+        return ""
+    r = [x / y for x, y in zip(b["step_times"], s["step_times"])]
+    return f" [{min(r):.2f}-{max(r):.2f}]"
+
+
 def tables(rows):
     out = []
-    hdr = ("| video | procs | frames | arm | s/step wall / CPU | speed-up wall / CPU | decode s wall / CPU | "
+    hdr = ("| video | procs | frames | arm | s/step wall / CPU | speed-up wall / CPU [per step] | decode s wall / CPU | "
            "pre-process s | vision (collect) s | rollout s (prefill / decode) | actor prep s | old s | ref s | "
            "update s | decodes | processor runs | vision passes | rollout prefills | peak GB/rank | same tokens | "
            "timed steps: wall min-max s |")
@@ -67,7 +76,7 @@ def tables(rows):
             if not s:
                 out.append(f"| {r['video']} | {r['nproc']} | {r['frames']} | {a} | failed |")
                 continue
-            up = (f"{b['step_time'] / s['step_time']:.2f} / {b['cpu_s'] / s['cpu_s']:.2f}" if b else "-")
+            up = (f"{b['step_time'] / s['step_time']:.2f} / {b['cpu_s'] / s['cpu_s']:.2f}{_paired(b, s)}" if b else "-")
             out.append(
                 f"| {r['video']} | {r['nproc']} | {r['frames']} | {a} | {s['step_time']:.2f} / {s['cpu_s']:.2f} | "
                 f"{up} | {s['decode_s_step']:.2f} / {s['decode_cpu_s_step']:.2f} | {s['process_s_step']:.2f} | "
@@ -82,7 +91,7 @@ def plot(rows):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 6))
     series = sorted({(r["video"], r["nproc"]) for r in rows})
     for k, (video, nproc) in enumerate(series):
         mk, alpha = "osD^v<>"[k % 7], 1 if nproc == 1 else 0.6
@@ -104,13 +113,13 @@ def plot(rows):
     ax1.set_xlabel("frames")
     ax1.set_ylabel("speed-up over the EasyR1-style baseline (CPU s/step)")
     ax1.set_title("speed-up vs frames")
-    ax1.legend(fontsize=7)
     ax2.set_xlabel("decode share = baseline decode CPU s / stage-1 step CPU s")
     ax2.set_ylabel("speed-up (CPU s/step)")
     ax2.set_title("speed-up vs decode share (the ratio that transfers)")
     ax2.axhline(2.1, color="gray", lw=0.8, ls=":")
-    ax2.legend(fontsize=7)
-    fig.tight_layout()
+    # one legend for both panels (same colours and markers), below them: the paper's low points stay visible
+    fig.legend(*ax1.get_legend_handles_labels(), loc="lower center", ncol=3, fontsize=7)
+    fig.tight_layout(rect=(0, 0.16, 1, 1))
     os.makedirs(os.path.dirname(png) or ".", exist_ok=True)
     fig.savefig(png + ".tmp.png", dpi=110)
     os.replace(png + ".tmp.png", png)
