@@ -120,3 +120,34 @@ def test_cot_check_reads_both_synthetic_formats():
         ["yellow", "green", "blue", "red"]
     assert listed("Squares in order: red top-left, green bottom-right.") == ["red top-left", "green bottom-right"]
     assert listed("<think>Boxes: red top-left.</think>") is None
+
+
+def test_plot_baseline_tables_pair_steps_and_tag_the_reader(tmp_path, monkeypatch):
+    """bench/plot_baseline.py: the speed-up bracket is the range of baseline step k / arm step k (the same prompts and
+    tokens), absent for results without step times; a run with a non-default reader is its own series."""
+    import json
+    import plot_baseline
+
+    def arm(steps, cpu):
+        s = dict(step_time=sum(steps) / len(steps), cpu_s=cpu, decode_s_step=1.0, decode_cpu_s_step=1.0,
+                 process_s_step=0.1, t_vision_collect=0.0, t_rollout=0.1, t_actor_prep=0.0, t_old=0.1, t_ref=0.1,
+                 t_train=0.1, decodes_step=1, processor_runs_step=1, vision_passes=1, rollout_prefills=1, peak_gb=1.0,
+                 timed_steps=len(steps), step_min=min(steps), step_max=max(steps), step_times=steps)
+        return s
+
+    row = dict(frames=8, nproc=1, same_tokens=True,
+               arms={"baseline": arm([10.0, 12.0], 20.0), "stage1": arm([2.0, 4.0], 5.0)})
+    old = json.loads(json.dumps(row))
+    for k in ("step_times", "step_min", "step_max", "timed_steps"):
+        old["arms"]["stage1"].pop(k)
+    out = plot_baseline.tables([dict(row, video="v pyav-seq"), dict(old, video="v")]).splitlines()
+    new_line = next(x for x in out if x.startswith("| v pyav-seq | 1 | 8 | stage1 |"))
+    assert "| 3.67 / 4.00 [3.00-5.00] |" in new_line and new_line.endswith("| 2: 2.00-4.00 |")   # 10/2=5, 12/4=3
+    old_line = next(x for x in out if x.startswith("| v | 1 | 8 | stage1 |"))
+    assert "| 3.67 / 4.00 |" in old_line and old_line.endswith("| - |")
+    assert "[" not in next(x for x in out if x.startswith("| v pyav-seq | 1 | 8 | baseline |"))
+    for name, backend in (("a", "pyav-seq"), ("b", "")):        # load(): the reader joins the series' name
+        (tmp_path / f"{name}.json").write_text(json.dumps(dict(config=dict(decode_backend=backend), rows=[row],
+                                                               video="/x/real_180s_360p.mp4")))
+    monkeypatch.setattr(plot_baseline, "inputs", f"{tmp_path / 'a.json'},{tmp_path / 'b.json'}")
+    assert [r["video"] for r in plot_baseline.load()] == ["real_180s_360p pyav-seq", "real_180s_360p"]
