@@ -341,9 +341,9 @@ def _pyav_read(path, sampling, subset, threads=None, seek=True):
     """PyAV, GOP-aware: seek to a keyframe only where that skips work (gop_plan), codec threading on (threads: 0 =
     one per core). Frames are matched by their timestamp against the packet table (pyav_index), so they are exactly
     those a sequential decode yields at the same positions; streams without a usable table decode sequentially.
-    seek=False (backend "pyav-seq") always decodes sequentially from frame 0 to the last sampled one: the cost of a
-    read_video-style reader (qwen-vl-utils' torchvision path), flat in the number of frames sampled, for ablations
-    of the paper's baseline; same frames, never faster."""
+    seek=False (backend "pyav-seq") always decodes sequentially from frame 0 to the last sampled one: a cost flat in
+    the number of frames sampled, like a read_video-style reader's (qwen-vl-utils' torchvision path, which also
+    converts every frame), for ablations of the paper's baseline; same frames, never faster."""
     import av
     with av.open(path) as container:
         stream, total, video_fps = _pyav_header(container, path)

@@ -24,10 +24,10 @@ Videos: ONE realistic H.264 file (bench/make_videos.py: --video_seconds long, --
 draws "new" videos for the embedding cache while every decode does the same real work (the file sits in the page
 cache for all arms alike). The model sees each frame at 56x56 (records carry resized_height/width=56): the bench
 model of bench_mrsp.py, sized to Qwen2.5-VL-7B's vision/LLM cost share at that input. Decoding is at the file's size
-with the same reader for every arm (--decode_backend; "" = data.load_video's default; pyav-seq = no seeking, the
-cost of qwen-vl-utils' torchvision reader, which does not shrink with the frames sampled). Wall-clock figures depend on
-this machine's decode speed relative to its model compute: the transferable figure is the decode share (decode s /
-stage-1 step s) printed next to each speed-up.
+with the same reader for every arm (--decode_backend; "" = data.load_video's default; pyav-seq = no seeking: a
+cost flat in the frames sampled, the profile of qwen-vl-utils' torchvision reader at ~0.4-0.6x its cost). Wall-clock
+figures depend on this machine's decode speed relative to its model compute: the transferable figure is the decode
+share (decode s / stage-1 step s) printed next to each speed-up.
 """
 import json
 import os
