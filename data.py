@@ -197,7 +197,8 @@ def frame_size(height, width, nframes, factor=28, min_pixels=None, max_pixels=No
 
 # -----------------------------------------------------------------------------
 # decoding: our PyAV reader first, decord the fallback. Both decode only the GOPs the sampled frames touch (our
-# reader plans it: gop_plan; decord's get_batch seeks across GOPs only), codec threads on (bench/bench_decode.py)
+# reader plans it: gop_plan; decord's get_batch seeks across GOPs only), codec threads on (bench/bench_decode.py),
+# and write each frame straight into one (T, H, W, 3) array (_put): a decode holds the sampled frames once
 class _timed:
     """Adds a block's wall and CPU (process, all threads) seconds to COUNTS[f"{name}_s"], COUNTS[f"{name}_cpu_s"]."""
 
@@ -245,11 +246,16 @@ def _sample(path, total, video_fps, sampling):
         raise SamplingError(f"{path}: {e}") from None
 
 
-def _decord_read(path, sampling, subset):
+def _decord_read(path, sampling, subset, chunk=16):
+    """get_batch in chunks of `chunk` frames, written into one output: the same frames as one call (the reader keeps
+    its place between sorted chunks), but held once, not as decord's whole batch + its numpy copy (2x at the peak)."""
     vr, total, video_fps = _decord_open(path)
     idx = _sample(path, total, video_fps, sampling)
-    frames = vr.get_batch(_part(idx, subset, path)).asnumpy()
-    return frames, total, video_fps, idx
+    sel, out = _part(idx, subset, path), None
+    for s in range(0, len(sel), chunk):
+        batch = vr.get_batch(sel[s:s + chunk]).asnumpy()          # (<= chunk, H, W, 3) uint8
+        out = _put(out, slice(s, s + len(batch)), batch, len(sel))
+    return out, total, video_fps, idx
 
 
 def _pyav_count(container, stream):
@@ -270,19 +276,33 @@ def _pyav_header(container, path):
     return stream, _pyav_count(container, stream), (float(rate) if rate else None)
 
 
+def _slots(sel):
+    """{frame position: [output rows]} for sampled positions `sel` (a position can be sampled more than once)."""
+    slots = {}
+    for j, k in enumerate(sel):
+        slots.setdefault(k, []).append(j)
+    return slots
+
+
+def _put(out, rows, arr, n):
+    """Write decoded frames ((H, W, 3), or a batch (b, H, W, 3)) into rows of the (n, H, W, 3) output, allocated at
+    the first write. Frames go straight to their rows, so a decode holds the sampled frames once: a list + np.stack
+    held them twice at the end (2x the raw bytes: 2.9 GB for 2,048 frames of 360p), which set a rank's peak in the
+    collect phase."""
+    if out is None:
+        out = np.empty((n, *arr.shape[-3:]), dtype=arr.dtype)
+    out[rows] = arr        # a frame of another size (a mid-stream resolution change) raises here, as np.stack did
+    return out
+
+
 def _pyav_read_sequential(container, stream, path, sel, total):
     """Decode from the start, keeping the frames at positions `sel` (presentation order, as counted by decode()).
-    The fallback of _pyav_read for streams without usable timestamps."""
-    want, i = {}, -1
-    for j, k in enumerate(sel):
-        want.setdefault(k, []).append(j)
-    out = [None] * len(sel)
+    The fallback of _pyav_read for streams without usable timestamps. -> (len(sel), H, W, 3) uint8."""
+    want, i, out = _slots(sel), -1, None
     last = max(sel)
     for i, frame in enumerate(container.decode(stream)):
         if i in want:
-            arr = frame.to_ndarray(format="rgb24")
-            for j in want[i]:
-                out[j] = arr
+            out = _put(out, want[i], frame.to_ndarray(format="rgb24"), len(sel))
         if i >= last:
             break
     if i < last:
@@ -353,14 +373,14 @@ def _pyav_read(path, sampling, subset, threads=None, seek=True):
         stream.codec_context.thread_count = DECODE_THREADS if threads is None else threads
         table = pyav_index(container, stream) if seek else None
         if table is None:
-            return np.stack(_pyav_read_sequential(container, stream, path, sel, total)), total, video_fps, idx
+            return _pyav_read_sequential(container, stream, path, sel, total), total, video_fps, idx
         order, keyframes = table
         pos = {t: i for i, t in enumerate(order)}
         if max(sel) >= len(order):
             raise VideoError(f"{path}: truncated: header says {total} frames but the packets hold {len(order)} "
                              f"(needed frame {max(sel)})")
-        got = {}
-        for seek_to, targets in gop_plan(sorted(set(sel)), keyframes):
+        slots, got, out = _slots(sel), set(), None
+        for seek_to, targets in gop_plan(sorted(slots), keyframes):
             if seek_to is not None:
                 container.seek(order[seek_to], stream=stream, backward=True, any_frame=False)
             need, last = set(targets), targets[-1]
@@ -369,15 +389,17 @@ def _pyav_read(path, sampling, subset, threads=None, seek=True):
                 if i is None:
                     break                            # a frame the table does not know: trust only a full decode
                 if i in need:
-                    got[i] = frame.to_ndarray(format="rgb24")
+                    out = _put(out, slots[i], frame.to_ndarray(format="rgb24"), len(sel))
+                    got.add(i)
                 if i >= last:
                     break
-            if not need <= got.keys():
+            if not need <= got:
                 break
-        if not set(sel) <= got.keys():   # a decoder that dropped or retimed frames (open GOP leads, ...): redo exactly
+        if got != slots.keys():   # a decoder that dropped or retimed frames (open GOP leads, ...): redo exactly
+            del out
             container.seek(0)
-            return np.stack(_pyav_read_sequential(container, stream, path, sel, total)), total, video_fps, idx
-    return np.stack([got[k] for k in sel]), total, video_fps, idx
+            return _pyav_read_sequential(container, stream, path, sel, total), total, video_fps, idx
+    return out, total, video_fps, idx
 
 
 def load_video(path, num_frames=None, fps=FPS, min_frames=FPS_MIN_FRAMES, max_frames=FPS_MAX_FRAMES,

@@ -18,6 +18,10 @@ Arms (one rl.py process, or torchrun --nproc_per_node=nproc, each; same seed, da
   stage1        --loop=mrsp --sp=1: decode + encode once per video, the embedding cache serves the rollouts, the
                 prefills and the update (same data-parallel layout as the baseline)
   stage1+2      --loop=mrsp --sp=nproc (nproc > 1): plus the sequence-parallel decode/encode, prefill and update
+  stage1-ckpt, stage1+2-ckpt   the same with --activation_checkpointing=1: what a run does when its peak does not fit
+                (not in the default arms; --mem_budget_gb=X then reports, per frame count, the fastest variant of each
+                stage whose measured peak fits X GB per rank -- where memory binds, stage 1 must pay for recompute or
+                stop, and stage 1+2 can overtake it)
 
 Videos: ONE realistic H.264 file (bench/make_videos.py: --video_seconds long, --video_height 360 or 720 at 16:9,
 30 fps, keyframe every 250, film grain, cuts), hard-linked under a distinct name for every record, so every step
@@ -58,6 +62,7 @@ video_seconds = 60.0
 video_height = 360           # 360 -> 640x360, 720 -> 1280x720 (16:9)
 decode_backend = ""          # every arm's decoder (rl.py --decode_backend): "" = PyAV, then decord; pyav | decord |
                              # pyav-seq (every frame from the start: a read_video-style cost, flat in the frames)
+mem_budget_gb = 0.0          # per-rank peak budget (GB): arms above it are "over budget"; 0 = off
 run_timeout = 1800
 seed = 0
 
@@ -83,14 +88,20 @@ def make_data(root, video, n):
 
 ARM_FLAGS = {"baseline": ["--loop=baseline", "--sp=1"],
              "compute-only": ["--loop=baseline", "--decode_once=1", "--sp=1"],
-             "stage1": ["--loop=mrsp", "--sp=1"], "stage1+2": None}   # stage1+2: --sp=nproc
+             "stage1": ["--loop=mrsp", "--sp=1"], "stage1+2": None,   # stage1+2: --sp=nproc
+             "stage1-ckpt": ["--loop=mrsp", "--sp=1", "--activation_checkpointing=1"], "stage1+2-ckpt": None}
+
+
+def arm_flags(arm):
+    """rl.py's flags for an arm: ARM_FLAGS, or for stage1+2 (-ckpt) the SP group over every process."""
+    return ARM_FLAGS[arm] or ["--loop=mrsp", f"--sp={nproc}"] + ["--activation_checkpointing=1"] * arm.endswith("-ckpt")
 
 
 def run_arm(arm, model_dir, data_file, F):
     run_dir = os.path.join(out, "runs", f"{arm}_f{F}_p{nproc}")
     shutil.rmtree(run_dir, ignore_errors=True)
     os.makedirs(run_dir)
-    flags = ARM_FLAGS[arm] or ["--loop=mrsp", f"--sp={nproc}"]
+    flags = arm_flags(arm)
     launch = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                   f"--nproc_per_node={nproc}"]
     cmd = launch + [os.path.join(ROOT, "rl.py"), f"--model={model_dir}", f"--data={data_file}", "--val_data=",
@@ -142,15 +153,31 @@ def summarize(run):
     s["step_times"] = [r["step_time"] for r in timed]   # step k of every arm: the same prompts and tokens (paired)
     s["step_min"], s["step_max"] = min(s["step_times"]), max(s["step_times"])
     s["peak_gb"] = max(r["peak_mem_gb"] for r in rows)
+    s["peak_phase"] = max((k for k in rows[-1] if k.startswith("mem_") and k.endswith("_gb")),
+                          key=lambda k: max(r.get(k, 0.0) for r in rows))[4:-3]   # the phase that sets the peak
+    s["over_budget"] = bool(mem_budget_gb) and s["peak_gb"] > mem_budget_gb
     s["tokens"] = [(r["response_len"], r["reward_mean"]) for r in rows]
     return s
+
+
+def fit_at_budget(sums, stage):
+    """The fastest variant of `stage` (plain or -ckpt) whose measured peak fits the budget: "name s/step", or OOM."""
+    fits = [(s["step_time"], a) for a in (stage, stage + "-ckpt") if (s := sums.get(a)) and not s["over_budget"]]
+    if not fits:
+        peaks = {a: round(sums[a]["peak_gb"], 2) for a in (stage, stage + "-ckpt") if sums.get(a)}
+        return f"OOM at budget (peaks {peaks})"
+    t, a = min(fits)
+    return f"{a} {t:.2f} s/step (peak {sums[a]['peak_gb']:.2f} GB)"
 
 
 def main():
     common.apply_overrides(globals(), sys.argv[1:])
     cfg = common.config_of(globals())
     Fs = [int(x) for x in str(frames).split(",")]
-    names = [a for a in arms.split(",") if a != "stage1+2" or nproc > 1]
+    names = [a for a in arms.split(",") if not a.startswith("stage1+2") or nproc > 1]
+    unknown = [a for a in names if a not in ARM_FLAGS]
+    if unknown:
+        raise SystemExit(f"--arms: unknown {unknown}; expected some of {sorted(ARM_FLAGS)}")
     t_start, load0 = time.time(), os.getloadavg()[0]
     print(f"bench_baseline: {os.cpu_count()} CPUs, load {load0:.2f}; config {json.dumps(cfg)}", flush=True)
     width = 2 * round(video_height * 16 / 9 / 2)
@@ -180,6 +207,9 @@ def main():
                 if sums.get(a):
                     line += f"; {a} {sums[a]['step_time']:.2f} / {sums[a]['cpu_s']:.2f} s"
             print(line + f"; same tokens {same}", flush=True)
+        if mem_budget_gb:
+            print(f"  {F} frames at {mem_budget_gb:g} GB/rank: " + "; ".join(
+                f"{st} {fit_at_budget(sums, st)}" for st in ("stage1", "stage1+2") if st in names), flush=True)
         with open(os.path.join(out, f"results_p{nproc}.json"), "w") as f:
             json.dump(dict(config=cfg, rows=res, load=[load0, os.getloadavg()[0]], video=video), f, indent=1)
     print(f"total {time.time() - t_start:.0f} s, load {load0:.2f} -> {os.getloadavg()[0]:.2f}; "

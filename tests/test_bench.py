@@ -151,3 +151,24 @@ def test_plot_baseline_tables_pair_steps_and_tag_the_reader(tmp_path, monkeypatc
                                                                video="/x/real_180s_360p.mp4")))
     monkeypatch.setattr(plot_baseline, "inputs", f"{tmp_path / 'a.json'},{tmp_path / 'b.json'}")
     assert [r["video"] for r in plot_baseline.load()] == ["real_180s_360p pyav-seq", "real_180s_360p"]
+
+
+def test_bench_baseline_picks_the_fastest_arm_that_fits_the_budget(monkeypatch):
+    """bench_baseline --mem_budget_gb: per stage, the fastest of the plain and -ckpt arms whose measured peak fits;
+    OOM (with the peaks) when neither does. The -ckpt arms add activation checkpointing, stage1+2 spans nproc."""
+    import bench_baseline as bb
+    monkeypatch.setattr(bb, "nproc", 4)
+    assert bb.arm_flags("stage1+2-ckpt") == ["--loop=mrsp", "--sp=4", "--activation_checkpointing=1"]
+    assert bb.arm_flags("stage1+2") == ["--loop=mrsp", "--sp=4"]
+    assert "--activation_checkpointing=1" in bb.arm_flags("stage1-ckpt") and "--sp=1" in bb.arm_flags("stage1-ckpt")
+
+    def arm(t, peak, budget):
+        return dict(step_time=t, peak_gb=peak, over_budget=peak > budget)
+
+    budget = 2.0
+    sums = {"stage1": arm(10.0, 2.5, budget), "stage1-ckpt": arm(13.0, 1.9, budget),
+            "stage1+2": arm(11.0, 1.8, budget), "stage1+2-ckpt": arm(14.0, 1.5, budget)}
+    assert bb.fit_at_budget(sums, "stage1").startswith("stage1-ckpt 13.00 s/step")      # the plain arm is over
+    assert bb.fit_at_budget(sums, "stage1+2").startswith("stage1+2 11.00 s/step")       # both fit: the faster
+    sums["stage1-ckpt"] = arm(13.0, 2.2, budget)
+    assert bb.fit_at_budget(sums, "stage1") == "OOM at budget (peaks {'stage1': 2.5, 'stage1-ckpt': 2.2})"
