@@ -26,8 +26,10 @@ Arms (one rl.py process, or torchrun --nproc_per_node=nproc, each; same seed, da
 Videos: ONE realistic H.264 file (bench/make_videos.py: --video_seconds long, --video_height 360 or 720 at 16:9,
 30 fps, keyframe every 250, film grain, cuts), hard-linked under a distinct name for every record, so every step
 draws "new" videos for the embedding cache while every decode does the same real work (the file sits in the page
-cache for all arms alike). The model sees each frame at 56x56 (records carry resized_height/width=56): the bench
-model of bench_mrsp.py, sized to Qwen2.5-VL-7B's vision/LLM cost share at that input. Decoding is at the file's size
+cache for all arms alike). By default the model sees each frame at 56x56 (records: resized_height/width=frame_size):
+the bench model of bench_mrsp.py, sized to Qwen2.5-VL-7B's vision/LLM cost share at that input. A larger
+--frame_size (112, 168) gives the model more work per frame, the decodes stay the same, so the decode share falls:
+the knob that moves a run along the speed-up vs decode-share curve. Decoding is at the file's size
 with the same reader for every arm (--decode_backend; "" = data.load_video's default; pyav-seq = no seeking: a
 cost flat in the frames sampled, the profile of qwen-vl-utils' torchvision reader at ~0.4-0.6x its cost). Wall-clock
 figures depend on this machine's decode speed relative to its model compute: the transferable figure is the decode
@@ -62,6 +64,8 @@ video_seconds = 60.0
 video_height = 360           # 360 -> 640x360, 720 -> 1280x720 (16:9)
 decode_backend = ""          # every arm's decoder (rl.py --decode_backend): "" = PyAV, then decord; pyav | decord |
                              # pyav-seq (every frame from the start: a read_video-style cost, flat in the frames)
+frame_size = 56              # the model sees every frame at frame_size x frame_size (records' resized_height/width):
+                             # larger = more model work per frame, a lower decode share (same decodes)
 mem_budget_gb = 0.0          # per-rank peak budget (GB): arms above it are "over budget"; 0 = off
 run_timeout = 1800
 seed = 0
@@ -78,8 +82,8 @@ def make_data(root, video, n):
         link = os.path.join(root, "videos", f"v{i:03d}.mp4")
         if not os.path.exists(link):
             os.link(video, link)
-        rows.append(dict(id=f"q{i}", video=f"videos/v{i:03d}.mp4", category="temporal", resized_height=56,
-                         resized_width=56, **QUESTION))
+        rows.append(dict(id=f"q{i}", video=f"videos/v{i:03d}.mp4", category="temporal",
+                         resized_height=frame_size, resized_width=frame_size, **QUESTION))
     path = os.path.join(root, "train.jsonl")
     with open(path, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)

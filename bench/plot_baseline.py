@@ -20,8 +20,8 @@ PAPER = {8: (119, 30), 128: (201, 65), 256: (320, 110), 512: (439, 205)}
 
 
 def load():
-    """Rows of every input, each tagged with its video (file name without .mp4, and the reader where the run named
-    one: the plot's series are per video, reader and process count)."""
+    """Rows of every input, each tagged with its video (file name without .mp4, the reader where the run named one,
+    and the model's frame size where not 56: the plot's series are per video, reader, size and process count)."""
     rows = []
     for p in inputs.split(","):
         if os.path.isfile(p):
@@ -30,6 +30,8 @@ def load():
             video = os.path.splitext(os.path.basename(res.get("video", "")))[0] or "video"
             backend = res.get("config", {}).get("decode_backend")
             video += f" {backend}" if backend else ""        # a non-default reader is its own series
+            size = res.get("config", {}).get("frame_size", 56)
+            video += f" seen at {size}px" if size != 56 else ""   # so is a non-default model input size
             rows += [dict(r, video=video) for r in res["rows"]]
     return rows
 

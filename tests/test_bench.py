@@ -146,11 +146,25 @@ def test_plot_baseline_tables_pair_steps_and_tag_the_reader(tmp_path, monkeypatc
     old_line = next(x for x in out if x.startswith("| v | 1 | 8 | stage1 |"))
     assert "| 3.67 / 4.00 |" in old_line and old_line.endswith("| - |")
     assert "[" not in next(x for x in out if x.startswith("| v pyav-seq | 1 | 8 | baseline |"))
-    for name, backend in (("a", "pyav-seq"), ("b", "")):        # load(): the reader joins the series' name
-        (tmp_path / f"{name}.json").write_text(json.dumps(dict(config=dict(decode_backend=backend), rows=[row],
-                                                               video="/x/real_180s_360p.mp4")))
-    monkeypatch.setattr(plot_baseline, "inputs", f"{tmp_path / 'a.json'},{tmp_path / 'b.json'}")
-    assert [r["video"] for r in plot_baseline.load()] == ["real_180s_360p pyav-seq", "real_180s_360p"]
+    for name, backend, size in (("a", "pyav-seq", 56), ("b", "", 56), ("c", "pyav-seq", 168)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(dict(config=dict(decode_backend=backend, frame_size=size),
+                                                               rows=[row], video="/x/real_180s_360p.mp4")))
+    monkeypatch.setattr(plot_baseline, "inputs", ",".join(str(tmp_path / f"{n}.json") for n in "abc"))
+    # load(): the reader, and a model frame size other than the default 56, join the series' name
+    assert [r["video"] for r in plot_baseline.load()] == ["real_180s_360p pyav-seq", "real_180s_360p",
+                                                          "real_180s_360p pyav-seq seen at 168px"]
+
+
+def test_bench_baseline_records_carry_the_frame_size(tmp_path, monkeypatch):
+    """--frame_size sets every record's resized_height/width (the model's input), the video stays the file's own."""
+    import json
+    import bench_baseline as bb
+    video = tmp_path / "real.mp4"
+    video.write_bytes(b"not decoded here")
+    monkeypatch.setattr(bb, "frame_size", 168)
+    rows = [json.loads(x) for x in open(bb.make_data(str(tmp_path / "data"), str(video), 3))]
+    assert [(r["resized_height"], r["resized_width"]) for r in rows] == [(168, 168)] * 3
+    assert len({r["video"] for r in rows}) == 3                  # a distinct name (cache key) per record
 
 
 def test_bench_baseline_picks_the_fastest_arm_that_fits_the_budget(monkeypatch):
