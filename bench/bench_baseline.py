@@ -90,6 +90,20 @@ def make_data(root, video, n):
     return path
 
 
+def allow_frame_size(model_dir):
+    """Raise the bench model's video-processor pixel cap (the tiny model's is 56x56 = 3,136 pixels) to frame_size^2:
+    the processor re-sizes frames above its cap as the reference pipeline does, so without this a --frame_size of
+    112 would silently reach the model at 56x56 (the real 7B's cap is 12.8M pixels)."""
+    path = os.path.join(model_dir, "processor_config.json")
+    with open(path) as f:
+        cfg = json.load(f)
+    size = cfg["video_processor"]["size"]
+    if size["longest_edge"] < frame_size ** 2:
+        size["longest_edge"] = frame_size ** 2
+        with open(path, "w") as f:
+            json.dump(cfg, f, indent=2)
+
+
 ARM_FLAGS = {"baseline": ["--loop=baseline", "--sp=1"],
              "compute-only": ["--loop=baseline", "--decode_once=1", "--sp=1"],
              "stage1": ["--loop=mrsp", "--sp=1"], "stage1+2": None,   # stage1+2: --sp=nproc
@@ -193,6 +207,7 @@ def main():
     data_file = make_data(data_dir, video, steps * prompts_per_step)
     model_dir = os.path.join(out, "model_7b")
     bench_mrsp.make_model(model_dir, data_file)
+    allow_frame_size(model_dir)
     res = []
     for i, F in enumerate(Fs):
         order = names[i % len(names):] + names[:i % len(names)]   # rotate: drifting load hits every arm

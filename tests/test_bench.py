@@ -155,16 +155,26 @@ def test_plot_baseline_tables_pair_steps_and_tag_the_reader(tmp_path, monkeypatc
                                                           "real_180s_360p pyav-seq seen at 168px"]
 
 
-def test_bench_baseline_records_carry_the_frame_size(tmp_path, monkeypatch):
-    """--frame_size sets every record's resized_height/width (the model's input), the video stays the file's own."""
+def test_bench_baseline_frame_size_reaches_the_model(tiny_ckpt, tmp_path, monkeypatch):
+    """--frame_size sets every record's resized_height/width, and allow_frame_size lifts the bench model's processor
+    cap (the tiny model's is 56x56), so the vision tower really gets frame_size x frame_size frames, not 56x56."""
     import json
+    import shutil
     import bench_baseline as bb
+    from transformers import AutoProcessor
+    from data import processed_frame_size
     video = tmp_path / "real.mp4"
     video.write_bytes(b"not decoded here")
     monkeypatch.setattr(bb, "frame_size", 168)
     rows = [json.loads(x) for x in open(bb.make_data(str(tmp_path / "data"), str(video), 3))]
     assert [(r["resized_height"], r["resized_width"]) for r in rows] == [(168, 168)] * 3
     assert len({r["video"] for r in rows}) == 3                  # a distinct name (cache key) per record
+    model_dir = str(tmp_path / "model")
+    shutil.copytree(tiny_ckpt, model_dir)
+    size = dict(resized_height=168, resized_width=168)
+    assert processed_frame_size(AutoProcessor.from_pretrained(model_dir), 360, 640, 64, **size) == (56, 56)
+    bb.allow_frame_size(model_dir)
+    assert processed_frame_size(AutoProcessor.from_pretrained(model_dir), 360, 640, 64, **size) == (168, 168)
 
 
 def test_bench_baseline_picks_the_fastest_arm_that_fits_the_budget(monkeypatch):
