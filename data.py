@@ -1064,7 +1064,9 @@ def processed_frame_size(processor, height, width, nframes, min_pixels=None, max
     processor's own per-frame range size["shortest_edge"]..size["longest_edge"] by smart_resize -- the composition
     of the reference pipeline, where qwen-vl-utils resizes and the HF processor resizes again only frames outside its
     range (a range holds a multiple-of-factor size unchanged). The processor's frame-count cap
-    (cap_pixels_per_frame) is not applied: the total budget is total_pixels, spread over the whole sampling."""
+    (cap_pixels_per_frame) is not applied: the total budget is total_pixels, spread over the whole sampling.
+    A size asked for explicitly (resized_height/width) that the range changes is re-sized as the reference pipeline
+    does, with a warning that names the asked and the given size (once per pair): never a silent other size."""
     vp = processor.video_processor
     factor = vp.patch_size * vp.merge_size
     h, w = frame_size(height, width, nframes, factor, min_pixels, max_pixels, total_pixels,
@@ -1075,7 +1077,16 @@ def processed_frame_size(processor, height, width, nframes, min_pixels=None, max
     if not lo or not hi:
         raise ValueError(f"video processor size={size}: expected a per-frame pixel range {{'shortest_edge': "
                          "min pixels, 'longest_edge': max pixels} (a Qwen2-VL / Qwen2.5-VL processor)")
-    return smart_resize(h, w, factor, lo, hi)
+    got = smart_resize(h, w, factor, lo, hi)
+    if resized_height is not None and got != (h, w):
+        import warnings
+        warnings.warn(f"resized_height x resized_width = {resized_height}x{resized_width} ({h}x{w} = {h * w:,} "
+                      f"pixels a frame) is outside the checkpoint's video processor range {lo:,}..{hi:,} pixels "
+                      f"(processor_config.json / preprocessor_config.json: video_processor size shortest_edge.."
+                      f"longest_edge): frames reach the model at {got[0]}x{got[1]}, as the HF processor re-sizes "
+                      "them; widen that range in the checkpoint's processor config to keep the asked size",
+                      stacklevel=2)
+    return got
 
 
 def _resize_frames(frames, h, w, chunk_bytes=1 << 28):

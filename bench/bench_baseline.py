@@ -23,17 +23,19 @@ Arms (one rl.py process, or torchrun --nproc_per_node=nproc, each; same seed, da
                 stage whose measured peak fits X GB per rank -- where memory binds, stage 1 must pay for recompute or
                 stop, and stage 1+2 can overtake it)
 
-Videos: ONE realistic H.264 file (bench/make_videos.py: --video_seconds long, --video_height 360 or 720 at 16:9,
-30 fps, keyframe every 250, film grain, cuts), hard-linked under a distinct name for every record, so every step
-draws "new" videos for the embedding cache while every decode does the same real work (the file sits in the page
-cache for all arms alike). By default the model sees each frame at 56x56 (records: resized_height/width=frame_size):
-the bench model of bench_mrsp.py, sized to Qwen2.5-VL-7B's vision/LLM cost share at that input. A larger
---frame_size (112, 168) gives the model more work per frame, the decodes stay the same, so the decode share falls:
-the knob that moves a run along the speed-up vs decode-share curve. Decoding is at the file's size
-with the same reader for every arm (--decode_backend; "" = data.load_video's default; pyav-seq = no seeking: a
-cost flat in the frames sampled, the profile of qwen-vl-utils' torchvision reader at ~0.4-0.6x its cost). Wall-clock
-figures depend on this machine's decode speed relative to its model compute: the transferable figure is the decode
-share (decode s / stage-1 step s) printed next to each speed-up.
+Videos: ONE realistic H.264 file (bench/make_videos.py: --video_seconds long, --video_height 360 or 720 at 16:9, 30
+fps, keyframe every 250, film grain, cuts), hard-linked under a distinct name for every record, so every step draws
+"new" videos for the embedding cache while every decode does the same real work (the file sits in the page cache for
+all arms alike). By default the model sees each frame at 56x56 (records: resized_height/width=frame_size): the bench
+model of bench_mrsp.py, sized to Qwen2.5-VL-7B's vision/LLM cost share at that input. A larger --frame_size (112,
+168) gives the model more work per frame, the decodes stay the same, so the decode share falls: the knob that moves
+a run along the speed-up vs decode-share curve. --max_new_tokens (default 32) sets the generation budget: a long-CoT
+one (1,024, as rl.py's real-run command) adds the per-step cost outside the video that every arm pays alike (rollout
+decoding, and old / ref / update over longer sequences), which lowers every ratio, most at few frames. Decoding is
+at the file's size with the same reader for every arm (--decode_backend; "" = data.load_video's default; pyav-seq =
+no seeking: a cost flat in the frames sampled, the profile of qwen-vl-utils' torchvision reader at ~0.4-0.6x its
+cost). Wall-clock figures depend on this machine's decode speed relative to its model compute: the transferable
+figure is the decode share (decode s / stage-1 step s) printed next to each speed-up.
 """
 import json
 import os
@@ -56,7 +58,7 @@ steps = 3
 warmup = 1
 prompts_per_step = 2
 group_size = 5
-max_new_tokens = 32
+max_new_tokens = 32          # rollout budget: 1024 (long CoT, as rl.py's real run) adds a per-step cost beyond video
 kl_coef = 1e-2
 nproc = 1
 arms = "baseline,compute-only,stage1,stage1+2"

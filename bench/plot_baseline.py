@@ -21,7 +21,8 @@ PAPER = {8: (119, 30), 128: (201, 65), 256: (320, 110), 512: (439, 205)}
 
 def load():
     """Rows of every input, each tagged with its video (file name without .mp4, the reader where the run named one,
-    and the model's frame size where not 56: the plot's series are per video, reader, size and process count)."""
+    the model's frame size where not 56 and the generation budget where not 32: the plot's series are per video,
+    reader, size, budget and process count)."""
     rows = []
     for p in inputs.split(","):
         if os.path.isfile(p):
@@ -32,6 +33,8 @@ def load():
             video += f" {backend}" if backend else ""        # a non-default reader is its own series
             size = res.get("config", {}).get("frame_size", 56)
             video += f" seen at {size}px" if size != 56 else ""   # so is a non-default model input size
+            new = res.get("config", {}).get("max_new_tokens", 32)
+            video += f", {new} new tokens" if new != 32 else ""   # and a generation budget other than 32
             rows += [dict(r, video=video) for r in res["rows"]]
     return rows
 
@@ -119,6 +122,12 @@ def plot(rows):
     ax2.set_ylabel("speed-up (CPU s/step)")
     ax2.set_title("speed-up vs decode share (the ratio that transfers)")
     ax2.axhline(2.1, color="gray", lw=0.8, ls=":")
+    # the paper does not give its decode share, so its speed-ups are levels here: where a level meets a measured
+    # curve is the decode share that curve needs to reach the paper's figure
+    for F, (b, s) in PAPER.items():
+        ax2.axhline(b / s, color="k", lw=0.6, ls="--", alpha=0.5)
+        ax2.annotate(f"paper, {F} frames", (1, b / s), xycoords=("axes fraction", "data"), ha="right", va="bottom",
+                     fontsize=7, alpha=0.7)
     # one legend for both panels (same colours and markers), below them: the paper's low points stay visible
     fig.legend(*ax1.get_legend_handles_labels(), loc="lower center", ncol=3, fontsize=7)
     fig.tight_layout(rect=(0, 0.16, 1, 1))

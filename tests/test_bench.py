@@ -146,13 +146,15 @@ def test_plot_baseline_tables_pair_steps_and_tag_the_reader(tmp_path, monkeypatc
     old_line = next(x for x in out if x.startswith("| v | 1 | 8 | stage1 |"))
     assert "| 3.67 / 4.00 |" in old_line and old_line.endswith("| - |")
     assert "[" not in next(x for x in out if x.startswith("| v pyav-seq | 1 | 8 | baseline |"))
-    for name, backend, size in (("a", "pyav-seq", 56), ("b", "", 56), ("c", "pyav-seq", 168)):
-        (tmp_path / f"{name}.json").write_text(json.dumps(dict(config=dict(decode_backend=backend, frame_size=size),
-                                                               rows=[row], video="/x/real_180s_360p.mp4")))
-    monkeypatch.setattr(plot_baseline, "inputs", ",".join(str(tmp_path / f"{n}.json") for n in "abc"))
-    # load(): the reader, and a model frame size other than the default 56, join the series' name
+    for name, backend, size, new in (("a", "pyav-seq", 56, 32), ("b", "", 56, 32), ("c", "pyav-seq", 168, 32),
+                                     ("d", "pyav-seq", 112, 1024)):
+        cfg = dict(decode_backend=backend, frame_size=size, max_new_tokens=new)
+        (tmp_path / f"{name}.json").write_text(json.dumps(dict(config=cfg, rows=[row], video="/x/real_180s_360p.mp4")))
+    monkeypatch.setattr(plot_baseline, "inputs", ",".join(str(tmp_path / f"{n}.json") for n in "abcd"))
+    # load(): the reader, a model frame size other than the default 56 and a budget other than 32 join the name
     assert [r["video"] for r in plot_baseline.load()] == ["real_180s_360p pyav-seq", "real_180s_360p",
-                                                          "real_180s_360p pyav-seq seen at 168px"]
+                                                          "real_180s_360p pyav-seq seen at 168px",
+                                                          "real_180s_360p pyav-seq seen at 112px, 1024 new tokens"]
 
 
 def test_bench_baseline_frame_size_reaches_the_model(tiny_ckpt, tmp_path, monkeypatch):
@@ -160,6 +162,7 @@ def test_bench_baseline_frame_size_reaches_the_model(tiny_ckpt, tmp_path, monkey
     cap (the tiny model's is 56x56), so the vision tower really gets frame_size x frame_size frames, not 56x56."""
     import json
     import shutil
+    import warnings
     import bench_baseline as bb
     from transformers import AutoProcessor
     from data import processed_frame_size
@@ -172,9 +175,12 @@ def test_bench_baseline_frame_size_reaches_the_model(tiny_ckpt, tmp_path, monkey
     model_dir = str(tmp_path / "model")
     shutil.copytree(tiny_ckpt, model_dir)
     size = dict(resized_height=168, resized_width=168)
-    assert processed_frame_size(AutoProcessor.from_pretrained(model_dir), 360, 640, 64, **size) == (56, 56)
+    with pytest.warns(UserWarning, match="168x168 .* reach the model at 56x56"):   # re-sized, and said so
+        assert processed_frame_size(AutoProcessor.from_pretrained(model_dir), 360, 640, 64, **size) == (56, 56)
     bb.allow_frame_size(model_dir)
-    assert processed_frame_size(AutoProcessor.from_pretrained(model_dir), 360, 640, 64, **size) == (168, 168)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                               # the lifted cap keeps the size: no warning
+        assert processed_frame_size(AutoProcessor.from_pretrained(model_dir), 360, 640, 64, **size) == (168, 168)
 
 
 def test_bench_baseline_picks_the_fastest_arm_that_fits_the_budget(monkeypatch):

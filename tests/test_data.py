@@ -414,6 +414,26 @@ def _checkpoint_processor(**kw):
         **dict(dict(min_pixels=3136, max_pixels=12845056, cap_pixels_per_frame=False), **kw)))
 
 
+def test_processed_frame_size_says_when_the_processor_resizes_an_asked_size():
+    """A record's explicit resized_height/width outside the checkpoint's per-frame range is re-sized as the HF
+    processor would (the reference pipeline), with a warning naming both sizes; inside the range, or when the size
+    comes from the pixel budgets (whose defaults exceed a small checkpoint's range), there is no warning."""
+    import warnings
+    tiny = _checkpoint_processor(min_pixels=3136, max_pixels=3136)   # the tiny test model's range: 56x56 only
+    with pytest.warns(UserWarning, match=r"112x112 \(112x112 = 12,544 pixels a frame\) is outside .* "
+                                         r"3,136\.\.3,136 pixels.* reach the model at 56x56"):
+        assert data.processed_frame_size(tiny, 360, 640, 8, resized_height=112, resized_width=112) == (56, 56)
+    big = _checkpoint_processor(min_pixels=112 * 112)    # below the range: up-sized, ceil(side * sqrt(12544 / 4704))
+    with pytest.warns(UserWarning, match=r"56x84 \(56x84 = 4,704 pixels a frame\) .* reach the model at 112x140"):
+        assert data.processed_frame_size(big, 360, 640, 8, resized_height=56, resized_width=84) == (112, 140)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert data.processed_frame_size(tiny, 360, 640, 8, resized_height=56, resized_width=56) == (56, 56)
+        assert data.processed_frame_size(tiny, 360, 640, 8) == (28, 56)            # budget-sized: clamped quietly
+        assert data.processed_frame_size(_checkpoint_processor(), 360, 640, 8, resized_height=112,
+                                         resized_width=112) == (112, 112)           # the 7B's range keeps it
+
+
 @pytest.mark.parametrize("opts", [{}, {"nframes": 16, "total_pixels": 1_000_000},
                                   {"fps": 4.0, "video_start": 0.5, "video_end": 1.8, "min_pixels": 3136,
                                    "max_pixels": 80000},
