@@ -129,8 +129,9 @@ def plot(rows):
         ax2.annotate(f"paper, {F} frames", (1, b / s), xycoords=("axes fraction", "data"), ha="right", va="bottom",
                      fontsize=7, alpha=0.7)
     # one legend for both panels (same colours and markers), below them: the paper's low points stay visible
-    fig.legend(*ax1.get_legend_handles_labels(), loc="lower center", ncol=3, fontsize=7)
-    fig.tight_layout(rect=(0, 0.16, 1, 1))
+    handles, labels = ax1.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=7)
+    fig.tight_layout(rect=(0, 0.03 + 0.022 * ((len(labels) + 1) // 2), 1, 1))   # room for the legend's rows
     os.makedirs(os.path.dirname(png) or ".", exist_ok=True)
     fig.savefig(png + ".tmp.png", dpi=110)
     os.replace(png + ".tmp.png", png)
