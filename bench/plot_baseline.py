@@ -21,8 +21,8 @@ PAPER = {8: (119, 30), 128: (201, 65), 256: (320, 110), 512: (439, 205)}
 
 def load():
     """Rows of every input, each tagged with its video (file name without .mp4, the reader where the run named one,
-    the model's frame size where not 56 and the generation budget where not 32: the plot's series are per video,
-    reader, size, budget and process count)."""
+    the model's frame size where not 56, the generation budget where not 32 and the seed where not 0: the plot's
+    series are per video, reader, size, budget, seed and process count)."""
     rows = []
     for p in inputs.split(","):
         if os.path.isfile(p):
@@ -35,6 +35,8 @@ def load():
             video += f" seen at {size}px" if size != 56 else ""   # so is a non-default model input size
             new = res.get("config", {}).get("max_new_tokens", 32)
             video += f", {new} new tokens" if new != 32 else ""   # and a generation budget other than 32
+            seed = res.get("config", {}).get("seed", 0)
+            video += f", seed {seed}" if seed else ""              # and a repeat with another seed
             rows += [dict(r, video=video) for r in res["rows"]]
     return rows
 

@@ -146,15 +146,19 @@ def test_plot_baseline_tables_pair_steps_and_tag_the_reader(tmp_path, monkeypatc
     old_line = next(x for x in out if x.startswith("| v | 1 | 8 | stage1 |"))
     assert "| 3.67 / 4.00 |" in old_line and old_line.endswith("| - |")
     assert "[" not in next(x for x in out if x.startswith("| v pyav-seq | 1 | 8 | baseline |"))
-    for name, backend, size, new in (("a", "pyav-seq", 56, 32), ("b", "", 56, 32), ("c", "pyav-seq", 168, 32),
-                                     ("d", "pyav-seq", 112, 1024)):
-        cfg = dict(decode_backend=backend, frame_size=size, max_new_tokens=new)
+    for name, backend, size, new, seed in (("a", "pyav-seq", 56, 32, 0), ("b", "", 56, 32, 0),
+                                           ("c", "pyav-seq", 168, 32, 0), ("d", "pyav-seq", 112, 1024, 0),
+                                           ("e", "pyav-seq", 112, 1024, 1)):
+        cfg = dict(decode_backend=backend, frame_size=size, max_new_tokens=new, seed=seed)
         (tmp_path / f"{name}.json").write_text(json.dumps(dict(config=cfg, rows=[row], video="/x/real_180s_360p.mp4")))
-    monkeypatch.setattr(plot_baseline, "inputs", ",".join(str(tmp_path / f"{n}.json") for n in "abcd"))
-    # load(): the reader, a model frame size other than the default 56 and a budget other than 32 join the name
+    monkeypatch.setattr(plot_baseline, "inputs", ",".join(str(tmp_path / f"{n}.json") for n in "abcde"))
+    # load(): the reader, a model frame size other than the default 56, a budget other than 32 and a seed other
+    # than 0 join the series' name
     assert [r["video"] for r in plot_baseline.load()] == ["real_180s_360p pyav-seq", "real_180s_360p",
                                                           "real_180s_360p pyav-seq seen at 168px",
-                                                          "real_180s_360p pyav-seq seen at 112px, 1024 new tokens"]
+                                                          "real_180s_360p pyav-seq seen at 112px, 1024 new tokens",
+                                                          "real_180s_360p pyav-seq seen at 112px, 1024 new tokens, "
+                                                          "seed 1"]
 
 
 def test_bench_baseline_frame_size_reaches_the_model(tiny_ckpt, tmp_path, monkeypatch):
