@@ -24,6 +24,7 @@ import math
 import os
 import re
 import time
+import warnings
 
 import numpy as np
 
@@ -1079,7 +1080,6 @@ def processed_frame_size(processor, height, width, nframes, min_pixels=None, max
                          "min pixels, 'longest_edge': max pixels} (a Qwen2-VL / Qwen2.5-VL processor)")
     got = smart_resize(h, w, factor, lo, hi)
     if resized_height is not None and got != (h, w):
-        import warnings
         warnings.warn(f"resized_height x resized_width = {resized_height}x{resized_width} ({h}x{w} = {h * w:,} "
                       f"pixels a frame) is outside the checkpoint's video processor range {lo:,}..{hi:,} pixels "
                       f"(processor_config.json / preprocessor_config.json: video_processor size shortest_edge.."

@@ -28,14 +28,15 @@ def load():
         if os.path.isfile(p):
             with open(p) as f:
                 res = json.load(f)
+            cfg = res.get("config", {})
             video = os.path.splitext(os.path.basename(res.get("video", "")))[0] or "video"
-            backend = res.get("config", {}).get("decode_backend")
+            backend = cfg.get("decode_backend")
             video += f" {backend}" if backend else ""        # a non-default reader is its own series
-            size = res.get("config", {}).get("frame_size", 56)
+            size = cfg.get("frame_size", 56)
             video += f" seen at {size}px" if size != 56 else ""   # so is a non-default model input size
-            new = res.get("config", {}).get("max_new_tokens", 32)
+            new = cfg.get("max_new_tokens", 32)
             video += f", {new} new tokens" if new != 32 else ""   # and a generation budget other than 32
-            seed = res.get("config", {}).get("seed", 0)
+            seed = cfg.get("seed", 0)
             video += f", seed {seed}" if seed else ""              # and a repeat with another seed
             rows += [dict(r, video=video) for r in res["rows"]]
     return rows
